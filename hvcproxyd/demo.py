@@ -1,0 +1,84 @@
+"""``hvcproxyd demo``: serve config/demo.yaml in-process and drive it with the
+VMM simulator, printing each routed call as it happens."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import trio
+
+from .config import ConfigError, VmConfig, load_config
+from .daemon import Daemon
+from .names import function_name
+from .vmm.simulator import Simulator, SimVcpu, TranscriptEntry
+from .wire import CALL_SMC, Call, Reply
+
+REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
+
+SIP_UID, SIP_COUNT, HELLO, PROBE, TRNG_VERSION, PSCI_VERSION = (
+    0x8200FF01, 0x8200FF00, 0x82000001, 0x82000042, 0x84000050, 0x84000000)
+
+
+def _print_call(call: Call, reply: Reply, handler: str, seconds: float) -> None:
+    name = function_name(call.func_id) or "-"
+    conduit = "SMC" if call.flags & CALL_SMC else "HVC"
+    regs = " ".join(f"{r:#x}" for r in reply.regs[:4])
+    effects = "".join(f" +{e.kind.name}(vcpu{e.vcpu})" for e in reply.effects)
+    print(f"  vcpu{call.vcpu} {conduit} {call.func_id:#010x} {name:24} -> {handler:14} [{regs}]{effects}"
+          f"  {seconds * 1e6:.0f}us", flush=True)
+
+
+def _print_local(entry: TranscriptEntry) -> None:
+    if entry.kind == "local":
+        func = entry.data["func"]
+        print(f"  vcpu{entry.vcpu} --- {func:#010x} {function_name(func) or '-':24} -> "
+              f"VMM {entry.data['action'].lower()} (not forwarded)", flush=True)
+    elif entry.kind == "print":
+        print(f"  vcpu{entry.vcpu} says: {entry.data['text']}", flush=True)
+
+
+async def demo_boot(cpu: SimVcpu, x0: int) -> None:
+    """A guest's first moves: identify the SiP service, use it, probe, hit a denied call."""
+    count = (await cpu.call(SIP_COUNT))[0]
+    uid = await cpu.call(SIP_UID)
+    cpu.print(f"SiP service offers {count} call(s), UID words {' '.join(f'{w:#010x}' for w in uid)}")
+    regs = await cpu.call(HELLO, 1, 2, 3)
+    cpu.print(f"hello answered {regs[1]:#x}")
+    await cpu.call(PROBE, 0xDEAD)
+    await cpu.call(TRNG_VERSION)
+
+
+async def _demo(config: VmConfig, n_vcpus: int) -> str:
+    daemon = Daemon(config)
+    daemon.vm.observers.append(_print_call)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.serve)
+        sim = Simulator(config.socket, n_vcpus=n_vcpus, name=config.name, boot=demo_boot)
+        sim.on_record = _print_local
+        try:
+            reason = await sim.run(timeout=30)
+        finally:
+            sim.close()
+        daemon.stop()
+    return reason
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.qemu:
+        from .demo_qemu import run_qemu_demo
+
+        return run_qemu_demo(args)
+    path = args.config or REPO_CONFIG
+    with tempfile.TemporaryDirectory(prefix="hvcproxyd-demo-") as tmp:
+        try:
+            config = load_config(path, socket=str(Path(tmp) / "demo.sock"))
+        except ConfigError as err:
+            print(f"hvcproxyd demo: {path} has errors:\n{err}", file=sys.stderr)
+            return 1
+        print(f"hvcproxyd demo: serving {path} on {config.socket} to a simulated {args.vcpus}-vCPU VM")
+        reason = trio.run(_demo, config, args.vcpus)
+    print(f"hvcproxyd demo: the VM stopped ({reason})")
+    return 0

@@ -1,0 +1,393 @@
+"""A VMM in Python: the VMM half of docs/protocol.md, for tests, the demo and
+benchmarks.
+
+It models what matters to the daemon: N vCPUs with MPIDRs and power states, a
+memfd-backed RAM region it can pass by fd or serve through MEM_READ/MEM_WRITE,
+the filter from WELCOME applied as TCG would, effects carried out (a powered-on
+vCPU runs the program registered for its entry address with x0 = context ID),
+reconnects with call replay, and a transcript tests can assert against.
+
+A vCPU's program is an ``async def prog(cpu: SimVcpu, x0: int)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import mmap
+import os
+import socket as stdsocket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from .. import wire
+from ..smccc import MASK64, SVE_HINT, SmcccResult
+
+log = logging.getLogger("hvcproxyd.simulator")
+
+Program = Callable[["SimVcpu", int], Awaitable[None]]
+RAM_BASE = 0x4000_0000
+
+
+class PoweredOff(Exception):
+    """Unwinds a vCPU program when its vCPU stops (CPU_OFF, suspend, system off)."""
+
+
+class SystemStopped(Exception):
+    """The whole simulated machine stopped (SYSTEM_OFF / SYSTEM_RESET)."""
+
+
+def default_mpidr(index: int) -> int:
+    # QEMU virt's layout: clusters of 8 (Aff1 = index / 8, Aff0 = index % 8).
+    return ((index // 8) << 8) | (index % 8)
+
+
+@dataclass(slots=True)
+class TranscriptEntry:
+    kind: str  # "call", "local", "effect", "print", "start", "stop", "system", "reconnect"
+    vcpu: int
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        items = " ".join(f"{k}={v:#x}" if isinstance(v, int) and not isinstance(v, bool) else f"{k}={v}"
+                         for k, v in self.data.items())
+        return f"vcpu{self.vcpu} {self.kind} {items}"
+
+
+class SimVcpu:
+    """What a program sees: its index, MPIDR, and ``call``."""
+
+    def __init__(self, sim: Simulator, index: int) -> None:
+        self.sim = sim
+        self.index = index
+        self.mpidr = default_mpidr(index)
+        self.powered_on = False
+        self.aarch32 = False
+        self.el = 1
+
+    async def call(self, func_id: int, *args: int, smc: bool | None = None) -> tuple[int, ...]:
+        """Issue an HVC/SMC and return x0..xN as unsigned 64-bit values."""
+        return await self.sim._call(self, func_id, args, self.sim.conduit_smc if smc is None else smc)
+
+    def print(self, text: str) -> None:
+        self.sim._record("print", self.index, text=text)
+
+
+class Simulator:
+    def __init__(self, socket_path: str | os.PathLike[str], *, n_vcpus: int = 4, name: str = "sim",
+                 ram_size: int = 16 << 20, ipa_bits: int = 40, pass_memfd: bool = True,
+                 conduit_smc: bool = False, accel: wire.Accel = wire.Accel.TCG,
+                 programs: dict[int, Program] | None = None, boot: Program | None = None,
+                 reconnect_timeout: float = 10.0, call_timeout: float = 30.0,
+                 filter_status: int = 0, on_reset: str = "stop") -> None:
+        self.socket_path = str(socket_path)
+        self.name = name
+        self.ipa_bits = ipa_bits
+        self.pass_memfd = pass_memfd
+        self.conduit_smc = conduit_smc
+        self.accel = accel
+        self.programs = programs or {}
+        self.boot = boot
+        self.reconnect_timeout = reconnect_timeout
+        self.call_timeout = call_timeout
+        self.filter_status = filter_status
+        self.on_reset = on_reset
+        self.vcpus = [SimVcpu(self, i) for i in range(n_vcpus)]
+        self.ram_fd = os.memfd_create(f"{name}-ram", 0)
+        os.ftruncate(self.ram_fd, ram_size)
+        self.ram = mmap.mmap(self.ram_fd, ram_size)
+        self.ram_size = ram_size
+        self.transcript: list[TranscriptEntry] = []
+        self.on_record: Callable[[TranscriptEntry], None] | None = None
+        self.ranges: tuple[wire.FilterRange, ...] = ()
+        self.resets = 0
+        self.welcome: wire.Welcome | None = None
+        self._seq = itertools.count(1)
+        self._waiting: dict[int, tuple[trio.Event, list[wire.Reply], wire.Call]] = {}
+        self._sock: trio.socket.SocketType | None = None
+        self._conn: wire.Connection | None = None
+        self._ran = False
+        self._connected = trio.Event()
+        self._send_lock = trio.Lock()
+        self._nursery: trio.Nursery | None = None
+        self._vcpu_scopes: dict[int, trio.CancelScope] = {}
+        self._stopped = trio.Event()
+        self.stop_reason: str | None = None
+        self.vcpus[0].powered_on = True
+
+    # -- transcript
+    def _record(self, what: str, vcpu: int, **data: Any) -> None:
+        entry = TranscriptEntry(what, vcpu, data)
+        self.transcript.append(entry)
+        if self.on_record is not None:
+            self.on_record(entry)
+
+    def entries(self, kind: str) -> list[TranscriptEntry]:
+        return [e for e in self.transcript if e.kind == kind]
+
+    # -- connection
+    def hello(self, reconnect: bool) -> wire.Hello:
+        return wire.Hello(
+            self.name, self.accel, self.ipa_bits,
+            tuple(wire.VcpuInfo(v.index, v.mpidr, v.powered_on, v.aarch32) for v in self.vcpus),
+            (wire.RamRegion(RAM_BASE, self.ram_size, 0, 0 if self.pass_memfd else -1),),
+            (wire.FEATURE_MEMFD if self.pass_memfd else 0) | wire.FEATURE_EFFECT_DONE,
+            reconnect, self.ranges if reconnect else (),
+            wire.PsciConduit.SMC if self.conduit_smc else wire.PsciConduit.HVC,
+            fds=(self.ram_fd,) if self.pass_memfd else ())
+
+    async def _connect(self, reconnect: bool) -> None:
+        deadline = trio.current_time() + self.reconnect_timeout
+        while True:
+            sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+            try:
+                await sock.connect(self.socket_path)
+                break
+            except OSError:
+                sock.close()
+                if trio.current_time() > deadline:
+                    raise
+                await trio.sleep(0.05)
+        conn = wire.Connection(wire.Role.VMM)
+        hello = self.hello(reconnect)
+        data = conn.send(hello)
+        fds = list(hello.fds)
+        await sock.sendmsg([data], [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS,
+                                     bytes(memoryview(_int_array(fds))))] if fds else [])
+        self._sock, self._conn = sock, conn
+        welcome = await self._next_event()
+        if isinstance(welcome, wire.Error):
+            raise ConnectionRefusedError(f"daemon refused: {welcome.code.name}: {welcome.reason}")
+        if not isinstance(welcome, wire.Welcome):
+            raise wire.RemoteProtocolError(f"expected WELCOME, got {welcome!r}")
+        self.welcome = welcome
+        if not reconnect:
+            self.ranges = welcome.ranges
+        await self._send(wire.FilterStatus(self.filter_status, 0 if self.filter_status else wire.NO_INDEX))
+        if self.filter_status:
+            err = await self._next_event()
+            raise ConnectionRefusedError(f"daemon refused: {err}")
+        self._ran = True
+        if reconnect:
+            self._record("reconnect", 0)
+            for _seq, (_ev, _box, call) in sorted(self._waiting.items()):
+                await self._send(call)  # replay with the same seq (protocol §5)
+        self._connected.set()
+
+    async def _send(self, event: wire.Event) -> None:
+        assert self._conn is not None and self._sock is not None
+        data = self._conn.send(event)
+        async with self._send_lock:
+            view = memoryview(data)
+            while view:
+                n = await self._sock.send(view)
+                view = view[n:]
+
+    async def _next_event(self) -> wire.Event | None:
+        assert self._conn is not None and self._sock is not None
+        while True:
+            ev = self._conn.next_event()
+            if ev is not wire.NEED_DATA:
+                return ev  # type: ignore[return-value]
+            data = await self._sock.recv(1 << 17)
+            self._conn.receive_data(data)
+            if not data:
+                return None
+
+    async def _reader(self) -> None:
+        while True:
+            try:
+                ev = await self._next_event()
+            except (OSError, wire.ProtocolError) as err:
+                log.info("simulator: connection lost: %s", err)
+                ev = None
+            if ev is None or isinstance(ev, wire.Error):
+                if isinstance(ev, wire.Error):
+                    self._record("daemon-error", 0, code=ev.code.name, reason=ev.reason)
+                self._connected = trio.Event()
+                if self._sock is not None:
+                    self._sock.close()
+                await self._connect(reconnect=self._ran)
+                continue
+            if isinstance(ev, wire.Reply):
+                waiter = self._waiting.pop(ev.seq, None)
+                if waiter is not None:
+                    waiter[1].append(ev)
+                    waiter[0].set()
+            elif isinstance(ev, wire.MemRead):
+                if ev.gpa >= RAM_BASE and ev.gpa + ev.length <= RAM_BASE + self.ram_size:
+                    off = ev.gpa - RAM_BASE
+                    await self._send(wire.MemReadResp(ev.seq, 0, self.ram[off:off + ev.length]))
+                else:
+                    await self._send(wire.MemReadResp(ev.seq, -14))  # EFAULT
+            elif isinstance(ev, wire.MemWrite):
+                if ev.gpa >= RAM_BASE and ev.gpa + len(ev.data) <= RAM_BASE + self.ram_size:
+                    off = ev.gpa - RAM_BASE
+                    self.ram[off:off + len(ev.data)] = ev.data
+                    await self._send(wire.MemWriteResp(ev.seq, 0))
+                else:
+                    await self._send(wire.MemWriteResp(ev.seq, -14))
+
+    # -- calls, as the VMM's vCPU thread would make them
+    def _filter_action(self, func_id: int) -> wire.FilterAction:
+        fid = func_id & ~SVE_HINT
+        for r in self.ranges:
+            if r.base <= fid <= r.last:
+                return r.action
+        return wire.FilterAction.HANDLE
+
+    async def _call(self, cpu: SimVcpu, func_id: int, args: tuple[int, ...], smc: bool) -> tuple[int, ...]:
+        if not cpu.powered_on:
+            raise PoweredOff(cpu.index)
+        action = self._filter_action(func_id)
+        if action is not wire.FilterAction.FORWARD:
+            # DENY, and HANDLE with no in-kernel service to ask: NOT_SUPPORTED, as stock TCG answers.
+            regs = (SmcccResult.NOT_SUPPORTED & MASK64, 0, 0, 0)
+            self._record("local", cpu.index, func=func_id, action=action.name, x0=regs[0])
+            return regs
+        padded = tuple(a & MASK64 for a in args) + (0,) * (wire.N_ARGS - len(args))
+        flags = (wire.CALL_SMC if smc else 0) | (wire.CALL_AARCH32 if cpu.aarch32 else 0) | (cpu.el << 4)
+        call = wire.Call(next(self._seq), cpu.index, func_id, padded, flags)
+        done = trio.Event()
+        box: list[wire.Reply] = []
+        self._waiting[call.seq] = (done, box, call)
+        await self._connected.wait()
+        try:
+            await self._send(call)
+        except OSError:
+            pass  # the reader reconnects and replays everything still waiting
+        with trio.fail_after(self.call_timeout):
+            await done.wait()
+        reply = box[0]
+        self._record("call", cpu.index, func=func_id, args=args, regs=reply.regs,
+                     effects=[e.kind.name for e in reply.effects])
+        for i, effect in enumerate(reply.effects):
+            await self._apply(cpu, reply, i, effect)
+        return reply.regs
+
+    async def _apply(self, cpu: SimVcpu, reply: wire.Reply, index: int, e: wire.Effect) -> None:
+        self._record("effect", cpu.index, kind=e.kind.name, target=e.vcpu, entry=e.entry, context=e.context,
+                     arg=e.arg)
+        kind = wire.EffectKind
+        if e.kind is kind.CPU_ON:
+            target = self.vcpus[e.vcpu]
+            target.powered_on = True
+            target.aarch32 = not e.eflags & wire.EFFECT_AARCH64
+            self._start(target, e.entry, e.context)
+            await self._confirm(reply.seq, index)
+        elif e.kind is kind.CPU_OFF:
+            cpu.powered_on = False
+            await self._confirm(reply.seq, index)
+            raise PoweredOff(cpu.index)
+        elif e.kind in (kind.CPU_SUSPEND, kind.SYSTEM_SUSPEND):
+            # Wake at once (no interrupt model): resume at the entry point with the context.
+            await self._confirm(reply.seq, index)
+            self._start(cpu, e.entry, e.context, restart=True)
+            raise PoweredOff(cpu.index)
+        elif e.kind is kind.SYSTEM_OFF:
+            self._finish("system-off")
+            raise SystemStopped("system off")
+        elif e.kind is kind.SYSTEM_RESET:
+            self.resets += 1
+            self._record("system", cpu.index, event="reset", type=e.arg, cookie=e.context)
+            if self.on_reset == "stop":
+                self._finish("system-reset")
+                raise SystemStopped("system reset")
+            await self._reboot()
+            raise PoweredOff(cpu.index)
+
+    async def _confirm(self, seq: int, index: int) -> None:
+        await self._send(wire.EffectDone(seq, index, 0))
+
+    def _start(self, cpu: SimVcpu, entry: int, context: int, restart: bool = False) -> None:
+        program = self.programs.get(entry)
+        self._record("start", cpu.index, entry=entry, x0=context)
+        if program is None:
+            cpu.print(f"no program at entry {entry:#x}; vCPU idles")
+            return
+        assert self._nursery is not None
+        self._nursery.start_soon(self._run_vcpu, cpu, program, context)
+
+    async def _run_vcpu(self, cpu: SimVcpu, program: Program, x0: int) -> None:
+        with trio.CancelScope() as scope:
+            self._vcpu_scopes[cpu.index] = scope
+            try:
+                await program(cpu, x0)
+            except PoweredOff:
+                pass
+            except SystemStopped:
+                return
+
+    async def _reboot(self) -> None:
+        for i, scope in list(self._vcpu_scopes.items()):
+            if i != 0:
+                scope.cancel()
+        for v in self.vcpus:
+            v.powered_on = v.index == 0
+        await self._send(wire.VmEvent(wire.EventKind.VM_RESET))
+        if self.boot is not None:
+            assert self._nursery is not None
+            self._nursery.start_soon(self._run_vcpu, self.vcpus[0], self.boot, 0)
+
+    def _finish(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self._record("stop", 0, reason=reason)
+        self._stopped.set()
+
+    # -- running
+    async def run(self, timeout: float = 60.0) -> str:
+        """Connect, run the boot program on vCPU 0, and return why the machine stopped
+        ("system-off", "system-reset", or "idle" when every program ended)."""
+        with trio.fail_after(timeout):
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self._connect(reconnect=False)
+                nursery.start_soon(self._reader)
+                async with trio.open_nursery() as programs:
+                    self._nursery = programs
+                    if self.boot is not None:
+                        programs.start_soon(self._run_vcpu, self.vcpus[0], self.boot, 0)
+                    programs.start_soon(self._wait_stop, programs.cancel_scope)
+                    await trio.sleep(0)
+                    await self._until_idle(programs)
+                nursery.cancel_scope.cancel()
+        if self._sock is not None:
+            with trio.move_on_after(1):
+                try:
+                    await self._send(wire.VmEvent(wire.EventKind.VM_SHUTDOWN))
+                except (OSError, wire.ProtocolError):
+                    pass
+            self._sock.close()
+        return self.stop_reason or "idle"
+
+    async def _wait_stop(self, scope: trio.CancelScope) -> None:
+        await self._stopped.wait()
+        scope.cancel()
+
+    async def _until_idle(self, programs: trio.Nursery) -> None:
+        # Every program ended (nothing but _wait_stop left): the machine is idle.
+        while len(programs.child_tasks) > 1:
+            await trio.sleep(0.01)
+        self._finish("idle")
+
+    def close(self) -> None:
+        self.ram.close()
+        os.close(self.ram_fd)
+
+
+def _int_array(fds: list[int]) -> Any:
+    import array
+
+    return array.array("i", fds)
+
+
+def socket_ready(path: str | Path) -> bool:
+    return Path(path).is_socket()
+
+
+__all__ = ["RAM_BASE", "PoweredOff", "SimVcpu", "Simulator", "SystemStopped", "default_mpidr"]

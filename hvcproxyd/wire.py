@@ -1,0 +1,807 @@
+"""The VMM<->daemon protocol (docs/protocol.md) as a sans-IO state machine.
+
+Bytes go in with :meth:`Connection.receive_data`, typed events come out of
+:meth:`Connection.next_event`; :meth:`Connection.send` turns an event into
+bytes.  Nothing here knows about sockets or trio, so the daemon, the simulator,
+the fuzz tests and a future C-side test harness share one definition.
+
+Error tree::
+
+    HvcproxydError                       (errors.py)
+     └── ProtocolError
+          ├── LocalProtocolError     we were asked to send something illegal
+          └── RemoteProtocolError    the peer sent something illegal
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import ClassVar, Final
+
+from .errors import HvcproxydError
+
+MAGIC: Final = 0x50435648
+PROTOCOL_VERSIONS: Final = (1, 1)
+HEADER = struct.Struct("<IHHQ")
+MAX_FRAME: Final = 65600
+MAX_MEM_CHUNK: Final = 65536
+MAX_VCPUS: Final = 512
+MAX_REGIONS: Final = 64
+MAX_RANGES: Final = 1024
+MAX_NAME: Final = 64
+MAX_REASON: Final = 1024
+MAX_REGS: Final = 18
+MAX_EFFECTS: Final = 8
+N_ARGS: Final = 17
+NO_INDEX: Final = 0xFFFF_FFFF
+ALL_VCPUS: Final = 0xFFFF_FFFF
+U64: Final = (1 << 64) - 1
+U32: Final = (1 << 32) - 1
+
+
+class ProtocolError(HvcproxydError):
+    """A frame or a transition the protocol does not allow."""
+
+
+class LocalProtocolError(ProtocolError):
+    pass
+
+
+class RemoteProtocolError(ProtocolError):
+    pass
+
+
+class Role(enum.Enum):
+    DAEMON = "daemon"
+    VMM = "vmm"
+
+
+class State(enum.Enum):
+    AWAIT_HELLO = "AWAIT_HELLO"
+    AWAIT_WELCOME = "AWAIT_WELCOME"
+    AWAIT_FILTER_STATUS = "AWAIT_FILTER_STATUS"
+    RUNNING = "RUNNING"
+    CLOSED = "CLOSED"
+    ERROR = "ERROR"
+
+
+class MsgType(enum.IntEnum):
+    HELLO = 1
+    WELCOME = 2
+    FILTER_STATUS = 3
+    CALL = 4
+    REPLY = 5
+    MEM_READ = 6
+    MEM_READ_RESP = 7
+    MEM_WRITE = 8
+    MEM_WRITE_RESP = 9
+    EFFECT_DONE = 10
+    EVENT = 11
+    ERROR = 12
+
+
+class Accel(enum.IntEnum):
+    TCG = 0
+    KVM = 1
+
+
+class PsciConduit(enum.IntEnum):
+    NONE = 0
+    HVC = 1
+    SMC = 2
+
+
+class FilterAction(enum.IntEnum):
+    HANDLE = 0
+    DENY = 1
+    FORWARD = 2
+
+
+class EffectKind(enum.IntEnum):
+    CPU_ON = 1
+    CPU_OFF = 2
+    SYSTEM_OFF = 3
+    SYSTEM_RESET = 4
+    SYSTEM_SUSPEND = 5
+    CPU_SUSPEND = 6
+
+
+class EventKind(enum.IntEnum):
+    VCPU_RESET = 1
+    VM_RESET = 2
+    VM_SHUTDOWN = 3
+    VCPU_POWER = 4
+
+
+class ErrorCode(enum.IntEnum):
+    PROTOCOL = 1
+    VERSION = 2
+    FILTER_MISMATCH = 3
+    FILTER_REJECTED = 4
+    BUSY = 5
+    SHUTDOWN = 6
+    REFUSED = 7
+
+
+# HELLO feature and flag bits
+FEATURE_MEMFD: Final = 1 << 0
+FEATURE_EFFECT_DONE: Final = 1 << 1
+HELLO_FEATURES_KNOWN: Final = FEATURE_MEMFD | FEATURE_EFFECT_DONE
+HELLO_RECONNECT: Final = 1 << 0
+
+# CALL flag bits
+CALL_SMC: Final = 1 << 0
+CALL_IMM16: Final = 1 << 1
+CALL_AARCH32: Final = 1 << 2
+CALL_EL_SHIFT: Final = 4
+CALL_FLAGS_KNOWN: Final = CALL_SMC | CALL_IMM16 | CALL_AARCH32 | (3 << CALL_EL_SHIFT)
+
+EFFECT_AARCH64: Final = 1 << 0
+MPIDR_AFF_MASK: Final = 0xFF_00FF_FFFF
+
+
+def _check(cond: bool, what: str) -> None:
+    # Raised as LocalProtocolError from constructors; the decoder re-raises it as
+    # RemoteProtocolError, so one set of field checks serves both directions.
+    if not cond:
+        raise LocalProtocolError(what)
+
+
+def _u(value: int, bits: int, name: str) -> None:
+    _check(isinstance(value, int) and 0 <= value < (1 << bits), f"{name}={value!r} is not a u{bits}")
+
+
+# --------------------------------------------------------------------- events
+
+
+@dataclass(frozen=True, slots=True)
+class VcpuInfo:
+    index: int
+    mpidr: int
+    powered_on: bool
+    aarch32: bool = False
+
+    def __post_init__(self) -> None:
+        _u(self.index, 32, "vcpu.index")
+        _check(0 <= self.mpidr <= U64 and not self.mpidr & ~MPIDR_AFF_MASK,
+               f"vcpu {self.index}: MPIDR {self.mpidr:#x} has bits outside the affinity fields")
+
+
+@dataclass(frozen=True, slots=True)
+class RamRegion:
+    gpa: int
+    size: int
+    fd_offset: int = 0
+    fd_index: int = -1
+
+    def __post_init__(self) -> None:
+        _u(self.gpa, 64, "region.gpa")
+        _check(0 < self.size <= U64 - self.gpa + 1, f"region at {self.gpa:#x}: bad size {self.size:#x}")
+        _u(self.fd_offset, 64, "region.fd_offset")
+        _check(-1 <= self.fd_index < 253, f"region at {self.gpa:#x}: bad fd_index {self.fd_index}")
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+@dataclass(frozen=True, slots=True)
+class FilterRange:
+    base: int
+    count: int
+    action: FilterAction
+
+    def __post_init__(self) -> None:
+        _u(self.base, 32, "range.base")
+        _check(self.count >= 1 and self.base + self.count <= 1 << 32,
+               f"range {self.base:#x}+{self.count:#x} is empty or wraps")
+        _check(self.action in FilterAction.__members__.values(), f"range action {self.action!r} unknown")
+
+    @property
+    def last(self) -> int:
+        return self.base + self.count - 1
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    name: str
+    accel: Accel
+    ipa_bits: int
+    vcpus: tuple[VcpuInfo, ...]
+    regions: tuple[RamRegion, ...]
+    features: int = 0
+    reconnect: bool = False
+    filter_in_force: tuple[FilterRange, ...] = ()
+    conduit: PsciConduit = PsciConduit.HVC
+    min_version: int = PROTOCOL_VERSIONS[0]
+    max_version: int = PROTOCOL_VERSIONS[1]
+    #: Received file descriptors (not encoded in the payload; carried by SCM_RIGHTS).
+    fds: tuple[int, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        name_bytes = self.name.encode()
+        _check(1 <= len(name_bytes) <= MAX_NAME, f"VM name must be 1..{MAX_NAME} bytes")
+        _check(self.accel in (Accel.TCG, Accel.KVM), f"unknown accelerator {self.accel!r}")
+        _check(32 <= self.ipa_bits <= 52, f"ipa_bits={self.ipa_bits} outside 32..52")
+        _check(1 <= self.min_version <= self.max_version <= 0xFFFF, "bad version range")
+        _check(not self.features & ~HELLO_FEATURES_KNOWN, f"unknown feature bits {self.features:#x}")
+        _check(1 <= len(self.vcpus) <= MAX_VCPUS, f"vCPU count {len(self.vcpus)} outside 1..{MAX_VCPUS}")
+        indices = sorted(v.index for v in self.vcpus)
+        _check(indices == list(range(len(self.vcpus))), "vCPU indices must be 0..n-1, each once")
+        _check(len({v.mpidr for v in self.vcpus}) == len(self.vcpus), "two vCPUs share an MPIDR")
+        _check(1 <= len(self.regions) <= MAX_REGIONS, f"region count outside 1..{MAX_REGIONS}")
+        limit = 1 << self.ipa_bits
+        prev_end = 0
+        for r in self.regions:
+            _check(r.gpa >= prev_end, "RAM regions must be sorted and must not overlap")
+            _check(r.end <= limit, f"RAM region {r.gpa:#x}+{r.size:#x} is beyond the IPA size")
+            _check(r.fd_index < len(self.fds) or (not self.fds and r.fd_index >= -1),
+                   "region names an fd that was not attached")
+            prev_end = r.end
+        _check(self.reconnect or not self.filter_in_force, "a filter in force needs RECONNECT")
+        _check(len(self.filter_in_force) <= MAX_RANGES, "too many filter ranges")
+        _check(self.conduit in PsciConduit.__members__.values(), "unknown conduit")
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    version: int
+    ranges: tuple[FilterRange, ...]
+    call_timeout_ms: int = 0
+    features: int = 0
+
+    def __post_init__(self) -> None:
+        _u(self.version, 16, "version")
+        _u(self.call_timeout_ms, 32, "call_timeout_ms")
+        _check(len(self.ranges) <= MAX_RANGES, "too many ranges")
+        for a, b in zip(self.ranges, self.ranges[1:], strict=False):
+            _check(a.last < b.base, "ranges must be sorted and must not overlap")
+
+
+@dataclass(frozen=True, slots=True)
+class FilterStatus:
+    status: int
+    failed_index: int = NO_INDEX
+
+    def __post_init__(self) -> None:
+        _check(-(1 << 31) <= self.status <= 0, f"status {self.status} must be 0 or a negative errno")
+        _u(self.failed_index, 32, "failed_index")
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    seq: int
+    vcpu: int
+    func_id: int
+    args: tuple[int, ...]
+    flags: int = 0
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _u(self.vcpu, 32, "vcpu")
+        _u(self.func_id, 32, "func_id")
+        _check(not self.flags & ~CALL_FLAGS_KNOWN, f"unknown call flags {self.flags:#x}")
+        _check(len(self.args) == N_ARGS, f"a CALL carries x1..x17, got {len(self.args)} values")
+        _check(all(0 <= a <= U64 for a in self.args), "argument registers are u64")
+
+    @property
+    def smc(self) -> bool:
+        return bool(self.flags & CALL_SMC)
+
+    @property
+    def aarch32(self) -> bool:
+        return bool(self.flags & CALL_AARCH32)
+
+    @property
+    def el(self) -> int:
+        return (self.flags >> CALL_EL_SHIFT) & 3
+
+
+@dataclass(frozen=True, slots=True)
+class Effect:
+    kind: EffectKind
+    vcpu: int
+    entry: int = 0
+    context: int = 0
+    arg: int = 0
+    eflags: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.kind in EffectKind.__members__.values(), f"unknown effect {self.kind!r}")
+        _u(self.vcpu, 32, "effect.vcpu")
+        _u(self.entry, 64, "effect.entry")
+        _u(self.context, 64, "effect.context")
+        _u(self.arg, 32, "effect.arg")
+        _u(self.eflags, 32, "effect.eflags")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    seq: int
+    vcpu: int
+    regs: tuple[int, ...]
+    effects: tuple[Effect, ...] = ()
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _u(self.vcpu, 32, "vcpu")
+        _check(1 <= len(self.regs) <= MAX_REGS, f"a REPLY carries 1..{MAX_REGS} registers")
+        _check(all(0 <= r <= U64 for r in self.regs), "result registers are u64")
+        _check(len(self.effects) <= MAX_EFFECTS, f"at most {MAX_EFFECTS} effects")
+
+
+@dataclass(frozen=True, slots=True)
+class MemRead:
+    seq: int
+    gpa: int
+    length: int
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _u(self.gpa, 64, "gpa")
+        _check(1 <= self.length <= MAX_MEM_CHUNK, f"MEM_READ length {self.length} outside 1..{MAX_MEM_CHUNK}")
+
+
+@dataclass(frozen=True, slots=True)
+class MemReadResp:
+    seq: int
+    status: int
+    data: bytes = b""
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _check(-(1 << 31) <= self.status <= 0, "status must be 0 or a negative errno")
+        _check(self.status == 0 or not self.data, "a failed read carries no data")
+        _check(len(self.data) <= MAX_MEM_CHUNK, "too much data")
+
+
+@dataclass(frozen=True, slots=True)
+class MemWrite:
+    seq: int
+    gpa: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _u(self.gpa, 64, "gpa")
+        _check(1 <= len(self.data) <= MAX_MEM_CHUNK, f"MEM_WRITE length outside 1..{MAX_MEM_CHUNK}")
+
+
+@dataclass(frozen=True, slots=True)
+class MemWriteResp:
+    seq: int
+    status: int
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _check(-(1 << 31) <= self.status <= 0, "status must be 0 or a negative errno")
+
+
+@dataclass(frozen=True, slots=True)
+class EffectDone:
+    seq: int
+    index: int
+    status: int = 0
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _check(0 <= self.index < MAX_EFFECTS, "effect index out of range")
+        _check(-(1 << 31) <= self.status <= 0, "status must be 0 or a negative errno")
+
+
+@dataclass(frozen=True, slots=True)
+class VmEvent:
+    kind: EventKind
+    vcpu: int = ALL_VCPUS
+    arg: int = 0
+
+    def __post_init__(self) -> None:
+        _check(self.kind in EventKind.__members__.values(), f"unknown event {self.kind!r}")
+        _u(self.vcpu, 32, "vcpu")
+        _u(self.arg, 32, "arg")
+
+
+@dataclass(frozen=True, slots=True)
+class Error:
+    code: ErrorCode
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _u(int(self.code), 32, "code")
+        _check(len(self.reason.encode()) <= MAX_REASON, "reason too long")
+
+
+Event = (Hello | Welcome | FilterStatus | Call | Reply | MemRead | MemReadResp | MemWrite
+         | MemWriteResp | EffectDone | VmEvent | Error)
+
+
+class _NeedData:
+    """Sentinel: the decoder needs more bytes before it can produce an event."""
+
+    _instance: ClassVar[_NeedData | None] = None
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = _NeedData()
+
+# ---------------------------------------------------------------- state table
+
+_TYPE_OF: dict[type, MsgType] = {
+    Hello: MsgType.HELLO, Welcome: MsgType.WELCOME, FilterStatus: MsgType.FILTER_STATUS,
+    Call: MsgType.CALL, Reply: MsgType.REPLY, MemRead: MsgType.MEM_READ,
+    MemReadResp: MsgType.MEM_READ_RESP, MemWrite: MsgType.MEM_WRITE,
+    MemWriteResp: MsgType.MEM_WRITE_RESP, EffectDone: MsgType.EFFECT_DONE,
+    VmEvent: MsgType.EVENT, Error: MsgType.ERROR,
+}
+
+_SENDER: dict[MsgType, Role | None] = {
+    MsgType.HELLO: Role.VMM, MsgType.WELCOME: Role.DAEMON, MsgType.FILTER_STATUS: Role.VMM,
+    MsgType.CALL: Role.VMM, MsgType.REPLY: Role.DAEMON, MsgType.MEM_READ: Role.DAEMON,
+    MsgType.MEM_READ_RESP: Role.VMM, MsgType.MEM_WRITE: Role.DAEMON,
+    MsgType.MEM_WRITE_RESP: Role.VMM, MsgType.EFFECT_DONE: Role.VMM, MsgType.EVENT: Role.VMM,
+    MsgType.ERROR: None,
+}
+
+_RUNNING_TYPES = (MsgType.CALL, MsgType.REPLY, MsgType.MEM_READ, MsgType.MEM_READ_RESP,
+                  MsgType.MEM_WRITE, MsgType.MEM_WRITE_RESP, MsgType.EFFECT_DONE, MsgType.EVENT)
+
+TRANSITIONS: dict[tuple[State, MsgType], State] = {
+    (State.AWAIT_HELLO, MsgType.HELLO): State.AWAIT_WELCOME,
+    (State.AWAIT_WELCOME, MsgType.WELCOME): State.AWAIT_FILTER_STATUS,
+    (State.AWAIT_FILTER_STATUS, MsgType.FILTER_STATUS): State.RUNNING,
+    **{(State.RUNNING, t): State.RUNNING for t in _RUNNING_TYPES},
+    **{(s, MsgType.ERROR): State.CLOSED for s in
+       (State.AWAIT_HELLO, State.AWAIT_WELCOME, State.AWAIT_FILTER_STATUS, State.RUNNING)},
+}
+
+# ------------------------------------------------------------------ layouts
+
+_HELLO_FIXED = struct.Struct("<IHHIIBBBBHHHHI")
+_VCPU = struct.Struct("<QIBBH")
+_REGION = struct.Struct("<QQQiI")
+_RANGE = struct.Struct("<IIB3x")
+_WELCOME_FIXED = struct.Struct("<HHIII")
+_FILTER_STATUS = struct.Struct("<iI")
+_CALL = struct.Struct("<IIII17Q")
+_REPLY_FIXED = struct.Struct("<BBHI")
+_EFFECT = struct.Struct("<IIQQII")
+_MEM_REQ = struct.Struct("<QII")
+_STATUS = struct.Struct("<iI")
+_EFFECT_DONE = struct.Struct("<B3xi")
+_EVENT = struct.Struct("<IIII")
+_ERROR_FIXED = struct.Struct("<IHH")
+#: One precompiled register layout per count: the reply path never builds a format string.
+_REGS = [struct.Struct(f"<{n}Q") for n in range(MAX_REGS + 1)]
+
+_CALL_FRAME_LEN = HEADER.size + _CALL.size
+_CALL_HEADER = HEADER.pack(_CALL_FRAME_LEN, MsgType.CALL, 0, 0)[:8]
+
+
+def _frame(msg_type: MsgType, seq: int, payload: bytes) -> bytes:
+    return HEADER.pack(HEADER.size + len(payload), msg_type, 0, seq) + payload
+
+
+def _encode_ranges(ranges: tuple[FilterRange, ...]) -> bytes:
+    return b"".join(_RANGE.pack(r.base, r.count, r.action) for r in ranges)
+
+
+def encode(event: Event) -> bytes:
+    """Encode one event as a frame; validation already happened in its constructor."""
+    match event:
+        case Call():
+            return _CALL_HEADER + event.seq.to_bytes(8, "little") + _CALL.pack(
+                event.vcpu, event.flags, event.func_id, 0, *event.args)
+        case Reply():
+            body = (_REPLY_FIXED.pack(len(event.regs), len(event.effects), 0, event.vcpu)
+                    + _REGS[len(event.regs)].pack(*event.regs))
+            if event.effects:
+                body += b"".join(_EFFECT.pack(e.kind, e.vcpu, e.entry, e.context, e.arg, e.eflags)
+                                 for e in event.effects)
+            return _frame(MsgType.REPLY, event.seq, body)
+        case Hello():
+            name = event.name.encode()
+            body = _HELLO_FIXED.pack(
+                MAGIC, event.min_version, event.max_version, event.features,
+                HELLO_RECONNECT if event.reconnect else 0, event.accel, event.ipa_bits,
+                event.conduit, 0, len(event.vcpus), len(event.regions),
+                len(event.filter_in_force), len(name), 0)
+            body += b"".join(_VCPU.pack(v.mpidr, v.index, int(v.powered_on), int(v.aarch32), 0)
+                             for v in event.vcpus)
+            body += b"".join(_REGION.pack(r.gpa, r.size, r.fd_offset, r.fd_index, 0)
+                             for r in event.regions)
+            body += _encode_ranges(event.filter_in_force) + name
+            return _frame(MsgType.HELLO, 0, body)
+        case Welcome():
+            body = _WELCOME_FIXED.pack(event.version, len(event.ranges), event.features,
+                                       event.call_timeout_ms, 0) + _encode_ranges(event.ranges)
+            return _frame(MsgType.WELCOME, 0, body)
+        case FilterStatus():
+            return _frame(MsgType.FILTER_STATUS, 0, _FILTER_STATUS.pack(event.status, event.failed_index))
+        case MemRead():
+            return _frame(MsgType.MEM_READ, event.seq, _MEM_REQ.pack(event.gpa, event.length, 0))
+        case MemReadResp():
+            return _frame(MsgType.MEM_READ_RESP, event.seq, _STATUS.pack(event.status, 0) + event.data)
+        case MemWrite():
+            return _frame(MsgType.MEM_WRITE, event.seq,
+                          _MEM_REQ.pack(event.gpa, len(event.data), 0) + event.data)
+        case MemWriteResp():
+            return _frame(MsgType.MEM_WRITE_RESP, event.seq, _STATUS.pack(event.status, 0))
+        case EffectDone():
+            return _frame(MsgType.EFFECT_DONE, event.seq, _EFFECT_DONE.pack(event.index, event.status))
+        case VmEvent():
+            return _frame(MsgType.EVENT, 0, _EVENT.pack(event.kind, event.vcpu, event.arg, 0))
+        case Error():
+            reason = event.reason.encode()
+            return _frame(MsgType.ERROR, 0, _ERROR_FIXED.pack(event.code, len(reason), 0) + reason)
+    raise LocalProtocolError(f"cannot encode {event!r}")
+
+
+def _need(cond: bool, what: str) -> None:
+    if not cond:
+        raise RemoteProtocolError(what)
+
+
+def _decode_ranges(payload: memoryview, offset: int, n: int) -> tuple[FilterRange, ...]:
+    out = []
+    for i in range(n):
+        base, count, action = _RANGE.unpack_from(payload, offset + i * _RANGE.size)
+        _need(action in (0, 1, 2), f"range {i}: unknown action {action}")
+        out.append(FilterRange(base, count, FilterAction(action)))
+    return tuple(out)
+
+
+def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
+    _need(len(p) >= _HELLO_FIXED.size, "HELLO is truncated")
+    (magic, vmin, vmax, features, flags, accel, ipa_bits, conduit, _r0, n_vcpus, n_regions,
+     n_filter, name_len, _r1) = _HELLO_FIXED.unpack_from(p)
+    _need(magic == MAGIC, f"bad magic {magic:#x}; is this an hvcproxyd VMM?")
+    expected = (_HELLO_FIXED.size + n_vcpus * _VCPU.size + n_regions * _REGION.size
+                + n_filter * _RANGE.size + name_len)
+    _need(len(p) == expected, f"HELLO payload is {len(p)} bytes, its counts say {expected}")
+    _need(accel in (0, 1), f"unknown accelerator {accel}")
+    _need(conduit in (0, 1, 2), f"unknown conduit {conduit}")
+    off = _HELLO_FIXED.size
+    vcpus = []
+    for i in range(n_vcpus):
+        mpidr, index, power, state, _ = _VCPU.unpack_from(p, off)
+        _need(power in (0, 1) and state in (0, 1), f"vCPU entry {i}: bad power/exec state")
+        vcpus.append(VcpuInfo(index, mpidr, bool(power), bool(state)))
+        off += _VCPU.size
+    regions = []
+    for _i in range(n_regions):
+        gpa, size, fd_off, fd_index, _ = _REGION.unpack_from(p, off)
+        regions.append(RamRegion(gpa, size, fd_off, fd_index))
+        off += _REGION.size
+    ranges = _decode_ranges(p, off, n_filter)
+    off += n_filter * _RANGE.size
+    try:
+        name = bytes(p[off:off + name_len]).decode()
+    except UnicodeDecodeError as err:
+        raise RemoteProtocolError("VM name is not UTF-8") from err
+    return Hello(name, Accel(accel), ipa_bits, tuple(vcpus), tuple(regions), features,
+                 bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, fds)
+
+
+def _fixed(p: memoryview, layout: struct.Struct, what: str) -> tuple[int, ...]:
+    _need(len(p) == layout.size, f"{what} payload must be {layout.size} bytes, got {len(p)}")
+    return layout.unpack_from(p)
+
+
+def decode_payload(msg_type: int, seq: int, p: memoryview, fds: tuple[int, ...] = ()) -> Event:
+    """Decode one payload; raises RemoteProtocolError for anything malformed."""
+    try:
+        return _decode_payload(msg_type, seq, p, fds)
+    except LocalProtocolError as err:  # a field check in an event constructor
+        raise RemoteProtocolError(str(err)) from err
+    except (struct.error, ValueError) as err:
+        raise RemoteProtocolError(f"malformed {msg_type} payload: {err}") from err
+
+
+def _decode_payload(msg_type: int, seq: int, p: memoryview, fds: tuple[int, ...]) -> Event:
+    if msg_type == MsgType.CALL:
+        vcpu, flags, fid, _r, *args = _fixed(p, _CALL, "CALL")
+        return Call(seq, vcpu, fid, tuple(args), flags)
+    if msg_type == MsgType.REPLY:
+        _need(len(p) >= _REPLY_FIXED.size, "REPLY is truncated")
+        n_regs, n_eff, _r, vcpu = _REPLY_FIXED.unpack_from(p)
+        _need(len(p) == _REPLY_FIXED.size + n_regs * 8 + n_eff * _EFFECT.size, "REPLY length mismatch")
+        _need(n_regs <= MAX_REGS, "too many registers")
+        regs = _REGS[n_regs].unpack_from(p, _REPLY_FIXED.size)
+        base = _REPLY_FIXED.size + n_regs * 8
+        effects = []
+        for i in range(n_eff):
+            kind, *rest = _EFFECT.unpack_from(p, base + i * _EFFECT.size)
+            _need(kind in EffectKind.__members__.values(), f"unknown effect kind {kind}")
+            effects.append(Effect(EffectKind(kind), *rest))
+        return Reply(seq, vcpu, tuple(regs), tuple(effects))
+    if msg_type == MsgType.HELLO:
+        return _decode_hello(p, fds)
+    if msg_type == MsgType.WELCOME:
+        _need(len(p) >= _WELCOME_FIXED.size, "WELCOME is truncated")
+        version, n, features, timeout, _r = _WELCOME_FIXED.unpack_from(p)
+        _need(len(p) == _WELCOME_FIXED.size + n * _RANGE.size, "WELCOME length mismatch")
+        return Welcome(version, _decode_ranges(p, _WELCOME_FIXED.size, n), timeout, features)
+    if msg_type == MsgType.FILTER_STATUS:
+        status, idx = _fixed(p, _FILTER_STATUS, "FILTER_STATUS")
+        return FilterStatus(status, idx)
+    if msg_type == MsgType.MEM_READ:
+        gpa, length, _r = _fixed(p, _MEM_REQ, "MEM_READ")
+        return MemRead(seq, gpa, length)
+    if msg_type == MsgType.MEM_READ_RESP:
+        _need(len(p) >= _STATUS.size, "MEM_READ_RESP is truncated")
+        status, _r = _STATUS.unpack_from(p)
+        return MemReadResp(seq, status, bytes(p[_STATUS.size:]))
+    if msg_type == MsgType.MEM_WRITE:
+        _need(len(p) >= _MEM_REQ.size, "MEM_WRITE is truncated")
+        gpa, length, _r = _MEM_REQ.unpack_from(p)
+        _need(len(p) == _MEM_REQ.size + length, "MEM_WRITE length mismatch")
+        return MemWrite(seq, gpa, bytes(p[_MEM_REQ.size:]))
+    if msg_type == MsgType.MEM_WRITE_RESP:
+        status, _r = _fixed(p, _STATUS, "MEM_WRITE_RESP")
+        return MemWriteResp(seq, status)
+    if msg_type == MsgType.EFFECT_DONE:
+        index, status = _fixed(p, _EFFECT_DONE, "EFFECT_DONE")
+        return EffectDone(seq, index, status)
+    if msg_type == MsgType.EVENT:
+        kind, vcpu, arg, _r = _fixed(p, _EVENT, "EVENT")
+        _need(kind in EventKind.__members__.values(), f"unknown event kind {kind}")
+        return VmEvent(EventKind(kind), vcpu, arg)
+    if msg_type == MsgType.ERROR:
+        _need(len(p) >= _ERROR_FIXED.size, "ERROR is truncated")
+        code, n, _r = _ERROR_FIXED.unpack_from(p)
+        _need(len(p) == _ERROR_FIXED.size + n, "ERROR length mismatch")
+        code_v = ErrorCode(code) if code in ErrorCode.__members__.values() else ErrorCode.PROTOCOL
+        return Error(code_v, bytes(p[_ERROR_FIXED.size:]).decode(errors="replace"))
+    raise RemoteProtocolError(f"unknown message type {msg_type}")
+
+
+# --------------------------------------------------------------- connection
+
+
+#: How many replies-with-effects we remember for EFFECT_DONE checks; bounded so a
+#: VMM that never confirms cannot grow the daemon's memory.
+_MAX_PENDING_EFFECTS = 4096
+
+
+class Connection:
+    """One side of one connection.  Tracks state and what each side owes the other."""
+
+    def __init__(self, our_role: Role) -> None:
+        self.our_role = our_role
+        self.their_role = Role.VMM if our_role is Role.DAEMON else Role.DAEMON
+        self.state = State.AWAIT_HELLO
+        self.version = 0
+        self._buf = bytearray()
+        self._fds: list[int] = []
+        self._calls_in_flight: set[int] = set()
+        self._mem_in_flight: dict[int, MsgType] = {}
+        self._effects_pending: OrderedDict[int, set[int]] = OrderedDict()
+
+    # -- receiving
+    def receive_data(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
+        """Feed bytes from the peer; an empty ``data`` means the peer closed."""
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("connection is in ERROR state")
+        if not data:
+            if self._buf:
+                self._fail()
+                raise RemoteProtocolError("peer closed in the middle of a frame")
+            self.state = State.CLOSED
+            return
+        self._buf += data
+        self._fds.extend(fds)
+
+    def next_event(self) -> Event | _NeedData:
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("connection is in ERROR state")
+        buf = self._buf
+        if len(buf) < HEADER.size:
+            return NEED_DATA
+        length, msg_type, flags, seq = HEADER.unpack_from(buf)
+        if length < HEADER.size or length > MAX_FRAME:
+            self._fail()
+            raise RemoteProtocolError(f"frame length {length} outside {HEADER.size}..{MAX_FRAME}")
+        if flags:
+            self._fail()
+            raise RemoteProtocolError(f"reserved header flags {flags:#x} are set")
+        if len(buf) < length:
+            return NEED_DATA
+        try:
+            mtype = MsgType(msg_type)
+        except ValueError:
+            self._fail()
+            raise RemoteProtocolError(f"unknown message type {msg_type}") from None
+        try:
+            self._check_direction(mtype, self.their_role)
+            fds = tuple(self._fds) if mtype is MsgType.HELLO else ()
+            event = decode_payload(mtype, seq, memoryview(buf)[HEADER.size:length], fds)
+            self._track(event, mtype, sent=False)
+        except RemoteProtocolError:
+            self._fail()
+            raise
+        if mtype is MsgType.HELLO:
+            self._fds.clear()
+        del buf[:length]
+        return event
+
+    def take_fds(self) -> list[int]:
+        """Descriptors received outside a HELLO; the caller must close them."""
+        fds, self._fds = self._fds, []
+        return fds
+
+    # -- sending
+    def send(self, event: Event) -> bytes:
+        if self.state in (State.ERROR, State.CLOSED) and not isinstance(event, Error):
+            raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
+        mtype = _TYPE_OF[type(event)]
+        self._check_direction(mtype, self.our_role, local=True)
+        self._track(event, mtype, sent=True)
+        return encode(event)
+
+    def send_failed(self) -> None:
+        """The transport died: nothing more may be sent or received."""
+        self.state = State.CLOSED
+
+    # -- internals
+    def _fail(self) -> None:
+        self.state = State.ERROR
+
+    def _check_direction(self, mtype: MsgType, sender: Role, local: bool = False) -> None:
+        expected = _SENDER[mtype]
+        if expected is not None and expected is not sender:
+            exc = LocalProtocolError if local else RemoteProtocolError
+            raise exc(f"{mtype.name} may only be sent by the {expected.value}")
+
+    def _track(self, event: Event, mtype: MsgType, *, sent: bool) -> None:
+        exc: type[ProtocolError] = LocalProtocolError if sent else RemoteProtocolError
+        new_state = TRANSITIONS.get((self.state, mtype))
+        if new_state is None:
+            raise exc(f"{mtype.name} is not allowed in state {self.state.name}")
+        match event:
+            case Call():
+                if event.seq in self._calls_in_flight:
+                    raise exc(f"CALL seq {event.seq} is already in flight")
+                self._calls_in_flight.add(event.seq)
+            case Reply():
+                if event.seq not in self._calls_in_flight:
+                    raise exc(f"REPLY to seq {event.seq}, which is not an outstanding CALL")
+                self._calls_in_flight.discard(event.seq)
+                if event.effects:
+                    self._effects_pending[event.seq] = set(range(len(event.effects)))
+                    while len(self._effects_pending) > _MAX_PENDING_EFFECTS:
+                        self._effects_pending.popitem(last=False)
+            case MemRead() | MemWrite():
+                if event.seq in self._mem_in_flight:
+                    raise exc(f"memory request seq {event.seq} is already in flight")
+                self._mem_in_flight[event.seq] = mtype
+            case MemReadResp() | MemWriteResp():
+                want = MsgType.MEM_READ if mtype is MsgType.MEM_READ_RESP else MsgType.MEM_WRITE
+                if self._mem_in_flight.get(event.seq) is not want:
+                    raise exc(f"{mtype.name} to seq {event.seq}, which is not an outstanding {want.name}")
+                del self._mem_in_flight[event.seq]
+            case EffectDone():
+                pending = self._effects_pending.get(event.seq)
+                if pending is None or event.index not in pending:
+                    raise exc(f"EFFECT_DONE for seq {event.seq} effect {event.index}, which was not sent")
+                pending.discard(event.index)
+                if not pending:
+                    del self._effects_pending[event.seq]
+            case Welcome():
+                self.version = event.version
+        self.state = new_state
+        if isinstance(event, Error) and sent:
+            self.state = State.CLOSED
+
+    @property
+    def calls_in_flight(self) -> frozenset[int]:
+        return frozenset(self._calls_in_flight)
+
+
+def negotiate_version(vmm_min: int, vmm_max: int) -> int | None:
+    lo, hi = max(vmm_min, PROTOCOL_VERSIONS[0]), min(vmm_max, PROTOCOL_VERSIONS[1])
+    return hi if lo <= hi else None

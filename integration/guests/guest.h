@@ -1,0 +1,46 @@
+/* Constants and conduit macros shared by the test guests. */
+#ifndef GUEST_H
+#define GUEST_H
+
+#define UART_BASE		0x09000000
+#define UART_DR			0x00
+#define UART_FR			0x18
+#define UART_FR_TXFF		5
+
+/* SMCCC / PSCI function IDs (see shared REFERENCE.md §1 and §3). */
+#define SMCCC_VERSION		0x80000000
+#define SMCCC_ARCH_FEATURES	0x80000001
+#define PSCI_VERSION		0x84000000
+#define PSCI_CPU_OFF		0x84000002
+#define PSCI_CPU_ON_64		0xC4000003
+#define PSCI_AFFINITY_INFO_64	0xC4000004
+#define PSCI_SYSTEM_OFF		0x84000008
+#define PSCI_SYSTEM_RESET	0x84000009
+#define PSCI_FEATURES		0x8400000A
+
+/*
+ * Test services (integration/configs/*.yaml route them):
+ * a SiP call answered by a static handler with fixed x0..x3,
+ * a SiP call in the forwarded range that no rule handles,
+ * and an OEM call the config denies.
+ */
+#define TEST_STATIC_FN		0xC2000001
+#define TEST_UNKNOWN_FN		0xC20000FF
+#define TEST_DENIED_FN		0xC3000001
+
+/* The conduit: HVC unless the guest is built with -DCONDUIT_SMC. */
+#ifdef CONDUIT_SMC
+#define CONDUIT			smc
+#define CONDUIT_NAME		"smc"
+#define READ_ESR(r)		mrs r, esr_el2
+#define READ_ELR(r)		mrs r, elr_el2
+#define WRITE_VBAR(r)		msr vbar_el2, r
+#else
+#define CONDUIT			hvc
+#define CONDUIT_NAME		"hvc"
+#define READ_ESR(r)		mrs r, esr_el1
+#define READ_ELR(r)		mrs r, elr_el1
+#define WRITE_VBAR(r)		msr vbar_el1, r
+#endif
+
+#endif

@@ -1,0 +1,150 @@
+/*
+ * Shared routines for the bare-metal test guests: PL011 output, hex
+ * printing, SMCCC calls and the exception vectors.
+ *
+ * Register use: the routines here clobber x0-x17 (an SMCCC 1.2 call may
+ * return in all of them) and x30; guests keep their state in x19-x28.
+ */
+
+#include "guest.h"
+
+	.text
+
+/* putc(w0): wait for room in the TX FIFO, then write the byte. */
+	.global putc
+putc:
+	ldr	x9, =UART_BASE
+1:	ldr	w10, [x9, #UART_FR]
+	tbnz	w10, #UART_FR_TXFF, 1b
+	strb	w0, [x9, #UART_DR]
+	ret
+
+/* puts(x0 = NUL-terminated string) */
+	.global puts
+puts:
+	mov	x11, x30
+	mov	x12, x0
+1:	ldrb	w0, [x12], #1
+	cbz	w0, 2f
+	bl	putc
+	b	1b
+2:	mov	x30, x11
+	ret
+
+/* puthex(x0): "0x" and 16 hex digits. */
+	.global puthex
+puthex:
+	mov	x11, x30
+	mov	x12, x0
+	mov	w0, #'0'
+	bl	putc
+	mov	w0, #'x'
+	bl	putc
+	mov	x13, #60
+1:	lsr	x0, x12, x13
+	and	x0, x0, #0xf
+	cmp	x0, #10
+	add	x14, x0, #'0'
+	add	x15, x0, #('a' - 10)
+	csel	x0, x14, x15, lo
+	bl	putc
+	subs	x13, x13, #4
+	b.ge	1b
+	mov	x30, x11
+	ret
+
+/* putkv(x0 = label, x1 = value): " label=0x..." */
+	.global putkv
+putkv:
+	mov	x16, x30
+	mov	x17, x1
+	mov	x12, x0
+	mov	w0, #' '
+	bl	putc
+	mov	x0, x12
+	bl	puts
+	mov	w0, #'='
+	bl	putc
+	mov	x0, x17
+	bl	puthex
+	mov	x30, x16
+	ret
+
+	.global newline
+newline:
+	mov	w0, #'\n'
+	b	putc
+
+/*
+ * smccc(x0 = function ID, x1..x7 = arguments): issue the call on the
+ * conduit this guest was built for.  x8..x17 are zeroed first so that a
+ * transcript of what arrives at the daemon is deterministic.
+ */
+	.global smccc
+smccc:
+	mov	x8, xzr
+	mov	x9, xzr
+	mov	x10, xzr
+	mov	x11, xzr
+	mov	x12, xzr
+	mov	x13, xzr
+	mov	x14, xzr
+	mov	x15, xzr
+	mov	x16, xzr
+	mov	x17, xzr
+	CONDUIT	#0
+	ret
+
+/*
+ * Exception vectors: any synchronous exception, IRQ, FIQ or SError taken
+ * to the guest prints "EXCEPTION" with the syndrome and powers off.  Stock
+ * QEMU on -M virt, for example, makes SMC from EL1 an undefined
+ * instruction.
+ */
+	.balign	2048
+	.global vectors
+vectors:
+	.irp	n, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15
+	.balign	128
+	mov	x19, #\n
+	b	unexpected_exception
+	.endr
+
+unexpected_exception:
+	ldr	x0, =str_exception
+	bl	puts
+	ldr	x0, =str_vector
+	mov	x1, x19
+	bl	putkv
+	ldr	x0, =str_esr
+	READ_ESR(x1)
+	bl	putkv
+	ldr	x0, =str_elr
+	READ_ELR(x1)
+	bl	putkv
+	bl	newline
+	b	system_off
+
+/* Print "DONE", then PSCI SYSTEM_OFF; spin if it returns. */
+	.global system_off
+system_off:
+	ldr	x0, =str_system_off
+	bl	puts
+	ldr	x0, =PSCI_SYSTEM_OFF
+	bl	smccc
+	ldr	x0, =str_system_off_returned
+	bl	puts
+	b	halt
+
+	.global halt
+halt:
+	wfi
+	b	halt
+
+	.section .rodata
+str_exception:		.asciz	"EXCEPTION"
+str_vector:		.asciz	"vector"
+str_esr:		.asciz	"esr"
+str_elr:		.asciz	"elr"
+str_system_off:		.asciz	"SYSTEM_OFF\n"
+str_system_off_returned: .asciz	"SYSTEM_OFF returned\n"

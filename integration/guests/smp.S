@@ -1,0 +1,234 @@
+/*
+ * Guest (c): PSCI on four CPUs (-smp 4, EL1, HVC conduit).
+ *
+ * The boot CPU powers on CPUs 1..3 one at a time with CPU_ON (context ID
+ * 0xc0de0000 + n).  Each secondary prints its MPIDR and the context ID it
+ * received in x0, sets a flag and waits.  Only one CPU prints at a time.
+ * The boot CPU then checks AFFINITY_INFO (ON), that a second CPU_ON gives
+ * ALREADY_ON, releases each secondary into CPU_OFF, polls AFFINITY_INFO
+ * until it reads OFF, and ends with SYSTEM_OFF.
+ *
+ * Transcript lines:
+ *   GUEST smp conduit=hvc el=0x1 mpidr=0x...
+ *   CPU_ON target=0x1 x0=0x0
+ *   SECONDARY mpidr=0x80000001 context=0xc0de0001 el=0x1
+ *   AFFINITY_INFO target=0x1 x0=0x0
+ *   ...
+ *   CPU_ON_AGAIN target=0x1 x0=0xfffffffffffffffc
+ *   CPU_OFF target=0x1 polls=0x... x0=0x1
+ *   ...
+ *   SMP DONE
+ *   SYSTEM_OFF
+ */
+
+#include "guest.h"
+
+#define NCPUS		4
+#define CONTEXT_BASE	0xc0de0000
+#define POLL_LIMIT	0x1000000
+
+	.section .text.boot
+	.global _start
+_start:
+	ldr	x0, =stack_top
+	mov	sp, x0
+	ldr	x0, =vectors
+	WRITE_VBAR(x0)
+	isb
+
+	ldr	x0, =str_hello
+	bl	puts
+	ldr	x0, =str_el
+	mrs	x1, CurrentEL
+	lsr	x1, x1, #2
+	bl	putkv
+	ldr	x0, =str_mpidr
+	mrs	x1, mpidr_el1
+	bl	putkv
+	bl	newline
+
+	/* Power on CPUs 1..3, one at a time. */
+	mov	x19, #1
+1:	ldr	x0, =PSCI_CPU_ON_64
+	mov	x1, x19
+	ldr	x2, =secondary_entry
+	ldr	x3, =CONTEXT_BASE
+	add	x3, x3, x19
+	bl	smccc
+	mov	x20, x0
+	ldr	x0, =str_cpu_on
+	bl	puts
+	ldr	x0, =str_target
+	mov	x1, x19
+	bl	putkv
+	ldr	x0, =str_x0
+	mov	x1, x20
+	bl	putkv
+	bl	newline
+	cbnz	x20, 3f			/* CPU_ON failed: don't wait */
+
+	/* Wait until the secondary has printed its line. */
+	ldr	x21, =up_flags
+	add	x21, x21, x19, lsl #3
+	ldr	x22, =POLL_LIMIT
+2:	ldar	x0, [x21]
+	cbnz	x0, 3f
+	subs	x22, x22, #1
+	b.ne	2b
+	ldr	x0, =str_timeout
+	bl	puts
+	b	system_off
+
+3:	bl	affinity_info
+	add	x19, x19, #1
+	cmp	x19, #NCPUS
+	b.lo	1b
+
+	/* CPU 1 is on: a second CPU_ON must say ALREADY_ON. */
+	ldr	x0, =PSCI_CPU_ON_64
+	mov	x1, #1
+	ldr	x2, =secondary_entry
+	ldr	x3, =CONTEXT_BASE
+	bl	smccc
+	mov	x20, x0
+	ldr	x0, =str_cpu_on_again
+	bl	puts
+	ldr	x0, =str_target
+	mov	x1, #1
+	bl	putkv
+	ldr	x0, =str_x0
+	mov	x1, x20
+	bl	putkv
+	bl	newline
+
+	/* Release each secondary into CPU_OFF and wait until it is OFF. */
+	mov	x19, #1
+4:	ldr	x21, =go_flags
+	add	x21, x21, x19, lsl #3
+	mov	x0, #1
+	stlr	x0, [x21]
+	mov	x22, xzr
+5:	add	x22, x22, #1
+	ldr	x0, =PSCI_AFFINITY_INFO_64
+	mov	x1, x19
+	mov	x2, xzr
+	bl	smccc
+	cmp	x0, #1			/* OFF */
+	b.eq	6f
+	ldr	x1, =POLL_LIMIT
+	cmp	x22, x1
+	b.lo	5b
+6:	mov	x20, x0
+	ldr	x0, =str_cpu_off
+	bl	puts
+	ldr	x0, =str_target
+	mov	x1, x19
+	bl	putkv
+	ldr	x0, =str_x0
+	mov	x1, x20
+	bl	putkv
+	bl	newline
+	add	x19, x19, #1
+	cmp	x19, #NCPUS
+	b.lo	4b
+
+	ldr	x0, =str_done
+	bl	puts
+	b	system_off
+
+/* Print AFFINITY_INFO for the CPU in x19. */
+affinity_info:
+	mov	x25, x30
+	ldr	x0, =PSCI_AFFINITY_INFO_64
+	mov	x1, x19
+	mov	x2, xzr
+	bl	smccc
+	mov	x20, x0
+	ldr	x0, =str_affinity
+	bl	puts
+	ldr	x0, =str_target
+	mov	x1, x19
+	bl	putkv
+	ldr	x0, =str_x0
+	mov	x1, x20
+	bl	putkv
+	bl	newline
+	mov	x30, x25
+	ret
+
+/* Secondary entry: x0 = context ID. */
+secondary_entry:
+	mov	x26, x0
+	mrs	x27, mpidr_el1
+	and	x19, x27, #0xff
+	ldr	x0, =secondary_stacks
+	add	x1, x19, #1
+	add	x0, x0, x1, lsl #12
+	mov	sp, x0
+	ldr	x0, =vectors
+	WRITE_VBAR(x0)
+	isb
+
+	ldr	x0, =str_secondary
+	bl	puts
+	ldr	x0, =str_mpidr
+	mov	x1, x27
+	bl	putkv
+	ldr	x0, =str_context
+	mov	x1, x26
+	bl	putkv
+	ldr	x0, =str_el
+	mrs	x1, CurrentEL
+	lsr	x1, x1, #2
+	bl	putkv
+	bl	newline
+
+	ldr	x21, =up_flags
+	add	x21, x21, x19, lsl #3
+	mov	x0, #1
+	stlr	x0, [x21]
+
+	ldr	x21, =go_flags
+	add	x21, x21, x19, lsl #3
+7:	ldar	x0, [x21]
+	cbz	x0, 7b
+
+	ldr	x0, =PSCI_CPU_OFF
+	bl	smccc
+	/* CPU_OFF returned: report it (the boot CPU is polling, not printing). */
+	mov	x20, x0
+	ldr	x0, =str_off_returned
+	bl	puts
+	ldr	x0, =str_x0
+	mov	x1, x20
+	bl	putkv
+	bl	newline
+	b	halt
+
+	.section .rodata
+str_hello:	.asciz	"GUEST smp conduit=" CONDUIT_NAME
+str_el:		.asciz	"el"
+str_mpidr:	.asciz	"mpidr"
+str_target:	.asciz	"target"
+str_context:	.asciz	"context"
+str_x0:		.asciz	"x0"
+str_cpu_on:	.asciz	"CPU_ON"
+str_cpu_on_again: .asciz "CPU_ON_AGAIN"
+str_cpu_off:	.asciz	"CPU_OFF"
+str_affinity:	.asciz	"AFFINITY_INFO"
+str_secondary:	.asciz	"SECONDARY"
+str_off_returned: .asciz "CPU_OFF_RETURNED"
+str_timeout:	.asciz	"TIMEOUT waiting for secondary\n"
+str_done:	.asciz	"SMP DONE\n"
+
+	.data
+	.balign	8
+up_flags:	.quad	0, 0, 0, 0
+go_flags:	.quad	0, 0, 0, 0
+
+	.bss
+	.balign	16
+secondary_stacks:
+	.space	4096 * NCPUS
+	.space	16384
+stack_top:
