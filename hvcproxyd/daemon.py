@@ -29,6 +29,7 @@ from . import wire
 from .config import ConfigError, VmConfig, load_config
 from .errors import TransportError
 from .guestmem import GuestMemory, GuestMemoryError
+from .handlers import Handler
 from .vm import ReloadRefused, VmService
 
 log = logging.getLogger("hvcproxyd.daemon")
@@ -323,6 +324,7 @@ class Daemon:
         self.connections = 0
         self.protocol_errors = 0
         self._stop = trio.Event()
+        self._handler_scopes: dict[str, trio.CancelScope] = {}
 
     # -- the listener
     def _bind(self) -> trio.socket.SocketType:
@@ -347,6 +349,8 @@ class Daemon:
                  len(self.config.rules), len(self.vm.filter))
         try:
             async with trio.open_nursery() as nursery:
+                await self._start_handlers(nursery, self.vm.instances)
+                self.vm.on_instances.append(lambda inst: nursery.start_soon(self._start_handlers, nursery, inst))
                 nursery.start_soon(self._accept_loop, listener)
                 task_status.started(path)
                 await self._stop.wait()
@@ -356,6 +360,26 @@ class Daemon:
                 if os.lstat(path).st_ino == bound_inode:  # not a successor's socket
                     path.unlink()
             sock.close()
+
+    async def _start_handlers(self, nursery: trio.Nursery, instances: dict[str, Handler]) -> None:
+        """Run each instance's background work in a scope that ends when a reload
+        replaces it, so an old instance never outlives its config."""
+        for old in self._handler_scopes.values():
+            old.cancel()
+        self._handler_scopes = {}
+        for name, inst in instances.items():
+            scope = trio.CancelScope()
+            self._handler_scopes[name] = scope
+            await nursery.start(self._run_handler, inst, scope)
+
+    @staticmethod
+    async def _run_handler(inst: Handler, scope: trio.CancelScope, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with scope:
+            try:
+                await inst.run(task_status=task_status)
+            except Exception:
+                log.exception("handler %s: background task failed", inst.name)
 
     async def _accept_loop(self, listener: trio.SocketListener) -> None:
         async with trio.open_nursery() as nursery:

@@ -45,6 +45,9 @@ class VmService:
         self.config = config
         self.ctx = VmContext(config.name, dict(config.versions), logging.getLogger(f"hvcproxyd.{config.name}"))
         self.instances = self._instantiate(config, {})
+        self.ctx.handlers = self.instances
+        #: Called with the new instances after a reload (the daemon restarts their run()).
+        self.on_instances: list[Callable[[dict[str, Handler]], None]] = []
         self.table: RuleTable[Any] = self._bind(config, self.instances)
         self.filter = self._filter_of(config)
         self.timeouts = {name: spec.timeout_s for name, spec in config.handlers.items()}
@@ -88,6 +91,9 @@ class VmService:
         instances = self._instantiate(config, self.instances)
         self.table = self._bind(config, instances)
         self.instances = instances
+        self.ctx.handlers = instances
+        for listener in self.on_instances:
+            listener(instances)
         self.timeouts = {name: spec.timeout_s for name, spec in config.handlers.items()}
         self.config = config
         self.ctx.versions = dict(config.versions)

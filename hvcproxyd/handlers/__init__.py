@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
+import trio
+
 from ..smccc import MASK64, SmcccResult
 from ..wire import Call, Effect, EffectKind, VcpuInfo, VmEvent
 
@@ -70,6 +72,9 @@ class VmContext:
     memory: GuestMemory | None = None
     accel: str = "tcg"
     attached: bool = False
+    #: Every handler instance of this VM by name, for services one handler offers
+    #: another in-process (e.g. the memshare ledger's "is this range shared?").
+    handlers: dict[str, Handler] = field(default_factory=dict)
     _by_mpidr: dict[int, int] = field(default_factory=dict)
 
     def set_vcpus(self, vcpus: tuple[VcpuInfo, ...]) -> None:
@@ -119,6 +124,12 @@ class Handler:
         return NOT_SUPPORTED
 
     # -- lifecycle hooks, all optional
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Background work for as long as this instance serves (its own sockets,
+        timers).  Started by the daemon before the VMM socket listens, and
+        cancelled when the daemon stops or a reload replaces the instance."""
+        task_status.started()
+
     def attach(self, reconnect: bool) -> None:
         """A VMM completed the handshake; ``vm.vcpus`` and ``vm.memory`` are current.
         On a fresh boot (not ``reconnect``) state should start from the VMM's view."""

@@ -8,15 +8,15 @@
 #define UART_FR_TXFF		5
 
 /* SMCCC / PSCI function IDs (see shared REFERENCE.md §1 and §3). */
-#define SMCCC_VERSION		0x80000000
-#define SMCCC_ARCH_FEATURES	0x80000001
-#define PSCI_VERSION		0x84000000
-#define PSCI_CPU_OFF		0x84000002
-#define PSCI_CPU_ON_64		0xC4000003
-#define PSCI_AFFINITY_INFO_64	0xC4000004
-#define PSCI_SYSTEM_OFF		0x84000008
-#define PSCI_SYSTEM_RESET	0x84000009
-#define PSCI_FEATURES		0x8400000A
+#define FN_SMCCC_VERSION		0x80000000
+#define FN_SMCCC_ARCH_FEATURES	0x80000001
+#define FN_PSCI_VERSION		0x84000000
+#define FN_PSCI_CPU_OFF		0x84000002
+#define FN_PSCI_CPU_ON_64		0xC4000003
+#define FN_PSCI_AFFINITY_INFO_64	0xC4000004
+#define FN_PSCI_SYSTEM_OFF		0x84000008
+#define FN_PSCI_SYSTEM_RESET	0x84000009
+#define FN_PSCI_FEATURES		0x8400000A
 
 /*
  * Test services (integration/configs/*.yaml route them):
@@ -32,15 +32,9 @@
 #ifdef CONDUIT_SMC
 #define CONDUIT			smc
 #define CONDUIT_NAME		"smc"
-#define READ_ESR(r)		mrs r, esr_el2
-#define READ_ELR(r)		mrs r, elr_el2
-#define WRITE_VBAR(r)		msr vbar_el2, r
 #else
 #define CONDUIT			hvc
 #define CONDUIT_NAME		"hvc"
-#define READ_ESR(r)		mrs r, esr_el1
-#define READ_ELR(r)		mrs r, elr_el1
-#define WRITE_VBAR(r)		msr vbar_el1, r
 #endif
 
 #endif

@@ -130,7 +130,7 @@ unexpected_exception:
 system_off:
 	ldr	x0, =str_system_off
 	bl	puts
-	ldr	x0, =PSCI_SYSTEM_OFF
+	ldr	x0, =FN_PSCI_SYSTEM_OFF
 	bl	smccc
 	ldr	x0, =str_system_off_returned
 	bl	puts

@@ -49,7 +49,7 @@ _start:
 
 	/* Power on CPUs 1..3, one at a time. */
 	mov	x19, #1
-1:	ldr	x0, =PSCI_CPU_ON_64
+1:	ldr	x0, =FN_PSCI_CPU_ON_64
 	mov	x1, x19
 	ldr	x2, =secondary_entry
 	ldr	x3, =CONTEXT_BASE
@@ -85,7 +85,7 @@ _start:
 	b.lo	1b
 
 	/* CPU 1 is on: a second CPU_ON must say ALREADY_ON. */
-	ldr	x0, =PSCI_CPU_ON_64
+	ldr	x0, =FN_PSCI_CPU_ON_64
 	mov	x1, #1
 	ldr	x2, =secondary_entry
 	ldr	x3, =CONTEXT_BASE
@@ -109,7 +109,7 @@ _start:
 	stlr	x0, [x21]
 	mov	x22, xzr
 5:	add	x22, x22, #1
-	ldr	x0, =PSCI_AFFINITY_INFO_64
+	ldr	x0, =FN_PSCI_AFFINITY_INFO_64
 	mov	x1, x19
 	mov	x2, xzr
 	bl	smccc
@@ -139,7 +139,7 @@ _start:
 /* Print AFFINITY_INFO for the CPU in x19. */
 affinity_info:
 	mov	x25, x30
-	ldr	x0, =PSCI_AFFINITY_INFO_64
+	ldr	x0, =FN_PSCI_AFFINITY_INFO_64
 	mov	x1, x19
 	mov	x2, xzr
 	bl	smccc
@@ -193,7 +193,7 @@ secondary_entry:
 7:	ldar	x0, [x21]
 	cbz	x0, 7b
 
-	ldr	x0, =PSCI_CPU_OFF
+	ldr	x0, =FN_PSCI_CPU_OFF
 	bl	smccc
 	/* CPU_OFF returned: report it (the boot CPU is polling, not printing). */
 	mov	x20, x0
