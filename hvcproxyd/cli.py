@@ -25,10 +25,10 @@ def subcommand(name: str, help_text: str, add_arguments: Callable[[argparse.Argu
     return register
 
 
-def setup_logging(level: str) -> None:
+def setup_logging(level: str, fmt: str = "auto") -> None:
     from .logsetup import configure
 
-    configure(level)
+    configure(level, fmt)
 
 
 # ----------------------------------------------------------------- run
@@ -40,9 +40,7 @@ def _run_args(p: argparse.ArgumentParser) -> None:
 
 @subcommand("run", "serve one VM until SIGTERM (SIGHUP reloads the config)", _run_args)
 def cmd_run(args: argparse.Namespace) -> int:
-    import trio
-
-    from .daemon import run_daemon
+    from .managed import run_service
 
     try:
         config = load_config(args.config, socket=args.socket)
@@ -51,8 +49,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     for w in config.warnings:
         logging.getLogger("hvcproxyd").warning("%s", w)
-    trio.run(run_daemon, config)
-    return 0
+    return run_service(config)
 
 
 # ----------------------------------------------------------------- check
@@ -116,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hvcproxyd {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log verbosity (DEBUG logs every call)")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "text", "journal"],
+                        help="journal: native journald records with HVC_* fields; text: one line per record; "
+                             "auto (default): journal when stderr is the service's journal stream")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (help_text, add_arguments, _fn) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    setup_logging(args.log_level)
+    setup_logging(args.log_level, args.log_format)
     return SUBCOMMANDS[args.command][2](args)
 
 

@@ -114,7 +114,8 @@ class Section:
                 return None
             return default
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            self.problem(key, f"must be an integer in {lo:#x}..{hi:#x}, not {value!r}")
+            span = f"{lo}..{hi}" if hi < 1 << 24 else f"{lo:#x}..{hi:#x}"
+            self.problem(key, f"must be an integer in {span}, not {value!r}")
             return default if default is not _MISSING else None
         return value
 
@@ -211,14 +212,155 @@ class VmConfig:
     table: Any  # rules.RuleTable; Any to keep the import one-way
     warnings: list[Problem] = field(default_factory=list)
     raw: LocMap | None = None
+    vmm: VmmAuth = field(default_factory=lambda: VmmAuth())
+    control_socket: Path | None = None
+    metrics: MetricsConfig | None = None
+    log_calls: bool = False
 
 
-TOP_KEYS = ("vm", "socket", "qmp", "handler_timeout_ms", "versions", "handlers", "rules")
+# ----------------------------------------------------------------- operations keys
+# How the daemon is run and watched (docs/config.md, "Operations keys"): who may
+# connect as the VMM, the control and metrics sockets, per-call logging.  None of
+# them changes what a guest sees.
+
+OPS_KEYS = ("vmm", "control_socket", "metrics", "log_calls")
+
+
+@dataclass(frozen=True, slots=True)
+class VmmAuth:
+    """Who may connect as the VMM (SO_PEERCRED) and the VMM's own call timeout.
+
+    A name stays a name and is resolved at each connection, so a user created
+    after the daemon started is honoured and a deleted one is not."""
+
+    uid: int | str | None = None
+    gid: int | str | None = None
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint: a UNIX socket, or ``listen`` on loopback TCP."""
+
+    socket: Path | None = None
+    listen: tuple[str, int] | None = None
+    group: int | str | None = None
+
+
+def resolve_id(value: int | str, kind: str) -> int | None:
+    """A uid (kind "user") or gid (kind "group") from a number or a name; None if unknown."""
+    if isinstance(value, int):
+        return value
+    import grp
+    import pwd
+
+    try:
+        return pwd.getpwnam(value).pw_uid if kind == "user" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        return None
+
+
+@dataclass(slots=True)
+class _Ops:
+    vmm: VmmAuth
+    control_socket: Path
+    metrics: MetricsConfig | None
+    log_calls: bool
+
+
+def _ident(s: Section, key: str, kind: str) -> int | str | None:
+    value = s.raw(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFF_FFFF:
+        return value
+    if not isinstance(value, str) or not value:
+        s.problem(key, f"must be a {kind} name or a number 0..{0xFFFF_FFFE}, not {value!r}")
+        return None
+    if resolve_id(value, kind) is None:
+        s.problem(key, f"there is no {kind} {value!r} on this host; connections are refused until it exists",
+                  warning=True)
+    return value
+
+
+def _loopback(s: Section, key: str) -> tuple[str, int] | None:
+    import ipaddress
+
+    text = s.string(key)
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    host = "127.0.0.1" if host == "localhost" else host.removeprefix("[").removesuffix("]")
+    try:
+        ok = ipaddress.ip_address(host).is_loopback and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        s.problem(key, f"must be HOST:PORT with a loopback HOST (127.0.0.1:9830, [::1]:9830), not {text!r}: "
+                       "the endpoint has no authentication, so it is never offered beyond this host")
+        return None
+    return host, int(port)
+
+
+def _parse_ops(s: Section, socket_path: Path, handlers: dict[str, HandlerSpec]) -> _Ops:
+    vmm = VmmAuth()
+    v = s.section("vmm")
+    if v is not None:
+        v.allow_keys(("uid", "gid", "timeout_ms"))
+        vmm = VmmAuth(_ident(v, "uid", "user"), _ident(v, "gid", "group"),
+                      v.integer("timeout_ms", default=None, lo=1, hi=3_600_000))
+    if vmm.timeout_ms is not None:
+        for spec in handlers.values():
+            if spec.timeout_s * 1000 >= vmm.timeout_ms:
+                s.problems.append(Problem(
+                    spec.mark, f"handlers.{spec.name}.timeout_ms",
+                    f"{spec.timeout_s * 1000:.0f} ms is not shorter than vmm.timeout_ms ({vmm.timeout_ms} ms): the "
+                    "VMM gives up on a slow call first and the handler's answer is lost; keep handler timeouts "
+                    "below the VMM's", warning=True))
+
+    control = Path(s.string("control_socket", default=str(socket_path.with_suffix(".ctl"))))
+    if control == socket_path:
+        s.problem("control_socket", "must differ from socket (the VMM's)")
+
+    metrics: MetricsConfig | None = MetricsConfig(socket=socket_path.with_suffix(".metrics"))
+    raw = s.raw("metrics", _MISSING)
+    if raw is False:
+        metrics = None
+    elif raw is True:
+        s.problem("metrics", "is on by default (a UNIX socket beside the VMM's); give a mapping "
+                             "(socket, listen, group) or false to turn it off")
+    elif raw is not _MISSING:
+        m = s.section("metrics")
+        if m is not None:
+            m.allow_keys(("socket", "listen", "group"))
+            listen = None
+            if m.has("listen"):
+                if m.has("socket"):
+                    m.problem("listen", "give socket or listen, not both")
+                listen = _loopback(m, "listen")
+                if listen is not None:
+                    m.problem("listen", "TCP needs the unit's network sandbox opened: install "
+                                        "systemd/metrics-tcp.conf as a drop-in (PrivateNetwork=no, "
+                                        "RestrictAddressFamilies= with AF_INET/AF_INET6)", warning=True)
+            sock = m.string("socket", default=str(socket_path.with_suffix(".metrics")))
+            metrics = MetricsConfig(None if listen else Path(sock), listen, _ident(m, "group", "group"))
+            if metrics.socket in (socket_path, control):
+                m.problem("socket", "must differ from socket and control_socket")
+
+    log_calls = s.flag("log_calls", False)
+    if log_calls:
+        s.problem("log_calls", "logs every call at INFO; the guest sets the rate, and journald drops what exceeds "
+                               "its rate limit, other services' messages included; prefer `hvcproxyd trace`",
+                  warning=True)
+    return _Ops(vmm, control, metrics, log_calls)
+
+
+TOP_KEYS = ("vm", "socket", "qmp", "handler_timeout_ms", "versions", "handlers", "rules", *OPS_KEYS)
 
 
 def load_config(path: str | os.PathLike[str], *, socket: str | None = None) -> VmConfig:
     """Read, validate and compile one VM's config, or raise ConfigError listing every problem."""
-    from .handlers import available_handlers, load_handler_class
+    from .handlers import load_handler_class
     from .rules import compile_rules, parse_rule
     from .services import SERVICE_NAMES
 
@@ -261,7 +403,6 @@ def load_config(path: str | os.PathLike[str], *, socket: str | None = None) -> V
     handlers: dict[str, HandlerSpec] = {}
     hs = s.section("handlers")
     if hs is not None:
-        known = sorted(available_handlers())
         for hname in hs.data:
             h = hs.section(hname)
             if h is None:
@@ -271,12 +412,15 @@ def load_config(path: str | os.PathLike[str], *, socket: str | None = None) -> V
                            mark=hs.data.key_marks[hname])
                 continue
             h.allow_keys(("type", "options", "timeout_ms"))
-            htype = h.string("type", choices=known)
+            htype = h.string("type")
             h_timeout = h.integer("timeout_ms", default=timeout_ms, lo=1, hi=600_000)
             if htype is None:
                 continue
-            cls = load_handler_class(htype)
-            assert cls is not None
+            try:
+                cls = load_handler_class(htype)
+            except LookupError as err:
+                h.problem("type", str(err))
+                continue
             opts_section = h.section("options") or Section(_empty_map(h.data.mark), h.path + ".options",
                                                            problems)
             options = cls.parse_options(opts_section)
@@ -296,6 +440,8 @@ def load_config(path: str | os.PathLike[str], *, socket: str | None = None) -> V
             if rule is not None:
                 rules.append(rule)
 
+    ops = _parse_ops(s, socket_path, handlers)
+
     table = None
     if not any(not p.warning for p in problems):
         table = compile_rules(rules, handlers, versions, problems, top_mark=doc.mark)
@@ -303,4 +449,5 @@ def load_config(path: str | os.PathLike[str], *, socket: str | None = None) -> V
     if errors:
         raise ConfigError(problems)
     return VmConfig(path, name, socket_path, Path(qmp_text) if qmp_text else None, timeout_ms / 1000,
-                    versions, handlers, rules, table, [p for p in problems if p.warning], doc)
+                    versions, handlers, rules, table, [p for p in problems if p.warning], doc,
+                    vmm=ops.vmm, control_socket=ops.control_socket, metrics=ops.metrics, log_calls=ops.log_calls)

@@ -18,8 +18,8 @@ import signal
 import socket as stdsocket
 import stat
 import time
-from collections.abc import Awaitable, Callable
-from contextlib import suppress
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, nullcontext, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,7 +30,9 @@ from .config import ConfigError, VmConfig, load_config
 from .errors import TransportError
 from .guestmem import GuestMemory, GuestMemoryError
 from .handlers import Handler
+from .unixsock import set_group
 from .vm import ReloadRefused, VmService
+from .vmm.qmp import QmpWatcher
 
 log = logging.getLogger("hvcproxyd.daemon")
 
@@ -173,12 +175,6 @@ class Session:
         else:
             memory = GuestMemory(hello.regions, hello.ipa_bits, remote_read=self.mem_read,
                                  remote_write=self.mem_write)
-        if self.daemon.qmp_check is not None:
-            problem = await self.daemon.qmp_check(hello)
-            if problem:
-                memory.close()
-                await self.refuse(wire.ErrorCode.REFUSED, problem)
-                return False
         timeout_ms = int(max(self.vm.timeouts.values(), default=self.vm.config.timeout_s) * 1000)
         await self.send(wire.Welcome(version, ranges, timeout_ms))
         status = await self.next_event()
@@ -194,6 +190,8 @@ class Session:
                               f"the VMM could not install {which}: {_errno_name(status.status)}")
             return False
         self.vm.attach(hello, memory)
+        if hello.reconnect:
+            self.daemon.reconnects += 1
         log.info("%s: VMM attached (%s, %d vCPUs, %d RAM regions%s, %s, protocol v%d, %d filter ranges)",
                  name, hello.accel.name, len(hello.vcpus), len(hello.regions),
                  ", memfd-mapped" if memory.mapped else "", "reconnect" if hello.reconnect else "fresh boot",
@@ -238,12 +236,23 @@ class Session:
                 send, receive = trio.open_memory_channel[wire.Call](VCPU_QUEUE)
                 self._queues.append(send)
                 nursery.start_soon(self._vcpu_worker, receive)
+            if self.daemon.qmp is not None:
+                nursery.start_soon(self._cross_check, self.daemon.qmp, nursery.cancel_scope)
             try:
                 await self._read_loop()
             finally:
                 nursery.cancel_scope.cancel()
                 for p in self._pending.values():
                     p.done.set()
+
+    async def _cross_check(self, qmp: QmpWatcher, session_scope: trio.CancelScope) -> None:
+        """After the handshake (QEMU answers QMP only once machine init is over):
+        a VMM whose vCPU table QEMU contradicts is not served."""
+        assert self.hello is not None
+        problem = await qmp.cross_check(self.hello)
+        if problem:
+            await self.refuse(wire.ErrorCode.REFUSED, problem)
+            session_scope.cancel()
 
     async def _read_loop(self) -> None:
         vm = self.vm
@@ -306,10 +315,6 @@ def _errno_name(status: int) -> str:
     return f"{errno.errorcode.get(code, 'errno ' + str(code))} ({os.strerror(code)})"
 
 
-#: Cross-checks a HELLO against another view of the VM (QMP); returns a problem or None.
-QmpCheck = Callable[[wire.Hello], Awaitable[str | None]]
-
-
 class Daemon:
     """Serves one VM: owns the listener, the VmService and the signal handling."""
 
@@ -318,11 +323,15 @@ class Daemon:
         self.vm = VmService(config)
         self.session: Session | None = None
         self.draining = False
-        self.qmp_check: QmpCheck | None = None
+        #: QEMU's QMP view of this VM, when the config names its socket.
+        self.qmp = QmpWatcher(str(config.qmp), config.name) if config.qmp else None
         self.peer_filter: Callable[[int, int, int], str | None] | None = None
         self.reloads = 0
         self.connections = 0
         self.protocol_errors = 0
+        self.reconnects = 0
+        #: Why the last reload was refused; None after one that applied.
+        self.reload_error: str | None = None
         self._stop = trio.Event()
         self._handler_scopes: dict[str, trio.CancelScope] = {}
 
@@ -342,13 +351,17 @@ class Daemon:
         path = self.config.socket
         await sock.bind(str(path))
         os.chmod(path, 0o660)
+        if self.config.vmm.gid is not None:
+            set_group(path, self.config.vmm.gid, "vmm.gid")
         sock.listen(4)
         bound_inode = os.lstat(path).st_ino
         listener = trio.SocketListener(sock)
         log.info("%s: listening on %s (%d rules, %d forwarded/denied ranges)", self.config.name, path,
                  len(self.config.rules), len(self.vm.filter))
         try:
-            async with trio.open_nursery() as nursery:
+            async with self._asyncio_loop(), trio.open_nursery() as nursery:
+                if self.qmp is not None:
+                    await nursery.start(self.qmp.run)
                 await self._start_handlers(nursery, self.vm.instances)
                 self.vm.on_instances.append(lambda inst: nursery.start_soon(self._start_handlers, nursery, inst))
                 nursery.start_soon(self._accept_loop, listener)
@@ -360,6 +373,14 @@ class Daemon:
                 if os.lstat(path).st_ino == bound_inode:  # not a successor's socket
                     path.unlink()
             sock.close()
+
+    def _asyncio_loop(self) -> AbstractAsyncContextManager[object]:
+        """qemu.qmp is asyncio: give every task of the daemon a trio-asyncio loop when QMP is used."""
+        if self.qmp is None:
+            return nullcontext()
+        import trio_asyncio
+
+        return trio_asyncio.open_loop()  # type: ignore[no-any-return]
 
     async def _start_handlers(self, nursery: trio.Nursery, instances: dict[str, Handler]) -> None:
         """Run each instance's background work in a scope that ends when a reload
@@ -457,14 +478,17 @@ class Daemon:
         except ConfigError as err:
             log.error("%s: reload refused, keeping the running config: %s has errors:\n%s",
                       self.config.name, path, err)
+            self.reload_error = f"{path} has errors:\n{err}"
             return False
         try:
             self.vm.reload(config)
         except ReloadRefused as err:
             log.error("%s: reload refused, keeping the running config: %s", self.config.name, err)
+            self.reload_error = str(err)
             return False
         self.config = config
         self.reloads += 1
+        self.reload_error = None
         log.info("%s: reloaded %s (%d handlers, %d rules)", config.name, path, len(config.handlers),
                  len(config.rules))
         return True

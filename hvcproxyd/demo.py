@@ -12,14 +12,18 @@ import trio
 
 from .config import ConfigError, VmConfig, load_config
 from .daemon import Daemon
+from .handlers.psci_defs import Fn, Power, Ret
 from .names import function_name
-from .vmm.simulator import Simulator, SimVcpu, TranscriptEntry
+from .smccc import reg_to_signed
+from .vmm.simulator import RAM_BASE, Program, Simulator, SimVcpu, TranscriptEntry
 from .wire import CALL_SMC, Call, Reply
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 
 SIP_UID, SIP_COUNT, HELLO, PROBE, TRNG_VERSION, PSCI_VERSION = (
     0x8200FF01, 0x8200FF00, 0x82000001, 0x82000042, 0x84000050, 0x84000000)
+#: Where the simulated secondaries' code "lives": the program CPU_ON starts.
+SECONDARY_ENTRY = RAM_BASE + 0x8_0000
 
 
 def _print_call(call: Call, reply: Reply, handler: str, seconds: float) -> None:
@@ -51,12 +55,48 @@ async def demo_boot(cpu: SimVcpu, x0: int) -> None:
     await cpu.call(TRNG_VERSION)
 
 
+def smp_programs(n_vcpus: int) -> tuple[Program, dict[int, Program]]:
+    """The boot program and the secondaries' program for an SMP boot through PSCI,
+    after the SiP calls: version, CPU_ON of every secondary, AFFINITY_INFO, one
+    secondary's CPU_OFF watched from the boot vCPU, and SYSTEM_OFF to end the run."""
+    reported = trio.Semaphore(0)
+    last = n_vcpus - 1
+
+    async def boot(cpu: SimVcpu, x0: int) -> None:
+        await demo_boot(cpu, x0)
+        version = (await cpu.call(Fn.PSCI_VERSION))[0]
+        cpu.print(f"PSCI {version >> 16}.{version & 0xFFFF}; bringing up {last} secondary vCPU(s)")
+        for vcpu in cpu.sim.vcpus[1:]:
+            ret = reg_to_signed((await cpu.call(Fn.CPU_ON_64, vcpu.mpidr, SECONDARY_ENTRY, 0x100 + vcpu.index))[0])
+            if ret != Ret.SUCCESS:
+                cpu.print(f"CPU_ON of vCPU {vcpu.index} failed: {Ret(ret).name}")
+                return
+        for _ in range(last):
+            await reported.acquire()
+        if last:
+            target = cpu.sim.vcpus[last].mpidr
+            while (await cpu.call(Fn.AFFINITY_INFO_64, target, 0))[0] != Power.OFF:
+                await trio.sleep(0.01)
+            cpu.print(f"vCPU {last} reads OFF; powering the VM off")
+        await cpu.call(Fn.SYSTEM_OFF)
+
+    async def secondary(cpu: SimVcpu, x0: int) -> None:
+        boot_state = Power((await cpu.call(Fn.AFFINITY_INFO, cpu.sim.vcpus[0].mpidr, 0))[0])
+        cpu.print(f"up at {SECONDARY_ENTRY:#x} with x0={x0:#x}; boot vCPU is {boot_state.name}")
+        reported.release()
+        if cpu.index == last:
+            await cpu.call(Fn.CPU_OFF)
+
+    return boot, {SECONDARY_ENTRY: secondary}
+
+
 async def _demo(config: VmConfig, n_vcpus: int) -> str:
     daemon = Daemon(config)
     daemon.vm.observers.append(_print_call)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)
-        sim = Simulator(config.socket, n_vcpus=n_vcpus, name=config.name, boot=demo_boot)
+        boot, programs = smp_programs(n_vcpus)
+        sim = Simulator(config.socket, n_vcpus=n_vcpus, name=config.name, boot=boot, programs=programs)
         sim.on_record = _print_local
         try:
             reason = await sim.run(timeout=30)

@@ -39,7 +39,7 @@ def function_name(fid: int) -> str | None:
     fid = routing_id(fid)
     if fid in _EXACT:
         return _EXACT[fid]
-    if fid & 0x7F00_0000 == 0x0400_0000 and fid & 0x8000_0000:  # standard secure service
+    if fid & 0x3F00_0000 == 0x0400_0000 and fid & 0x8000_0000:  # standard secure service (bit 30: SMC64)
         n = fid & 0xFFFF
         suffix = "64" if fid & 0x4000_0000 else ""
         if n < len(_PSCI):

@@ -67,10 +67,15 @@ def parse_rule(s: Section, index: int, handlers: dict[str, HandlerSpec]) -> Rule
         if not (0 <= lo <= hi <= 0xFFFF_FFFF):
             s.problem("match", f"range {lo:#x}..{hi:#x} is not an ordered pair of 32-bit function IDs")
             return None
-        if (lo | hi) & (MBZ_MASK | SVE_HINT) or lo >> 16 != hi >> 16:
-            s.problem("match", f"range {lo:#010x}..{hi:#010x} must lie within one owner's call block "
-                               f"({lo & ~BLOCK:#010x}..{lo | BLOCK:#010x}) with bits 23:16 clear; "
-                               "split it into one rule per block")
+        if lo >> 16 != hi >> 16:
+            s.problem("match", f"range {lo:#010x}..{hi:#010x} must lie within one 64K call block "
+                               f"({lo & ~BLOCK:#010x}..{lo | BLOCK:#010x}); split it into one rule per block")
+            return None
+        if lo & MBZ_MASK:
+            continue  # not an SMCCC layout (e.g. KVM's legacy PSCI 0.1 IDs): routed exactly as written
+        if lo & SVE_HINT:
+            s.problem("match", f"{lo:#010x} has bit 16 set, the SMCCC 1.3 SVE hint, which routing ignores; "
+                               f"match {lo & ~SVE_HINT:#010x} instead")
             return None
         if not FunctionId(lo).well_formed:
             s.problem("match", f"{lo:#010x} is a yielding call of owner {FunctionId(lo).owner}; "
@@ -90,6 +95,13 @@ def parse_rule(s: Section, index: int, handlers: dict[str, HandlerSpec]) -> Rule
         s.problem("action", f"{action!r} is neither a handler defined under handlers: nor a built-in; "
                             f"valid actions: {', '.join(names)}")
         return None
+    for lo, hi in ranges:
+        for rlo, rhi in ARCH_RESERVED_RANGES:
+            if action != KVM and lo <= rhi and rlo <= hi:
+                s.problem("match", f"{max(lo, rlo):#010x} is in the Arm architecture range {rlo:#010x}..{rhi:#010x}, "
+                                   "which KVM always handles itself and refuses to filter (EEXIST); the only valid "
+                                   "action here is kvm")
+                return None
     return RuleSpec(index, tuple(ranges), _CONDUITS[conduit or "any"], vcpus, action, s.data.mark, service)
 
 
@@ -201,13 +213,6 @@ def compile_rules(rules: list[RuleSpec], handlers: dict[str, HandlerSpec], versi
         problems.append(Problem(rule.mark, f"rules[{rule.index}].{key}", msg, warning))
 
     before = sum(1 for p in problems if not p.warning)
-    for rule in rules:
-        for lo, hi in rule.ranges:
-            for rlo, rhi in ARCH_RESERVED_RANGES:
-                if rule.action != KVM and lo <= rhi and rlo <= hi:
-                    err(rule, "match", f"{max(lo, rlo):#010x} is in the Arm architecture range "
-                                       f"{rlo:#010x}..{rhi:#010x}, which KVM always handles itself and "
-                                       "refuses to filter (EEXIST); the only valid action here is kvm")
     # Pairwise overlap in (function ID, conduit, vCPU) space.
     for i, a in enumerate(rules):
         for b in rules[i + 1:]:
@@ -386,6 +391,43 @@ def _warn_risky(table: RuleTable[str], rules: list[RuleSpec], handlers: dict[str
                                             f"query ({(lo & ~BLOCK & ~(1 << 30)) | 0xFF01:#010x}); "
                                             "a guest driver cannot tell who implements them", warning=True))
                     break
+        _warn_discovery(table, rule, problems)
+        spec = handlers.get(rule.action)
+        if spec is not None and spec.type_name == "log":
+            problems.append(Problem(rule.mark, f"rules[{rule.index}].action",
+                                    f"{rule.action!r} (type log) writes an INFO line for every call, at a rate the "
+                                    "guest chooses; use it to find out what a guest probes, then replace it "
+                                    "(`hvcproxyd trace` shows calls without logging them)", warning=True))
+
+
+#: The query a guest makes before any other call of a standard service, by service.
+SERVICE_PROBES = {"psci": (0x8400_0000, "PSCI_VERSION"), "ffa": (0x8400_0063, "FFA_VERSION"),
+                  "trng": (0x8400_0050, "TRNG_VERSION"), "pv-time": (0xC500_0020, "PV_TIME_FEATURES")}
+
+
+def _warn_discovery(table: RuleTable[str], rule: RuleSpec, problems: list[Problem]) -> None:
+    """A rule that takes some of a standard service while its version query goes
+    elsewhere: the guest asks the version first and never finds this handler."""
+    from .config import Problem
+    from .services import SERVICES
+
+    for service, (probe, probe_name) in SERVICE_PROBES.items():
+        if not any(lo <= shi and slo <= hi for lo, hi in rule.ranges for slo, shi in SERVICES[service]):
+            continue
+        for conduit in sorted(rule.conduits):
+            answer = _name_of_slot(table, probe, conduit, rule.vcpus)
+            if answer != rule.action:
+                where = {None: "nothing (the guest gets NOT_SUPPORTED)", KVM: "KVM"}.get(answer, repr(answer))
+                problems.append(Problem(rule.mark, f"rules[{rule.index}].match",
+                                        f"forwards {service} calls to {rule.action!r}, but {probe_name} "
+                                        f"({probe:#010x}, {conduit.name.lower()}), which a guest asks first, goes "
+                                        f"to {where}; forward it to the same handler", warning=True))
+                return
+
+
+def _name_of_slot(table: RuleTable[str], fid: int, conduit: Conduit, vcpus: frozenset[int] | None) -> str | None:
+    target = table.lookup(fid, conduit, min(vcpus) if vcpus else 0)
+    return None if target is None else _name_of(target)
 
 
 def describe_table(table: RuleTable[Any]) -> list[str]:

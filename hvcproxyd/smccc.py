@@ -72,8 +72,12 @@ def func_id(owner: int, number: int, *, fast: bool = True, smc64: bool = False) 
 
 
 def routing_id(fid: int) -> int:
-    """The function ID a rule table is keyed on: the SVE hint dropped, as KVM does."""
-    return fid & ~SVE_HINT & MASK32
+    """The function ID a rule table is keyed on: for an SMCCC ID (bits 23:17 clear)
+    the SVE hint is dropped, since it is not part of the function's identity;
+    IDs outside SMCCC's layout (KVM's legacy PSCI 0.1 IDs have bit 16 set) are
+    taken as they are."""
+    fid &= MASK32
+    return fid if fid & MBZ_MASK else fid & ~SVE_HINT
 
 
 @dataclass(frozen=True, slots=True)

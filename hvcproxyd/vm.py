@@ -19,8 +19,8 @@ from .config import VmConfig
 from .guestmem import GuestMemory
 from .handlers import NOT_SUPPORTED, Handler, Result, VmContext
 from .rules import DENY, KVM, RuleTable
-from .smccc import SVE_HINT
-from .wire import CALL_SMC, Call, Effect, EventKind, FilterRange, Hello, Reply, VmEvent
+from .smccc import routing_id
+from .wire import CALL_SMC, FEATURE_EFFECT_DONE, Call, Effect, EventKind, FilterRange, Hello, Reply, VmEvent
 
 log = logging.getLogger("hvcproxyd.vm")
 
@@ -52,8 +52,10 @@ class VmService:
         self.filter = self._filter_of(config)
         self.timeouts = {name: spec.timeout_s for name, spec in config.handlers.items()}
         self._last_reply: dict[int, Reply] = {}
-        self._effects: OrderedDict[int, tuple[Handler, tuple[Effect, ...]]] = OrderedDict()
+        self._effects: OrderedDict[int, tuple[str, tuple[Effect, ...]]] = OrderedDict()
         self.observers: list[Observer] = []
+        #: Called with each VMM event (power changes, resets), for status and metrics.
+        self.event_observers: list[Callable[[VmEvent], None]] = []
         self.stats = Stats()
         self.started = time.time()
 
@@ -105,13 +107,13 @@ class VmService:
         self.ctx.set_vcpus(hello.vcpus)
         self.ctx.memory = memory
         self.ctx.accel = hello.accel.name.lower()
-        reconnect = hello.reconnect and self.ctx.attached
+        self.ctx.confirms_effects = bool(hello.features & FEATURE_EFFECT_DONE)
         if not hello.reconnect:
             self._last_reply.clear()  # a fresh VM process numbers its calls anew
             self._effects.clear()
         self.ctx.attached = True
         for inst in self.instances.values():
-            inst.attach(reconnect=reconnect)
+            inst.attach(reconnect=hello.reconnect)
 
     def detach(self) -> None:
         """The VMM went away; state stays for its reconnect, memory access does not."""
@@ -124,6 +126,8 @@ class VmService:
                  "all" if ev.vcpu == 0xFFFF_FFFF else ev.vcpu)
         if ev.kind is EventKind.VM_RESET:
             self._effects.clear()
+        for obs in self.event_observers:
+            obs(ev)
         for inst in self.instances.values():
             try:
                 inst.event(ev)
@@ -134,7 +138,10 @@ class VmService:
         pending = self._effects.get(seq)
         if pending is None:
             return
-        handler, effects = pending
+        name, effects = pending
+        handler = self.instances.get(name)  # after a reload, the instance now serving that name
+        if handler is None:
+            return
         try:
             handler.effect_done(effects[index], status)
         except Exception:
@@ -150,7 +157,7 @@ class VmService:
             self.stats.replays += 1  # a VMM re-sent after reconnect: same answer, no second run
             return last
         start = time.perf_counter()
-        target = self.table.lookup(call.func_id & ~SVE_HINT, call.flags & CALL_SMC, call.vcpu)
+        target = self.table.lookup(routing_id(call.func_id), call.flags & CALL_SMC, call.vcpu)
         if isinstance(target, Handler):
             name = target.name
             result = await self._run(target, call)
@@ -161,7 +168,7 @@ class VmService:
         reply = Reply(call.seq, call.vcpu, result.regs, result.effects)
         self._last_reply[call.vcpu] = reply
         if result.effects and isinstance(target, Handler):
-            self._effects[call.seq] = (target, result.effects)
+            self._effects[call.seq] = (target.name, result.effects)
             if len(self._effects) > 4096:
                 self._effects.popitem(last=False)
         self.stats.calls[name] += 1

@@ -280,12 +280,18 @@ class Call:
     flags: int = 0
 
     def __post_init__(self) -> None:
+        # One combined test on the hot path; the per-field checks only name the culprit.
+        args = self.args
+        if (0 <= self.seq <= U64 and 0 <= self.vcpu <= U32 and 0 <= self.func_id <= U32
+                and not self.flags & ~CALL_FLAGS_KNOWN and len(args) == N_ARGS
+                and min(args) >= 0 and max(args) <= U64):
+            return
         _u(self.seq, 64, "seq")
         _u(self.vcpu, 32, "vcpu")
         _u(self.func_id, 32, "func_id")
         _check(not self.flags & ~CALL_FLAGS_KNOWN, f"unknown call flags {self.flags:#x}")
-        _check(len(self.args) == N_ARGS, f"a CALL carries x1..x17, got {len(self.args)} values")
-        _check(all(0 <= a <= U64 for a in self.args), "argument registers are u64")
+        _check(len(args) == N_ARGS, f"a CALL carries x1..x17, got {len(args)} values")
+        _check(all(isinstance(a, int) and 0 <= a <= U64 for a in args), "argument registers are u64")
 
     @property
     def smc(self) -> bool:
@@ -326,10 +332,14 @@ class Reply:
     effects: tuple[Effect, ...] = ()
 
     def __post_init__(self) -> None:
+        regs = self.regs
+        if (0 <= self.seq <= U64 and 0 <= self.vcpu <= U32 and 1 <= len(regs) <= MAX_REGS
+                and min(regs) >= 0 and max(regs) <= U64 and len(self.effects) <= MAX_EFFECTS):
+            return
         _u(self.seq, 64, "seq")
         _u(self.vcpu, 32, "vcpu")
-        _check(1 <= len(self.regs) <= MAX_REGS, f"a REPLY carries 1..{MAX_REGS} registers")
-        _check(all(0 <= r <= U64 for r in self.regs), "result registers are u64")
+        _check(1 <= len(regs) <= MAX_REGS, f"a REPLY carries 1..{MAX_REGS} registers")
+        _check(all(isinstance(r, int) and 0 <= r <= U64 for r in regs), "result registers are u64")
         _check(len(self.effects) <= MAX_EFFECTS, f"at most {MAX_EFFECTS} effects")
 
 
@@ -759,6 +769,9 @@ class Connection:
 
     def _track(self, event: Event, mtype: MsgType, *, sent: bool) -> None:
         exc: type[ProtocolError] = LocalProtocolError if sent else RemoteProtocolError
+        if sent and mtype is MsgType.ERROR:
+            self.state = State.CLOSED  # we may always say why we are closing, even after an error
+            return
         new_state = TRANSITIONS.get((self.state, mtype))
         if new_state is None:
             raise exc(f"{mtype.name} is not allowed in state {self.state.name}")
@@ -794,8 +807,6 @@ class Connection:
             case Welcome():
                 self.version = event.version
         self.state = new_state
-        if isinstance(event, Error) and sent:
-            self.state = State.CLOSED
 
     @property
     def calls_in_flight(self) -> frozenset[int]:

@@ -56,11 +56,13 @@ PRIVATE_APT="$HVC_CACHE/apt"
 export_private_apt() {
     local mirror
     mirror=$(debian_mirror)
+    local key=/usr/share/keyrings/debian-archive-keyring.gpg signed=""
+    [ -r "$key" ] && signed=" signed-by=$key"
     mkdir -p "$PRIVATE_APT"/{lists/partial,archives/partial,sourceparts,prefs}
     cat > "$PRIVATE_APT/sources.list" <<EOF
-deb [arch=amd64,arm64] $mirror bookworm main
-deb [arch=amd64,arm64] $mirror bookworm-backports main
-deb-src $mirror bookworm-backports main
+deb [arch=amd64,arm64$signed] $mirror bookworm main
+deb [arch=amd64,arm64$signed] $mirror bookworm-backports main
+deb-src ${signed:+[${signed# }] }$mirror bookworm-backports main
 EOF
     cat > "$PRIVATE_APT/apt.conf" <<EOF
 Dir::Etc::sourcelist "$PRIVATE_APT/sources.list";
@@ -91,9 +93,22 @@ private_apt_update() {
     log "apt-get update (private config: bookworm + bookworm-backports, amd64 + arm64)"
     if apt-get -q -o Debug::NoLocking=1 update >"$PRIVATE_APT/update.log" 2>&1; then
         printf '%s\n' "$sources_sum" > "$stamp"
+        PRIVATE_APT_UPDATED=yes
     else
         log "private apt-get update failed (see $PRIVATE_APT/update.log); continuing with what is cached"
         tail -5 "$PRIVATE_APT/update.log" >&2 || true
         return 1
+    fi
+}
+
+# Serialize runs that share the cache (two test sessions, ./dev test beside a
+# manual build): take an exclusive lock held until the script exits.
+take_lock() {
+    local name=$1 fd
+    mkdir -p "$HVC_CACHE"
+    exec {fd}>"$HVC_CACHE/.$name.lock"
+    if ! flock -n "$fd"; then
+        log "waiting for another $name run to finish (lock $HVC_CACHE/.$name.lock)"
+        flock "$fd"
     fi
 }

@@ -23,8 +23,8 @@ HOST_PACKAGES=(
     build-essential ninja-build pkg-config python3 python3-venv
     libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev flex bison
     xz-utils bzip2 git ca-certificates
-    # guests
-    binutils-aarch64-linux-gnu gcc-aarch64-linux-gnu
+    # guests; arm64 kernel headers for qemu/kvm-check.sh
+    binutils-aarch64-linux-gnu gcc-aarch64-linux-gnu linux-libc-dev-arm64-cross
     # initramfs
     cpio gzip
 )
@@ -41,14 +41,19 @@ install_host_packages() {
         return
     fi
     log "host packages: installing ${missing[*]}"
-    local sudo=()
+    local sudo=() aptlog="$HVC_CACHE/apt-install.log"
     [ "$(id -u)" -eq 0 ] || sudo=(sudo)
     # The system's own apt configuration, not the private one.
-    env -u APT_CONFIG "${sudo[@]}" apt-get -q update >/dev/null ||
-        die "apt-get update failed"
-    env -u APT_CONFIG DEBIAN_FRONTEND=noninteractive "${sudo[@]}" \
-        apt-get -q install -y --no-install-recommends "${missing[@]}" ||
-        die "apt-get install failed for: ${missing[*]}"
+    if ! env -u APT_CONFIG "${sudo[@]}" apt-get -q update >"$aptlog" 2>&1; then
+        tail -20 "$aptlog" >&2
+        die "apt-get update failed (log: $aptlog)"
+    fi
+    if ! env -u APT_CONFIG DEBIAN_FRONTEND=noninteractive "${sudo[@]}" \
+            apt-get -q install -y --no-install-recommends "${missing[@]}" >>"$aptlog" 2>&1; then
+        tail -20 "$aptlog" >&2
+        die "apt-get install failed for: ${missing[*]} (log: $aptlog)"
+    fi
+    log "host packages: installed"
 }
 
 MESON_VENV="$HVC_CACHE/meson-venv"
@@ -72,8 +77,12 @@ install_meson() {
 fetch_arm64_deb() {
     local spec=$1 dir="$HVC_CACHE/debs" deb
     mkdir -p "$dir"
-    deb=$( cd "$dir" && apt-get download --print-uris "$spec" 2>/dev/null |
+    # From an empty directory: apt-get prints nothing for a file already here.
+    local empty
+    empty=$(mktemp -d)
+    deb=$( cd "$empty" && apt-get download --print-uris "$spec" 2>/dev/null |
            awk '{ print $2 }' | head -1 )
+    rmdir "$empty"
     [ -n "$deb" ] || die "apt-get download: no such package: $spec"
     if [ ! -s "$dir/$deb" ]; then
         log "downloading $spec -> $deb"
@@ -117,16 +126,23 @@ fetch_arm64_busybox() {
 }
 
 main() {
-    mkdir -p "$HVC_CACHE"
+    take_lock setup
     log "cache: $HVC_CACHE"
     install_host_packages
     install_meson
     [ "$HOST_ONLY" = yes ] && return
     # A failing update with lists already present is tolerated; downloads
     # below fail loudly if the lists are missing.
+    PRIVATE_APT_UPDATED=no
     private_apt_update || true
-    fetch_arm64_kernel
-    fetch_arm64_busybox
+    # Resolve the packages again only when the lists changed (or a link is gone).
+    if [ "$PRIVATE_APT_UPDATED" = no ] &&
+       [ -e "$HVC_CACHE/debs/vmlinuz-arm64" ] && [ -e "$HVC_CACHE/debs/busybox-arm64" ]; then
+        log "arm64 kernel and busybox: present ($(readlink "$HVC_CACHE/debs/vmlinuz-arm64" | xargs basename))"
+    else
+        fetch_arm64_kernel
+        fetch_arm64_busybox
+    fi
     log "done"
 }
 

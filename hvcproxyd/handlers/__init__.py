@@ -72,6 +72,9 @@ class VmContext:
     memory: GuestMemory | None = None
     accel: str = "tcg"
     attached: bool = False
+    #: The VMM sends EFFECT_DONE; without it, effect_done() is never called and a
+    #: handler must infer completion (e.g. from the target's first call).
+    confirms_effects: bool = False
     #: Every handler instance of this VM by name, for services one handler offers
     #: another in-process (e.g. the memshare ledger's "is this range shared?").
     handlers: dict[str, Handler] = field(default_factory=dict)
@@ -132,7 +135,9 @@ class Handler:
 
     def attach(self, reconnect: bool) -> None:
         """A VMM completed the handshake; ``vm.vcpus`` and ``vm.memory`` are current.
-        On a fresh boot (not ``reconnect``) state should start from the VMM's view."""
+        ``reconnect`` is the VMM's word that the VM has already run: keep the state
+        you have (or rebuild it from the VMM's view if you have none, e.g. after a
+        daemon restart).  On a fresh boot, start from the VMM's view."""
 
     def effect_done(self, effect: Effect, status: int) -> None:
         """The VMM confirmed (status 0) or failed an effect this handler returned."""
@@ -152,11 +157,24 @@ def available_handlers() -> dict[str, Any]:
     return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
 
 
-def load_handler_class(type_name: str) -> type[Handler] | None:
+def load_handler_class(type_name: str) -> type[Handler]:
+    """An entry-point name, or ``package.module:Class`` for a handler under
+    development that is not packaged yet.  Raises LookupError with a reason."""
     ep = available_handlers().get(type_name)
-    if ep is None:
-        return None
-    cls = ep.load()
-    if not (isinstance(cls, type) and issubclass(cls, Handler)):
-        raise TypeError(f"entry point {type_name!r} ({ep.value}) is not a Handler subclass")
-    return cls
+    if ep is not None:
+        target, obj = ep.value, ep.load()
+    elif ":" in type_name:
+        import importlib
+
+        module_name, _, attr = type_name.partition(":")
+        try:
+            obj = getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError) as err:
+            raise LookupError(f"cannot load {type_name!r}: {err}") from err
+        target = type_name
+    else:
+        installed = ", ".join(sorted(available_handlers()))
+        raise LookupError(f"no handler type {type_name!r}; installed types: {installed} (or package.module:Class)")
+    if not (isinstance(obj, type) and issubclass(obj, Handler)):
+        raise LookupError(f"{target} is not a hvcproxyd.handlers.Handler subclass")
+    return obj

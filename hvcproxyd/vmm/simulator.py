@@ -25,7 +25,7 @@ from typing import Any
 import trio
 
 from .. import wire
-from ..smccc import MASK64, SVE_HINT, SmcccResult
+from ..smccc import MASK64, SmcccResult, routing_id
 
 log = logging.getLogger("hvcproxyd.simulator")
 
@@ -35,6 +35,10 @@ RAM_BASE = 0x4000_0000
 
 class PoweredOff(Exception):
     """Unwinds a vCPU program when its vCPU stops (CPU_OFF, suspend, system off)."""
+
+
+class DaemonRefused(Exception):
+    """The daemon answered the handshake with ERROR; retrying will not help."""
 
 
 class SystemStopped(Exception):
@@ -141,17 +145,24 @@ class Simulator:
             fds=(self.ram_fd,) if self.pass_memfd else ())
 
     async def _connect(self, reconnect: bool) -> None:
+        """Connect and handshake, retrying transport failures until reconnect_timeout
+        (a daemon restarting may accept and then drop us); a daemon's ERROR is final."""
         deadline = trio.current_time() + self.reconnect_timeout
         while True:
-            sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
             try:
-                await sock.connect(self.socket_path)
-                break
-            except OSError:
-                sock.close()
+                await self._connect_once(reconnect)
+                return
+            except (OSError, wire.RemoteProtocolError):
+                if self._sock is not None:
+                    self._sock.close()
                 if trio.current_time() > deadline:
                     raise
                 await trio.sleep(0.05)
+
+    async def _connect_once(self, reconnect: bool) -> None:
+        sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+        self._sock = sock
+        await sock.connect(self.socket_path)
         conn = wire.Connection(wire.Role.VMM)
         hello = self.hello(reconnect)
         data = conn.send(hello)
@@ -161,7 +172,9 @@ class Simulator:
         self._sock, self._conn = sock, conn
         welcome = await self._next_event()
         if isinstance(welcome, wire.Error):
-            raise ConnectionRefusedError(f"daemon refused: {welcome.code.name}: {welcome.reason}")
+            raise DaemonRefused(f"daemon refused: {welcome.code.name}: {welcome.reason}")
+        if welcome is None:
+            raise ConnectionResetError("daemon closed the connection during the handshake")
         if not isinstance(welcome, wire.Welcome):
             raise wire.RemoteProtocolError(f"expected WELCOME, got {welcome!r}")
         self.welcome = welcome
@@ -170,7 +183,7 @@ class Simulator:
         await self._send(wire.FilterStatus(self.filter_status, 0 if self.filter_status else wire.NO_INDEX))
         if self.filter_status:
             err = await self._next_event()
-            raise ConnectionRefusedError(f"daemon refused: {err}")
+            raise DaemonRefused(f"daemon refused: {err}")
         self._ran = True
         if reconnect:
             self._record("reconnect", 0)
@@ -234,7 +247,7 @@ class Simulator:
 
     # -- calls, as the VMM's vCPU thread would make them
     def _filter_action(self, func_id: int) -> wire.FilterAction:
-        fid = func_id & ~SVE_HINT
+        fid = routing_id(func_id)
         for r in self.ranges:
             if r.base <= fid <= r.last:
                 return r.action

@@ -53,9 +53,7 @@
 _start:
 	ldr	x0, =stack_top
 	mov	sp, x0
-	ldr	x0, =vectors
-	WRITE_VBAR(x0)
-	isb
+	bl	set_vbar
 
 	ldr	x0, =str_hello
 	bl	puts
@@ -68,14 +66,16 @@ _start:
 	bl	putkv
 	bl	newline
 
-	call_and_print PSCI_VERSION, PSCI_VERSION
-	call_and_print SMCCC_VERSION, SMCCC_VERSION
-	call_and_print ARCH_FEATURES_PSCI_FEATURES, SMCCC_ARCH_FEATURES, PSCI_FEATURES
-	call_and_print PSCI_FEATURES_CPU_ON, PSCI_FEATURES, PSCI_CPU_ON_64
+	call_and_print PSCI_VERSION, FN_PSCI_VERSION
+	call_and_print SMCCC_VERSION, FN_SMCCC_VERSION
+	call_and_print ARCH_FEATURES_PSCI_FEATURES, FN_SMCCC_ARCH_FEATURES, FN_PSCI_FEATURES
+	call_and_print PSCI_FEATURES_CPU_ON, FN_PSCI_FEATURES, FN_PSCI_CPU_ON_64
 	call_and_print STATIC, TEST_STATIC_FN, 0x1111, 0x2222, 0x3333
+	call_and_print STATIC_SVE_HINT, TEST_STATIC_FN_HINT, 0x1111, 0x2222, 0x3333
 	call_and_print UNKNOWN, TEST_UNKNOWN_FN, 0x1111
 	call_and_print DENIED, TEST_DENIED_FN, 0x1111
-	call_and_print AFFINITY_INFO_SELF, PSCI_AFFINITY_INFO_64, 0, 0
+	call_and_print PSCI01_DENIED, TEST_PSCI01_FN, 0x20000
+	call_and_print AFFINITY_INFO_SELF, FN_PSCI_AFFINITY_INFO_64, 0, 0
 
 	b	system_off
 

@@ -25,8 +25,16 @@
  * and an OEM call the config denies.
  */
 #define TEST_STATIC_FN		0xC2000001
+/* The same with the SMCCC 1.3 SVE hint (bit 16): routed as TEST_STATIC_FN. */
+#define TEST_STATIC_FN_HINT	0xC2010001
 #define TEST_UNKNOWN_FN		0xC20000FF
 #define TEST_DENIED_FN		0xC3000001
+/*
+ * KVM's legacy PSCI 0.1 CPU_SUSPEND (QEMU's too).  Not an SMCCC-layout ID
+ * (bits 23:17 set), so bit 16 is part of it.  With x1 = 0x20000 QEMU's own
+ * PSCI answers INVALID_PARAMETERS at once; the test config denies it.
+ */
+#define TEST_PSCI01_FN		0x95C1BA5E
 
 /* The conduit: HVC unless the guest is built with -DCONDUIT_SMC. */
 #ifdef CONDUIT_SMC

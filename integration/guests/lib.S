@@ -111,21 +111,61 @@ vectors:
 	.endr
 
 unexpected_exception:
+	/* A second exception (e.g. SYSTEM_OFF trapping too): stop here. */
+	ldr	x1, =in_exception
+	ldr	x0, [x1]
+	cbnz	x0, 3f
+	mov	x0, #1
+	str	x0, [x1]
 	ldr	x0, =str_exception
 	bl	puts
 	ldr	x0, =str_vector
 	mov	x1, x19
 	bl	putkv
 	ldr	x0, =str_esr
-	READ_ESR(x1)
-	bl	putkv
+	mrs	x1, CurrentEL
+	cmp	x1, #(3 << 2)
+	b.eq	4f
+	cmp	x1, #(2 << 2)
+	b.ne	1f
+	mrs	x1, esr_el2
+	mrs	x20, elr_el2
+	b	2f
+4:	mrs	x1, esr_el3
+	mrs	x20, elr_el3
+	b	2f
+1:	mrs	x1, esr_el1
+	mrs	x20, elr_el1
+2:	bl	putkv
 	ldr	x0, =str_elr
-	READ_ELR(x1)
+	mov	x1, x20
 	bl	putkv
 	bl	newline
 	b	system_off
+3:	ldr	x0, =str_halt
+	bl	puts
+	b	halt
 
-/* Print "DONE", then PSCI SYSTEM_OFF; spin if it returns. */
+/* Point the vector base register of the current EL (1 or 2) at vectors. */
+	.global set_vbar
+set_vbar:
+	ldr	x0, =vectors
+	mrs	x1, CurrentEL
+	cmp	x1, #(3 << 2)
+	b.eq	2f
+	cmp	x1, #(2 << 2)
+	b.ne	1f
+	msr	vbar_el2, x0
+	isb
+	ret
+2:	msr	vbar_el3, x0
+	isb
+	ret
+1:	msr	vbar_el1, x0
+	isb
+	ret
+
+/* Print "SYSTEM_OFF", then PSCI SYSTEM_OFF; spin if it returns. */
 	.global system_off
 system_off:
 	ldr	x0, =str_system_off
@@ -146,5 +186,10 @@ str_exception:		.asciz	"EXCEPTION"
 str_vector:		.asciz	"vector"
 str_esr:		.asciz	"esr"
 str_elr:		.asciz	"elr"
+str_halt:		.asciz	"HALT\n"
 str_system_off:		.asciz	"SYSTEM_OFF\n"
 str_system_off_returned: .asciz	"SYSTEM_OFF returned\n"
+
+	.data
+	.balign	8
+in_exception:	.quad	0

@@ -10,8 +10,8 @@
  *
  * Transcript lines:
  *   GUEST smp conduit=hvc el=0x1 mpidr=0x...
- *   CPU_ON target=0x1 x0=0x0
  *   SECONDARY mpidr=0x80000001 context=0xc0de0001 el=0x1
+ *   CPU_ON target=0x1 x0=0x0
  *   AFFINITY_INFO target=0x1 x0=0x0
  *   ...
  *   CPU_ON_AGAIN target=0x1 x0=0xfffffffffffffffc
@@ -32,9 +32,7 @@
 _start:
 	ldr	x0, =stack_top
 	mov	sp, x0
-	ldr	x0, =vectors
-	WRITE_VBAR(x0)
-	isb
+	bl	set_vbar
 
 	ldr	x0, =str_hello
 	bl	puts
@@ -56,15 +54,6 @@ _start:
 	add	x3, x3, x19
 	bl	smccc
 	mov	x20, x0
-	ldr	x0, =str_cpu_on
-	bl	puts
-	ldr	x0, =str_target
-	mov	x1, x19
-	bl	putkv
-	ldr	x0, =str_x0
-	mov	x1, x20
-	bl	putkv
-	bl	newline
 	cbnz	x20, 3f			/* CPU_ON failed: don't wait */
 
 	/* Wait until the secondary has printed its line. */
@@ -79,7 +68,16 @@ _start:
 	bl	puts
 	b	system_off
 
-3:	bl	affinity_info
+3:	ldr	x0, =str_cpu_on
+	bl	puts
+	ldr	x0, =str_target
+	mov	x1, x19
+	bl	putkv
+	ldr	x0, =str_x0
+	mov	x1, x20
+	bl	putkv
+	bl	newline
+	bl	affinity_info
 	add	x19, x19, #1
 	cmp	x19, #NCPUS
 	b.lo	1b
@@ -165,9 +163,7 @@ secondary_entry:
 	add	x1, x19, #1
 	add	x0, x0, x1, lsl #12
 	mov	sp, x0
-	ldr	x0, =vectors
-	WRITE_VBAR(x0)
-	isb
+	bl	set_vbar
 
 	ldr	x0, =str_secondary
 	bl	puts

@@ -1,0 +1,253 @@
+"""Harness for the QEMU integration tests (fixtures re-exported by conftest.py): build (or reuse) the patched QEMU,
+the bare-metal guests and the Linux guest through the integration/ scripts,
+run hvcproxyd and QEMU as child processes, and clean every process up.
+
+Nothing here skips: a missing tool or a failed build fails the test with the
+build script's output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+INTEGRATION = Path(__file__).resolve().parent.parent
+REPO = INTEGRATION.parent
+CONFIGS = INTEGRATION / "configs"
+GUESTS_CONFIG = CONFIGS / "guests.yaml"
+
+# Cold builds: QEMU takes ~5-10 minutes on 2 cores, the rest seconds.
+BUILD_TIMEOUT = 45 * 60
+
+
+def _run_build(script: str, timeout: float = BUILD_TIMEOUT) -> Path:
+    """Run an integration build script; it prints its artifact's path last on stdout."""
+    cmd = [str(INTEGRATION / script)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{script} did not finish in {timeout:.0f}s:\n{e.stderr or ''}")
+    if proc.returncode != 0:
+        pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    lines = proc.stdout.strip().splitlines()
+    if not lines:
+        pytest.fail(f"{script} printed no path:\n{proc.stderr[-3000:]}")
+    path = Path(lines[-1])
+    if not path.exists():
+        pytest.fail(f"{script} printed {path}, which does not exist")
+    return path
+
+
+@pytest.fixture(scope="session")
+def qemu_bin() -> Path:
+    return _run_build("qemu/build.sh")
+
+
+@pytest.fixture(scope="session")
+def guests() -> Path:
+    return _run_build("guests/build.sh")
+
+
+@pytest.fixture(scope="session")
+def linux_guest() -> Path:
+    return _run_build("linux/build.sh")
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A short directory for sockets (AF_UNIX paths are limited to 108 bytes) and logs;
+    HVCIT_KEEP=1 keeps it."""
+    d = Path(tempfile.mkdtemp(prefix="hvcit-", dir="/tmp"))
+    yield d
+    if os.environ.get("HVCIT_KEEP"):
+        print(f"logs kept in {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+def _wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    tail = f"\n--- {log} ---\n{log.read_text(errors='replace')[-4000:]}" if log and log.exists() else ""
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
+
+
+@dataclass
+class Daemon:
+    proc: subprocess.Popen[bytes]
+    socket: Path
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
+        found: list[re.Match[str]] = []
+
+        def check() -> bool:
+            m = re.search(pattern, self.log(), re.MULTILINE)
+            if m:
+                found.append(m)
+            return m is not None
+
+        _wait_for(check, timeout, f"daemon log /{pattern}/", self.log_path)
+        return found[0]
+
+    def stop(self) -> int:
+        _stop(self.proc)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
+    """Start `hvcproxyd run CONFIG --socket PATH`; every daemon is stopped at teardown."""
+    started: list[Daemon] = []
+
+    def start(config: Path = GUESTS_CONFIG, socket: Path | None = None, extra_yaml: str = "",
+              qmp: bool = True) -> Daemon:
+        """qmp: point the daemon at the QMP socket of the test's first QEMU (start_qemu)."""
+        sock = socket or workdir / "vm.sock"
+        if qmp:
+            extra_yaml += f"\nqmp: {workdir / 'qmp0.sock'}\n"
+        if extra_yaml:
+            cfg = workdir / f"config{len(started)}.yaml"
+            cfg.write_text(config.read_text() + "\n" + extra_yaml + "\n")
+            config = cfg
+        log_path = workdir / f"daemon{len(started)}.log"
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "hvcproxyd", "--log-level", "DEBUG", "--log-format", "text",
+                 "run", str(config), "--socket", str(sock)],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                cwd=REPO,
+            )
+        d = Daemon(proc, sock, log_path)
+        started.append(d)
+        _wait_for(lambda: sock.exists() or proc.poll() is not None, 30, f"the daemon to listen on {sock}", log_path)
+        if proc.poll() is not None:
+            pytest.fail(f"hvcproxyd exited with {proc.returncode}:\n{d.log()[-4000:]}")
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+
+
+@dataclass
+class Qemu:
+    proc: subprocess.Popen[bytes]
+    log_path: Path  # the guest's serial port (QEMU's stdout)
+    err_path: Path  # QEMU's own messages (stderr)
+    argv: list[str] = field(default_factory=list)
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def messages(self) -> str:
+        return self.err_path.read_text(errors="replace")
+
+    def wait_output(self, pattern: str, timeout: float = 60.0, count: int = 1,
+                    stderr: bool = False) -> list[re.Match[str]]:
+        """Wait for `pattern` in the serial output (or QEMU's messages with stderr=True)."""
+        found: list[re.Match[str]] = []
+        read = self.messages if stderr else self.output
+
+        def check() -> bool:
+            found[:] = list(re.finditer(pattern, read(), re.MULTILINE))
+            if len(found) >= count:
+                return True
+            if self.proc.poll() is not None:
+                pytest.fail(f"QEMU exited ({self.proc.returncode}) before printing /{pattern}/ x{count}:\n"
+                            f"{self.output()[-6000:]}\n--- stderr ---\n{self.messages()[-3000:]}")
+            return False
+
+        _wait_for(check, timeout, f"QEMU output /{pattern}/ x{count}",
+                  self.err_path if stderr else self.log_path)
+        return found
+
+    def send(self, text: str) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _stop(self.proc, signal.SIGKILL)
+            pytest.fail(f"QEMU did not exit within {timeout:.0f}s:\n{self.output()[-6000:]}\n"
+                        f"--- stderr ---\n{self.messages()[-3000:]}")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+@pytest.fixture
+def start_qemu(qemu_bin: Path, workdir: Path) -> Iterator[Callable[..., Qemu]]:
+    """Start qemu-system-aarch64 with the guest's serial port on stdio, logged to a file.
+
+    `forwarder` names the hvcproxyd socket to connect with an hvc-forwarder object;
+    None runs QEMU without one (stock behaviour).
+    """
+    started: list[Qemu] = []
+
+    def start(*args: str, forwarder: Path | None = None, machine: str = "virt", smp: int = 1,
+              cpu: str = "max", memory: str = "256M", forwarder_opts: str = ",vm-name=guests") -> Qemu:
+        argv = [str(qemu_bin), "-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", memory,
+                "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+                "-serial", "stdio", "-nic", "none",
+                "-qmp", f"unix:{workdir / f'qmp{len(started)}.sock'},server=on,wait=off"]
+        if forwarder is not None:
+            argv += ["-chardev", f"socket,id=hvc0,path={forwarder},reconnect-ms=200",
+                     "-object", f"hvc-forwarder,id=hf0,chardev=hvc0{forwarder_opts}"]
+        argv += list(args)
+        log_path = workdir / f"qemu{len(started)}.log"
+        err_path = workdir / f"qemu{len(started)}.err"
+        with log_path.open("wb") as log, err_path.open("wb") as err:
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=err, start_new_session=True)
+        q = Qemu(proc, log_path, err_path, argv)
+        started.append(q)
+        return q
+
+    yield start
+    for q in started:
+        q.stop()
+
+
+CALL_RE = re.compile(
+    r"^CALL (?P<name>\w+) fn=0x(?P<fn>[0-9a-f]+) x0=0x(?P<x0>[0-9a-f]+) x1=0x(?P<x1>[0-9a-f]+)"
+    r" x2=0x(?P<x2>[0-9a-f]+) x3=0x(?P<x3>[0-9a-f]+)\s*$", re.MULTILINE)
+
+
+def parse_calls(transcript: str) -> dict[str, tuple[int, int, int, int]]:
+    """The "CALL NAME fn=.. x0=.. x1=.. x2=.. x3=.." lines of a guest transcript."""
+    return {m["name"]: (int(m["x0"], 16), int(m["x1"], 16), int(m["x2"], 16), int(m["x3"], 16))
+            for m in CALL_RE.finditer(transcript)}

@@ -1,0 +1,264 @@
+"""The sans-IO codec: round trips, states, malformed input, fuzzing."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hvcproxyd import wire
+from hvcproxyd.wire import (
+    HEADER,
+    NEED_DATA,
+    Connection,
+    LocalProtocolError,
+    MsgType,
+    ProtocolError,
+    RemoteProtocolError,
+    Role,
+    State,
+)
+
+HELLO = wire.Hello("vm1", wire.Accel.KVM, 40,
+                   (wire.VcpuInfo(0, 0x0, True), wire.VcpuInfo(1, 0x1, False, aarch32=True),
+                    wire.VcpuInfo(2, 0x100, False)),
+                   (wire.RamRegion(0x4000_0000, 1 << 30, 0, 0), wire.RamRegion(0x1_0000_0000, 1 << 20)),
+                   wire.FEATURE_MEMFD | wire.FEATURE_EFFECT_DONE, conduit=wire.PsciConduit.SMC, fds=(7,))
+RANGES = (wire.FilterRange(0x8400_0000, 0x20, wire.FilterAction.FORWARD),
+          wire.FilterRange(0x95C1_BA5E, 4, wire.FilterAction.DENY))
+WELCOME = wire.Welcome(1, RANGES, 1000)
+
+
+def running_pair() -> tuple[Connection, Connection]:
+    """A daemon and a VMM connection, handshaken through each other."""
+    vmm, daemon = Connection(Role.VMM), Connection(Role.DAEMON)
+    for event, src, dst in ((HELLO, vmm, daemon), (WELCOME, daemon, vmm), (wire.FilterStatus(0), vmm, daemon)):
+        assert through(event, src, dst) == event
+    assert vmm.state is daemon.state is State.RUNNING
+    return vmm, daemon
+
+
+def through(event: wire.Event, src: Connection, dst: Connection) -> wire.Event:
+    """Push one event through an encoder and a decoder, byte by byte for good measure."""
+    data = src.send(event)
+    for i in range(len(data)):
+        dst.receive_data(data[i:i + 1], (7,) if isinstance(event, wire.Hello) and i == 0 else ())
+    out = dst.next_event()
+    assert dst.next_event() is NEED_DATA
+    return out  # type: ignore[return-value]
+
+
+def call(seq: int, vcpu: int = 0, fid: int = 0x8400_0000) -> wire.Call:
+    return wire.Call(seq, vcpu, fid, tuple(range(100, 117)), wire.CALL_SMC | (1 << wire.CALL_EL_SHIFT))
+
+
+def test_handshake_round_trips_and_keeps_fds() -> None:
+    vmm, daemon = Connection(Role.VMM), Connection(Role.DAEMON)
+    got = through(HELLO, vmm, daemon)
+    assert got == HELLO
+    assert isinstance(got, wire.Hello) and got.fds == (7,)
+
+
+def test_reconnect_hello_carries_filter_in_force() -> None:
+    hello = wire.Hello("vm1", wire.Accel.TCG, 48, (wire.VcpuInfo(0, 0, True),), (wire.RamRegion(0, 4096),),
+                       reconnect=True, filter_in_force=RANGES)
+    assert through(hello, Connection(Role.VMM), Connection(Role.DAEMON)) == hello
+
+
+@pytest.mark.parametrize("event", [
+    call(1),
+    wire.Reply(1, 0, (0, 1, 2, 3)),
+    wire.Reply(1, 2, tuple(range(18)), (
+        wire.Effect(wire.EffectKind.CPU_ON, 1, 0x4008_0000, 0xC0FFEE, 1, wire.EFFECT_AARCH64),
+        wire.Effect(wire.EffectKind.SYSTEM_RESET, 0, 0, 0x1234, 0x8000_0001))),
+    wire.MemRead(5, 0x4000_1000, 4096),
+    wire.MemWrite(6, 0x4000_1000, b"\x01\x02"),
+    wire.VmEvent(wire.EventKind.VM_RESET),
+    wire.Error(wire.ErrorCode.SHUTDOWN, "bye"),
+])
+def test_running_messages_round_trip(event: wire.Event) -> None:
+    vmm, daemon = running_pair()
+    if isinstance(event, (wire.Reply,)):
+        through(call(event.seq, event.vcpu), vmm, daemon)
+    src, dst = (daemon, vmm) if wire._SENDER[wire._TYPE_OF[type(event)]] is Role.DAEMON else (vmm, daemon)
+    assert through(event, src, dst) == event
+
+
+def test_memory_responses_and_effect_done_round_trip() -> None:
+    vmm, daemon = running_pair()
+    through(wire.MemRead(9, 0x4000_0000, 3), daemon, vmm)
+    assert through(wire.MemReadResp(9, 0, b"abc"), vmm, daemon) == wire.MemReadResp(9, 0, b"abc")
+    through(wire.MemWrite(10, 0x4000_0000, b"x"), daemon, vmm)
+    assert through(wire.MemWriteResp(10, -14), vmm, daemon) == wire.MemWriteResp(10, -14)
+    through(call(3), vmm, daemon)
+    through(wire.Reply(3, 0, (0, 0, 0, 0), (wire.Effect(wire.EffectKind.CPU_ON, 1),)), daemon, vmm)
+    assert through(wire.EffectDone(3, 0), vmm, daemon) == wire.EffectDone(3, 0)
+
+
+def test_replies_may_come_in_any_order() -> None:
+    vmm, daemon = running_pair()
+    for seq in (1, 2, 3):
+        through(call(seq, vcpu=seq - 1), vmm, daemon)
+    for seq in (3, 1, 2):
+        through(wire.Reply(seq, seq - 1, (0,)), daemon, vmm)
+    assert vmm.calls_in_flight == frozenset()
+
+
+def test_reply_to_a_call_never_made_is_a_protocol_error() -> None:
+    vmm, _daemon = running_pair()
+    rogue = Connection(Role.DAEMON)
+    rogue.state = State.RUNNING
+    rogue._calls_in_flight.add(99)
+    vmm.receive_data(rogue.send(wire.Reply(99, 0, (0,))))
+    with pytest.raises(RemoteProtocolError, match="not an outstanding CALL"):
+        vmm.next_event()
+    assert vmm.state is State.ERROR
+    with pytest.raises(RemoteProtocolError):
+        vmm.next_event()  # once in ERROR, later calls are refused
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: wire.MemReadResp(42, 0, b"x"), "not an outstanding MEM_READ"),
+    (lambda: wire.MemWriteResp(42, 0), "not an outstanding MEM_WRITE"),
+    (lambda: wire.EffectDone(42, 0), "was not sent"),
+])
+def test_unsolicited_responses_are_protocol_errors(make, match) -> None:  # type: ignore[no-untyped-def]
+    _, daemon = running_pair()
+    daemon.receive_data(wire.encode(make()))
+    with pytest.raises(RemoteProtocolError, match=match):
+        daemon.next_event()
+
+
+def test_duplicate_call_in_flight_is_a_protocol_error() -> None:
+    _vmm, daemon = running_pair()
+    frame = wire.encode(call(5))
+    daemon.receive_data(frame + frame)
+    assert isinstance(daemon.next_event(), wire.Call)
+    with pytest.raises(RemoteProtocolError, match="already in flight"):
+        daemon.next_event()
+
+
+def test_messages_out_of_state_are_refused_both_ways() -> None:
+    daemon = Connection(Role.DAEMON)
+    daemon.receive_data(wire.encode(call(1)))
+    with pytest.raises(RemoteProtocolError, match="not allowed in state AWAIT_HELLO"):
+        daemon.next_event()
+    vmm = Connection(Role.VMM)
+    with pytest.raises(LocalProtocolError, match="not allowed"):
+        vmm.send(call(1))
+    with pytest.raises(LocalProtocolError, match="only be sent by the daemon"):
+        vmm.send(WELCOME)
+
+
+def test_wrong_sender_is_a_remote_protocol_error() -> None:
+    vmm = Connection(Role.VMM)
+    vmm.receive_data(wire.encode(HELLO))
+    with pytest.raises(RemoteProtocolError, match="only be sent by the vmm"):
+        vmm.next_event()
+
+
+def test_error_closes_the_connection() -> None:
+    vmm, daemon = running_pair()
+    vmm.receive_data(daemon.send(wire.Error(wire.ErrorCode.SHUTDOWN, "stop")))
+    assert daemon.state is State.CLOSED
+    assert vmm.next_event() == wire.Error(wire.ErrorCode.SHUTDOWN, "stop")
+    assert vmm.state is State.CLOSED
+
+
+@pytest.mark.parametrize("length", [0, 15, wire.MAX_FRAME + 1, 0xFFFF_FFFF])
+def test_frame_length_out_of_range(length: int) -> None:
+    daemon = Connection(Role.DAEMON)
+    daemon.receive_data(HEADER.pack(length, MsgType.HELLO, 0, 0))
+    with pytest.raises(RemoteProtocolError, match="frame length"):
+        daemon.next_event()
+
+
+def test_truncated_frame_waits_then_eof_is_an_error() -> None:
+    daemon = Connection(Role.DAEMON)
+    data = wire.encode(HELLO)
+    daemon.receive_data(data[:-1])
+    assert daemon.next_event() is NEED_DATA
+    with pytest.raises(RemoteProtocolError, match="middle of a frame"):
+        daemon.receive_data(b"")
+
+
+def test_clean_eof_closes() -> None:
+    daemon = Connection(Role.DAEMON)
+    daemon.receive_data(b"")
+    assert daemon.state is State.CLOSED
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda b: b[:16] + struct.pack("<I", 0xDEADBEEF) + b[20:], "bad magic"),
+    (lambda b: b[:6] + b"\x01\x00" + b[8:], "reserved header flags"),
+    (lambda b: struct.pack("<I", len(b) + 4) + b[4:] + b"\0\0\0\0", "counts say"),
+    (lambda b: b[:4] + struct.pack("<H", 77) + b[6:], "unknown message type 77"),
+])
+def test_malformed_hello(mutate, match) -> None:  # type: ignore[no-untyped-def]
+    daemon = Connection(Role.DAEMON)
+    daemon.receive_data(mutate(wire.encode(HELLO)))
+    with pytest.raises(RemoteProtocolError, match=match):
+        daemon.next_event()
+
+
+def test_call_with_wrong_payload_size() -> None:
+    _, daemon = running_pair()
+    frame = wire.encode(call(1))
+    bad = struct.pack("<I", len(frame) - 8) + frame[4:-8]
+    daemon.receive_data(bad)
+    with pytest.raises(RemoteProtocolError, match="CALL payload must be 152 bytes"):
+        daemon.next_event()
+
+
+@pytest.mark.parametrize("make", [
+    lambda: wire.Call(1, 0, 0x8400_0000, (0,) * 16),
+    lambda: wire.Call(1, 0, 1 << 32, (0,) * 17),
+    lambda: wire.Reply(1, 0, ()),
+    lambda: wire.Reply(1, 0, (0,) * 19),
+    lambda: wire.MemRead(1, 0, 0),
+    lambda: wire.MemRead(1, 0, wire.MAX_MEM_CHUNK + 1),
+    lambda: wire.FilterRange(0xFFFF_FFFF, 2, wire.FilterAction.DENY),
+    lambda: wire.VcpuInfo(0, 1 << 40, True),
+    lambda: wire.Hello("", wire.Accel.TCG, 40, (wire.VcpuInfo(0, 0, True),), (wire.RamRegion(0, 1),)),
+    lambda: wire.Hello("x", wire.Accel.TCG, 40, (wire.VcpuInfo(1, 0, True),), (wire.RamRegion(0, 1),)),
+    lambda: wire.Hello("x", wire.Accel.TCG, 32, (wire.VcpuInfo(0, 0, True),), (wire.RamRegion(1 << 32, 1),)),
+    lambda: wire.Hello("x", wire.Accel.TCG, 40, (wire.VcpuInfo(0, 0, True), wire.VcpuInfo(1, 0, True)),
+                       (wire.RamRegion(0, 1),)),
+])
+def test_constructors_validate_fields(make) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(LocalProtocolError):
+        make()
+
+
+def test_version_negotiation() -> None:
+    assert wire.negotiate_version(1, 5) == 1
+    assert wire.negotiate_version(2, 5) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=600), st.sampled_from(list(State)[:4]), st.sampled_from(list(Role)))
+def test_fuzz_any_bytes_give_events_or_protocol_errors(data: bytes, state: State, role: Role) -> None:
+    conn = Connection(role)
+    conn.state = state
+    try:
+        conn.receive_data(data)
+        for _ in range(50):
+            if conn.next_event() is NEED_DATA:
+                break
+    except ProtocolError:
+        pass
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 255), min_size=1, max_size=8), st.binary(min_size=1, max_size=200))
+def test_fuzz_valid_header_random_payload(types: list[int], payload: bytes) -> None:
+    conn = Connection(Role.DAEMON)
+    conn.state = State.RUNNING
+    try:
+        for t in types:
+            conn.receive_data(HEADER.pack(HEADER.size + len(payload), t, 0, 1) + payload)
+            conn.next_event()
+    except ProtocolError:
+        pass
