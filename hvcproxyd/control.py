@@ -254,7 +254,7 @@ def _connect(path: Path, request: dict[str, Any], timeout: float | None) -> sock
     except FileNotFoundError as err:
         sock.close()
         raise ControlError(f"no control socket at {path}: is the daemon running? "
-                           "(systemctl status hvcproxyd@VM)") from err
+                           f"(systemctl status hvcproxyd@{path.stem})") from err
     except PermissionError as err:
         sock.close()
         raise ControlError(f"{path}: permission denied; run as root or as the daemon's user") from err

@@ -30,7 +30,7 @@ from .config import ConfigError, VmConfig, load_config
 from .errors import TransportError
 from .guestmem import GuestMemory, GuestMemoryError
 from .handlers import Handler
-from .unixsock import set_group
+from .unixsock import peer_credentials, set_group
 from .vm import ReloadRefused, VmService
 from .vmm.qmp import QmpWatcher
 
@@ -79,11 +79,7 @@ class Transport:
 
     def peer_credentials(self) -> tuple[int, int, int]:
         """(pid, uid, gid) of the connected process (SO_PEERCRED)."""
-        import struct
-
-        raw = self.sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
-        pid, uid, gid = struct.unpack("3i", raw)
-        return pid, uid, gid
+        return peer_credentials(self.sock)
 
     def close(self) -> None:
         self.sock.close()

@@ -20,6 +20,7 @@ import os
 import re
 import socket
 import struct
+import sys
 from collections.abc import Mapping
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -95,6 +96,9 @@ class JournalHandler(logging.Handler):
                 if err.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
                     raise
                 self._send_large(data)
+        except OSError:
+            # journald away (restarting): stderr is its stream, the line still lands.
+            sys.stderr.write(f"<{_PRIORITY.get(record.levelno, 6)}>{self.format(record)}\n")
         except Exception:
             self.handleError(record)
 

@@ -12,8 +12,10 @@ plus what an operator needs around it.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -22,13 +24,14 @@ from . import __version__
 from .callview import CallView
 from .config import VmConfig, resolve_id
 from .control import ControlServer, TraceHub
-from .daemon import Daemon
+from .daemon import DRAIN_TIMEOUT, Daemon
 from .errors import HvcproxydError
 from .logsetup import set_vm
 from .sdnotify import Notifier
 from .telemetry import Telemetry
+from .unixsock import set_group
 from .vm import Observer
-from .wire import negotiate_version
+from .wire import Call, Reply, negotiate_version
 
 log = logging.getLogger("hvcproxyd.managed")
 calls_log = logging.getLogger("hvcproxyd.calls")
@@ -69,8 +72,12 @@ class ManagedDaemon(Daemon):
             if want == have:
                 return None
             key = "vmm.uid" if kind == "user" else "vmm.gid"
-            wanted.append(f"{key} {value!r}" + (f" ({want})" if want is not None and want != value
-                                                else " (no such " + kind + ")" if want is None else ""))
+            if want is None:
+                wanted.append(f"{key} {value!r} (no such {kind})")
+            elif isinstance(value, str):
+                wanted.append(f"{key} {value!r} ({want})")
+            else:
+                wanted.append(f"{key} {value}")
         self.refused_peers += 1
         return f"uid {uid} gid {gid} matches neither " + " nor ".join(wanted)
 
@@ -86,7 +93,7 @@ class ManagedDaemon(Daemon):
             return
         name = self.config.name
 
-        def log_call(call: Any, reply: Any, handler: str, seconds: float) -> None:
+        def log_call(call: Call, reply: Reply, handler: str, seconds: float) -> None:
             view = CallView.of(call, reply, handler, seconds)
             calls_log.log(level, "%s: %s", name, view.summary(), extra={"hvc": view.journal_fields()})
 
@@ -94,7 +101,7 @@ class ManagedDaemon(Daemon):
         self.vm.observers.append(log_call)
 
     # -- signals
-    def reload(self, path: Any = None) -> bool:
+    def reload(self, path: Path | None = None) -> bool:
         self.notifier.reloading()
         old = self.config
         ok = super().reload(path)
@@ -103,6 +110,12 @@ class ManagedDaemon(Daemon):
             for key in ("control_socket", "metrics"):
                 if getattr(old, key) != getattr(self.config, key):
                     log.warning("%s: %s changed; it applies when the daemon restarts", self.config.name, key)
+            gid = self.config.vmm.gid
+            if gid is not None and gid != old.vmm.gid:
+                try:
+                    set_group(self.config.socket, gid, "vmm.gid")
+                except HvcproxydError as err:
+                    log.error("%s: %s", self.config.name, err)
             self._set_call_logging()
         else:
             self.reloads_refused += 1
@@ -111,12 +124,9 @@ class ManagedDaemon(Daemon):
         self.notifier.notify(READY=1, STATUS=self.status_line())
         return ok
 
-    async def drain_and_stop(self, timeout: float | None = None) -> None:
+    async def drain_and_stop(self, timeout: float = DRAIN_TIMEOUT) -> None:
         self.notifier.notify(STOPPING=1, STATUS=f"{self.config.name}: stopping")
-        if timeout is None:
-            await super().drain_and_stop()
-        else:
-            await super().drain_and_stop(timeout)
+        await super().drain_and_stop(timeout)
 
     # -- what it is doing
     def status_line(self) -> str:
@@ -160,7 +170,7 @@ class ManagedDaemon(Daemon):
         for (_fid, _handler, result), n in self.telemetry.calls.items():
             results[result] += n
         return {
-            "vm": cfg.name, "version": __version__, "pid": _pid(), "uptime_s": round(now - vm.started, 1),
+            "vm": cfg.name, "version": __version__, "pid": os.getpid(), "uptime_s": round(now - vm.started, 1),
             "state": "stopping" if self.draining else "serving" if vmm else "waiting",
             "status_line": self.status_line(),
             "config": {"path": str(cfg.path), "loaded": self.config_loaded, "rules": len(cfg.rules),
@@ -213,12 +223,6 @@ class ManagedDaemon(Daemon):
             task_status.started(self)
             await self._stop.wait()
             nursery.cancel_scope.cancel()
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 def _address(addr: Any) -> str | None:

@@ -1,5 +1,5 @@
 # Shared helpers for the integration scripts.  Source it; do not run it.
-# shellcheck shell=bash
+# shellcheck shell=bash disable=SC2034  # the variables are for the scripts that source this
 
 INTEGRATION_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "$INTEGRATION_DIR/.." && pwd)"

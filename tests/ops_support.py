@@ -113,6 +113,10 @@ class DaemonProcess:
                 return None
         return wait_for(ready, what=f"the control socket {control}")  # type: ignore[no-any-return]
 
+    def wait(self, timeout: float = 15) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout=timeout)
+
     def stop(self) -> int:
         if self.proc is None:
             return 0

@@ -161,3 +161,11 @@ def test_journal_is_chosen_only_for_our_own_stream(tmp_path: Path) -> None:
         assert journal_stream_is(f.fileno(), {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
         assert not journal_stream_is(f.fileno(), {"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino + 1}"})
         assert not journal_stream_is(f.fileno(), {})
+
+
+def test_journal_falls_back_to_stderr_when_journald_is_away(tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    handler = JournalHandler(str(tmp_path / "no-journald"))
+    handler.emit(logging.LogRecord("hvcproxyd.x", logging.ERROR, "f.py", 1, "still seen", (), None))
+    handler.close()
+    assert capsys.readouterr().err == "<3>still seen\n"  # sd-daemon(3) priority prefix

@@ -24,7 +24,7 @@ from hvcproxyd.journal import JournalHandler
 from hvcproxyd.managed import ManagedDaemon
 from hvcproxyd.metrics import scrape_unix
 from hvcproxyd.sdnotify import Notifier
-from hvcproxyd.vmm.simulator import SimVcpu, Simulator
+from hvcproxyd.vmm.simulator import Simulator, SimVcpu
 
 from .ops_support import CPU_OFF, CPU_ON64, HELLO, MINUS3, REPO, SIP_UID, UNRULED, ops_config
 
@@ -35,6 +35,11 @@ def load(tmp_path: Path, **kw: Any) -> VmConfig:
     path = tmp_path / "opsvm.yaml"
     path.write_text(ops_config(tmp_path, **kw))
     return load_config(path)
+
+
+def control(config: VmConfig) -> Path:
+    assert config.control_socket is not None  # load_config always sets it
+    return config.control_socket
 
 
 @asynccontextmanager
@@ -93,11 +98,11 @@ async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path) -> None:
         await cpu.call(CPU_ON64, 1, ENTRY1, 0x11)
         await cpu.call(CPU_ON64, 2, ENTRY2, 0x22)
         await until(lambda: daemon.vm.stats.calls["hello"] == 4 and daemon.vm.stats.calls["power"] == 3)
-        status_seen.append(await trio.to_thread.run_sync(request_status, config.control_socket))
+        status_seen.append(await trio.to_thread.run_sync(request_status, control(config)))
         await cli("status", "status", "--control-socket", ctl, "opsvm")
 
     def read_all() -> None:
-        for obj in trace_calls(config.control_socket, TraceFilter()):
+        for obj in trace_calls(control(config), TraceFilter()):
             library_trace.append(obj)
             if len(library_trace) == 11:  # the header and ten calls
                 return
@@ -175,6 +180,15 @@ async def test_trace_filter_parsing_and_refusals(tmp_path: Path) -> None:
         assert b"filter" in await trio.to_thread.run_sync(ask, b'{"op": "trace", "filter": {"vcpus": [-1]}}\n')
         assert b"one JSON object" in await trio.to_thread.run_sync(ask, b"status\n")
         assert daemon.hub.subscribers == []
+
+        def hang_up(path: Path) -> None:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.connect(str(path))
+        # Clients that leave at once cost the daemon nothing (a broken reply once crashed it).
+        for path in (control(config), tmp_path / "opsvm.metrics", config.socket):
+            await trio.to_thread.run_sync(hang_up, path)
+        await trio.sleep(0.1)
+        assert (await trio.to_thread.run_sync(request_status, control(config)))["state"] == "waiting"
 
 
 # ----------------------------------------------------------------- metrics
@@ -353,3 +367,21 @@ async def test_a_vmm_in_the_configured_group_is_let_in(tmp_path: Path) -> None:
         assert os.stat(config.control_socket).st_mode & 0o777 == 0o600  # type: ignore[arg-type]
         await run_sim(config, boot)
         assert daemon.refused_peers == 0 and daemon.vm.stats.calls["hello"] == 1
+
+
+def test_telemetry_caps_functions_and_interpolates_percentiles() -> None:
+    from hvcproxyd.handlers import VmContext
+    from hvcproxyd.telemetry import LATENCY_BUCKETS, MAX_FUNCTIONS, OTHER, Histogram, Telemetry
+    from hvcproxyd.wire import Call, Reply
+
+    t = Telemetry(VmContext("t", {}, logging.getLogger("t")))
+    for n in range(MAX_FUNCTIONS + 10):  # a guest sweeping a forwarded block
+        t.observe(Call(n + 1, 0, 0x8200_0000 + n, (0,) * 17), Reply(n + 1, 0, (0, 0, 0, 0)), "h", 1e-5)
+    assert len(t.calls) == MAX_FUNCTIONS + 1 and t.calls[OTHER, "h", "success"] == 10
+    h = Histogram()
+    assert h.quantile(0.5) is None
+    for seconds in (3e-5,) * 99 + (2.0,):
+        h.observe(seconds)
+    assert LATENCY_BUCKETS[1] < h.quantile(0.5) <= LATENCY_BUCKETS[2]  # type: ignore[operator]
+    assert h.quantile(0.999) > 1.0  # type: ignore[operator]
+    assert h.cumulative()[-1] == ("+Inf", 100)
