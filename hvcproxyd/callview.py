@@ -12,11 +12,13 @@ from typing import Any
 
 from .names import function_name
 from .smccc import MASK32, SMC64, routing_id
-from .wire import CALL_SMC, Call, Reply
+from .wire import CALL_SMC, Call, EffectKind, Reply
 
 FFA_ERROR = 0x8400_0060
 FFA_SUCCESS = (0x8400_0061, 0xC400_0061)
 RESULTS = ("success", "not_supported", "error", "value")
+_NO_RETURN = frozenset({EffectKind.CPU_OFF, EffectKind.SYSTEM_OFF, EffectKind.SYSTEM_RESET,
+                        EffectKind.SYSTEM_SUSPEND, EffectKind.CPU_SUSPEND})
 
 # Argument names of calls whose meaning is fixed by their spec, keyed by the
 # 32-bit routing ID (a 64-bit variant takes the same arguments).
@@ -125,9 +127,12 @@ class CallView:
             used = max((i + 1 for i, a in enumerate(call.args[:7]) if a), default=0)
             args = tuple((f"x{i + 1}", call.args[i] & mask) for i in range(used))
         x0 = reply.regs[0] if reply.regs else 0
+        result, text = classify(call, x0), result_text(call, x0)
+        if any(e.kind in _NO_RETURN for e in reply.effects):
+            # x0 only matters if the VMM cannot carry the effect out; the caller never sees it otherwise.
+            result, text = "success", "does not return"
         return cls(time.time(), call.vcpu, call.func_id, function_name(call.func_id),
-                   "smc" if call.flags & CALL_SMC else "hvc", args, handler, classify(call, x0),
-                   result_text(call, x0), reply.regs[:4],
+                   "smc" if call.flags & CALL_SMC else "hvc", args, handler, result, text, reply.regs[:4],
                    tuple(f"{e.kind.name}(vcpu{e.vcpu})" for e in reply.effects), round(seconds * 1e6, 1))
 
     def summary(self) -> str:

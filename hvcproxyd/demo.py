@@ -10,13 +10,14 @@ from pathlib import Path
 
 import trio
 
+from .callview import CallView
 from .config import ConfigError, VmConfig, load_config
 from .daemon import Daemon
 from .handlers.psci_defs import Fn, Power, Ret
 from .names import function_name
 from .smccc import reg_to_signed
 from .vmm.simulator import RAM_BASE, Program, Simulator, SimVcpu, TranscriptEntry
-from .wire import CALL_SMC, Call, Reply
+from .wire import Call, Reply
 
 REPO_CONFIG = Path(__file__).resolve().parent.parent / "config" / "demo.yaml"
 
@@ -27,12 +28,8 @@ SECONDARY_ENTRY = RAM_BASE + 0x8_0000
 
 
 def _print_call(call: Call, reply: Reply, handler: str, seconds: float) -> None:
-    name = function_name(call.func_id) or "-"
-    conduit = "SMC" if call.flags & CALL_SMC else "HVC"
-    regs = " ".join(f"{r:#x}" for r in reply.regs[:4])
-    effects = "".join(f" +{e.kind.name}(vcpu{e.vcpu})" for e in reply.effects)
-    print(f"  vcpu{call.vcpu} {conduit} {call.func_id:#010x} {name:24} -> {handler:14} [{regs}]{effects}"
-          f"  {seconds * 1e6:.0f}us", flush=True)
+    """The same decoding `hvcproxyd trace` shows, so the demo teaches the trace format."""
+    print(f"  {CallView.of(call, reply, handler, seconds).summary()}", flush=True)
 
 
 def _print_local(entry: TranscriptEntry) -> None:
