@@ -96,6 +96,10 @@ def format_status(st: dict[str, Any]) -> str:
                    f"protocol v{vmm['protocol']}, {'reconnected' if vmm['reconnect'] else 'fresh boot'}, "
                    f"connected {_duration(vmm['connected_s'])}, RAM {vmm['memory']}, "
                    f"{vmm['in_flight']} call(s) in flight")
+    qemu = st.get("qemu")
+    if qemu is not None:
+        out.append(f"  QEMU       run state {qemu['run_state'] or 'unknown'} (QMP {qemu['qmp']}: {qemu['qmp_state']}, "
+                   f"{qemu['events']} lifecycle events)")
     c = st["connections"]
     out.append(f"  links      {c['accepted']} accepted, {c['reconnects']} reconnects, {c['refused_peers']} refused "
                f"peers, {c['protocol_errors']} protocol errors")

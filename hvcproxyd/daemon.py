@@ -10,7 +10,6 @@ per call.
 
 from __future__ import annotations
 
-import array
 import errno
 import logging
 import os
@@ -30,7 +29,7 @@ from .config import ConfigError, VmConfig, load_config
 from .errors import TransportError
 from .guestmem import GuestMemory, GuestMemoryError
 from .handlers import Handler
-from .unixsock import peer_credentials, set_group
+from .unixsock import fds_from_ancdata, peer_credentials, set_group
 from .vm import ReloadRefused, VmService
 from .vmm.qmp import QmpWatcher
 
@@ -59,13 +58,7 @@ class Transport:
                 RECV_SIZE, stdsocket.CMSG_SPACE(MAX_FDS * 4))
         except OSError as err:
             raise TransportError(f"receive failed: {err.strerror}") from err
-        fds: list[int] = []
-        for level, kind, payload in ancdata:
-            if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
-                arr = array.array("i")
-                arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
-                fds.extend(arr)
-        return data, tuple(fds)
+        return data, tuple(fds_from_ancdata(ancdata))
 
     async def send(self, data: bytes) -> None:
         async with self._send_lock:

@@ -178,6 +178,9 @@ class ManagedDaemon(Daemon):
             "reloads": {"applied": self.reloads, "refused": self.reloads_refused, "last": self.last_reload},
             "socket": str(cfg.socket), "metrics": _address(self.metrics_address),
             "vmm": vmm,
+            "qemu": None if self.qmp is None else {"qmp": self.qmp.path, "qmp_state": self.qmp.state.value,
+                                                   "run_state": self.qmp.run_status,
+                                                   "events": self.qmp.events_seen},
             "connections": {"accepted": self.connections, "reconnects": self.reconnects,
                             "refused_peers": self.refused_peers, "protocol_errors": self.protocol_errors},
             "vcpus": [{"index": v.index, "mpidr": f"{v.mpidr:#x}", "power": power.get(v.index, "unknown")}

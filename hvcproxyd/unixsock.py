@@ -84,3 +84,23 @@ class UnixListener:
 
 
 __all__ = ["UnixListener", "peer_credentials", "set_group"]
+
+
+def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
+    """File descriptors passed with SCM_RIGHTS in a recvmsg()'s ancillary data."""
+    import array
+
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
+            arr = array.array("i")
+            arr.frombytes(payload[: len(payload) - len(payload) % arr.itemsize])
+            fds.extend(arr)
+    return fds
+
+
+def fds_ancdata(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """Ancillary data for sendmsg() that passes ``fds`` with SCM_RIGHTS."""
+    import array
+
+    return [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []

@@ -18,6 +18,7 @@ import trio_asyncio
 from hvcproxyd import wire
 from hvcproxyd.config import VmConfig
 from hvcproxyd.daemon import Daemon
+from hvcproxyd.managed import ManagedDaemon
 from hvcproxyd.vmm.qmp import QmpState, QmpWatcher
 from hvcproxyd.vmm.simulator import Simulator, SimVcpu, default_mpidr
 
@@ -124,28 +125,32 @@ rules:
   - {{match: 0x82000001, action: hello}}
 """)
     answers: list[int] = []
+    qemu_status: list[dict[str, Any]] = []
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
         answers.append((await cpu.call(0x8200_0001))[1])
-        daemon = cpu.sim.daemon  # type: ignore[attr-defined]
         with trio.fail_after(10):
             while "QMP confirms" not in caplog.text:
                 await trio.sleep(0.05)
+        qemu_status.append(daemon.status()["qemu"])
         vm.kill()
         with trio.fail_after(10):
-            while daemon.qmp.state is QmpState.RUNNING:
+            while daemon.qmp is not None and daemon.qmp.state is QmpState.RUNNING:
                 await trio.sleep(0.05)
+        qemu_status.append(daemon.status()["qemu"])
         answers.append((await cpu.call(0x8200_0001))[1])
 
     async with trio.open_nursery() as nursery:
-        daemon = Daemon(config)
+        daemon = ManagedDaemon(config)
         await nursery.start(daemon.serve)
         sim = Simulator(config.socket, n_vcpus=2, name="q", boot=boot)
-        sim.daemon = daemon  # type: ignore[attr-defined]
         await sim.run(timeout=30)
         sim.close()
         daemon.stop()
     assert answers == [7, 7]
+    # `hvcproxyd status` shows QEMU's run state (-S: prelaunch) and that QMP went away.
+    assert qemu_status[0]["run_state"] == "prelaunch" and qemu_status[0]["qmp_state"] == "running"
+    assert qemu_status[1]["qmp_state"] in ("disconnected", "connecting")
     assert "QMP confirms the VMM's 2 vCPUs" in caplog.text
     assert "QMP connection lost; still serving calls" in caplog.text
 

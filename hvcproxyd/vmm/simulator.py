@@ -26,6 +26,7 @@ import trio
 
 from .. import wire
 from ..smccc import MASK64, SmcccResult, routing_id
+from ..unixsock import fds_ancdata
 
 log = logging.getLogger("hvcproxyd.simulator")
 
@@ -167,8 +168,7 @@ class Simulator:
         hello = self.hello(reconnect)
         data = conn.send(hello)
         fds = list(hello.fds)
-        await sock.sendmsg([data], [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS,
-                                     bytes(memoryview(_int_array(fds))))] if fds else [])
+        await sock.sendmsg([data], fds_ancdata(fds))
         self._sock, self._conn = sock, conn
         welcome = await self._next_event()
         if isinstance(welcome, wire.Error):
@@ -391,12 +391,6 @@ class Simulator:
     def close(self) -> None:
         self.ram.close()
         os.close(self.ram_fd)
-
-
-def _int_array(fds: list[int]) -> Any:
-    import array
-
-    return array.array("i", fds)
 
 
 def socket_ready(path: str | Path) -> bool:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from hvcproxyd import wire
+from hvcproxyd.unixsock import fds_from_ancdata
 
 E = TypeVar("E")
 FD_SPACE = socket.CMSG_SPACE(64 * array.array("i").itemsize)
@@ -59,13 +60,7 @@ class Session:
             if self.conn.state is wire.State.CLOSED:
                 return None
             data, anc, _flags, _addr = self.sock.recvmsg(65536, FD_SPACE)
-            fds: list[int] = []
-            for level, kind, payload in anc:
-                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-                    a = array.array("i")
-                    a.frombytes(payload[: len(payload) - len(payload) % a.itemsize])
-                    fds.extend(a)
-            self.conn.receive_data(data, tuple(fds))
+            self.conn.receive_data(data, tuple(fds_from_ancdata(anc)))
             if not data:
                 return None
 
