@@ -68,7 +68,7 @@ async def _run(config_path: Path, qemu: Path, guest: Path, tmp: Path) -> int:
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)
         with trio.move_on_after(GUEST_TIMEOUT) as scope:
-            proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            proc = await trio.lowlevel.open_process(argv, stdout=subprocess.PIPE, stderr=None,
                                                     stdin=subprocess.DEVNULL)
             assert proc.stdout is not None
             buf = b""

@@ -56,15 +56,7 @@ _start:
 	bl	set_vbar
 
 	ldr	x0, =str_hello
-	bl	puts
-	ldr	x0, =str_el
-	mrs	x1, CurrentEL
-	lsr	x1, x1, #2
-	bl	putkv
-	ldr	x0, =str_mpidr
-	mrs	x1, mpidr_el1
-	bl	putkv
-	bl	newline
+	bl	boot_banner
 
 	call_and_print PSCI_VERSION, FN_PSCI_VERSION
 	call_and_print SMCCC_VERSION, FN_SMCCC_VERSION
@@ -81,8 +73,6 @@ _start:
 
 	.section .rodata
 str_hello:	.asciz	"GUEST calls conduit=" CONDUIT_NAME
-str_el:		.asciz	"el"
-str_mpidr:	.asciz	"mpidr"
 str_fn:		.asciz	"fn"
 str_x0:		.asciz	"x0"
 str_x1:		.asciz	"x1"

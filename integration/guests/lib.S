@@ -70,6 +70,22 @@ putkv:
 	mov	x30, x16
 	ret
 
+/* boot_banner(x0 = title): "title el=0x... mpidr=0x..." and a newline. */
+	.global boot_banner
+boot_banner:
+	stp	x29, x30, [sp, #-16]!
+	bl	puts
+	ldr	x0, =str_el
+	mrs	x1, CurrentEL
+	lsr	x1, x1, #2
+	bl	putkv
+	ldr	x0, =str_mpidr
+	mrs	x1, mpidr_el1
+	bl	putkv
+	bl	newline
+	ldp	x29, x30, [sp], #16
+	ret
+
 	.global newline
 newline:
 	mov	w0, #'\n'
@@ -182,6 +198,9 @@ halt:
 	b	halt
 
 	.section .rodata
+	.global str_el, str_mpidr
+str_el:			.asciz	"el"
+str_mpidr:		.asciz	"mpidr"
 str_exception:		.asciz	"EXCEPTION"
 str_vector:		.asciz	"vector"
 str_esr:		.asciz	"esr"

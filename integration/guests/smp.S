@@ -35,15 +35,7 @@ _start:
 	bl	set_vbar
 
 	ldr	x0, =str_hello
-	bl	puts
-	ldr	x0, =str_el
-	mrs	x1, CurrentEL
-	lsr	x1, x1, #2
-	bl	putkv
-	ldr	x0, =str_mpidr
-	mrs	x1, mpidr_el1
-	bl	putkv
-	bl	newline
+	bl	boot_banner
 
 	/* Power on CPUs 1..3, one at a time. */
 	mov	x19, #1
@@ -203,8 +195,6 @@ secondary_entry:
 
 	.section .rodata
 str_hello:	.asciz	"GUEST smp conduit=" CONDUIT_NAME
-str_el:		.asciz	"el"
-str_mpidr:	.asciz	"mpidr"
 str_target:	.asciz	"target"
 str_context:	.asciz	"context"
 str_x0:		.asciz	"x0"
