@@ -72,6 +72,18 @@ def qemu(qemu_binary: Path, tmp_path: Path) -> Iterator[Callable[[int], Qemu]]:
         q.kill()
 
 
+def qmp_config(tmp_path: Path) -> str:
+    """A VM whose daemon watches the test QEMU's QMP socket; 0x82000001 answers x1 = 7."""
+    return f"""\
+vm: q
+qmp: {tmp_path / "qmp.sock"}
+handlers:
+  hello: {{type: static, options: {{regs: [0, 7]}}}}
+rules:
+  - {{match: 0x82000001, action: hello}}
+"""
+
+
 def hello(mpidrs: list[int]) -> wire.Hello:
     return wire.Hello("q", wire.Accel.TCG, 40,
                       tuple(wire.VcpuInfo(i, m, i == 0) for i, m in enumerate(mpidrs)),
@@ -116,14 +128,7 @@ async def test_daemon_keeps_serving_calls_when_qmp_goes_away(
     caplog.set_level(logging.INFO, logger="hvcproxyd")
     vm = qemu(2)
     await vm.ready()
-    config = make_config(f"""\
-vm: q
-qmp: {tmp_path / "qmp.sock"}
-handlers:
-  hello: {{type: static, options: {{regs: [0, 7]}}}}
-rules:
-  - {{match: 0x82000001, action: hello}}
-""")
+    config = make_config(qmp_config(tmp_path))
     answers: list[int] = []
     qemu_status: list[dict[str, Any]] = []
 
@@ -159,14 +164,7 @@ async def test_a_vmm_that_qemu_contradicts_is_refused(
         qemu: Callable[[int], Qemu], make_config: Callable[[str], VmConfig], tmp_path: Path) -> None:
     vm = qemu(2)
     await vm.ready()
-    config = make_config(f"""\
-vm: q
-qmp: {tmp_path / "qmp.sock"}
-handlers:
-  hello: {{type: static}}
-rules:
-  - {{match: 0x82000001, action: hello}}
-""")
+    config = make_config(qmp_config(tmp_path))
     async with trio.open_nursery() as nursery:
         daemon = Daemon(config)
         await nursery.start(daemon.serve)
