@@ -189,7 +189,7 @@ rules:
     keys = [(p.mark.line, p.key) for p in found if not p.warning]
     assert keys == [(2, "colour"), (3, "handler_timeout_ms"), (5, "handlers.a.options.regs"), (6, "handlers.b.type")]
     errors = [p for p in found if not p.warning]
-    assert "installed types:" in errors[3].message and "static" in errors[3].message
+    assert "no handler type 'nosuch'; installed:" in errors[3].message and "static" in errors[3].message
     assert "vm.yaml:2:1: error: colour: unknown key; valid keys: vm, socket, qmp, handler_timeout_ms" in str(errors[0])
     assert "must be an integer in 1..600000, not -5" in errors[1].message
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import trio
 
+from ..plugins import installed, load_plugin
 from ..smccc import MASK64, SmcccResult
 from ..wire import Call, Effect, EffectKind, VcpuInfo, VmEvent
 
@@ -153,28 +153,11 @@ class Handler:
         """Inverse of :meth:`snapshot`."""
 
 
-def available_handlers() -> dict[str, Any]:
-    return {ep.name: ep for ep in entry_points(group=ENTRY_POINT_GROUP)}
+def available_handlers() -> list[str]:
+    return installed(ENTRY_POINT_GROUP)
 
 
 def load_handler_class(type_name: str) -> type[Handler]:
     """An entry-point name, or ``package.module:Class`` for a handler under
     development that is not packaged yet.  Raises LookupError with a reason."""
-    ep = available_handlers().get(type_name)
-    if ep is not None:
-        target, obj = ep.value, ep.load()
-    elif ":" in type_name:
-        import importlib
-
-        module_name, _, attr = type_name.partition(":")
-        try:
-            obj = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as err:
-            raise LookupError(f"cannot load {type_name!r}: {err}") from err
-        target = type_name
-    else:
-        installed = ", ".join(sorted(available_handlers()))
-        raise LookupError(f"no handler type {type_name!r}; installed types: {installed} (or package.module:Class)")
-    if not (isinstance(obj, type) and issubclass(obj, Handler)):
-        raise LookupError(f"{target} is not a hvcproxyd.handlers.Handler subclass")
-    return obj
+    return load_plugin(ENTRY_POINT_GROUP, type_name, Handler, "handler type")

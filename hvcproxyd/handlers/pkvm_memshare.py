@@ -20,11 +20,9 @@ x1 returns the count done, HYP_MEMINFO sets KVM_FUNC_HAS_RANGE in x1.
 
 from __future__ import annotations
 
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -34,6 +32,7 @@ from ..config import DEFAULT_RUNTIME_DIR
 from ..errors import HvcproxydError
 from ..eventstream import EventStream
 from ..ledger import GRANULES, Change, Ledger, RangeSet
+from ..plugins import load_plugin
 from ..smccc import (
     CALL_COUNT_FN,
     CALL_UID_FN,
@@ -118,23 +117,8 @@ class LogSubscriber(LedgerSubscriber):
 
 
 def load_subscriber(name: str) -> type[LedgerSubscriber]:
-    """An entry-point name, or ``package.module:Class`` for one not packaged yet.
-    Raises LookupError with a reason, like handler types."""
-    ep = {e.name: e for e in entry_points(group=SUBSCRIBER_GROUP)}.get(name)
-    try:
-        if ep is not None:
-            obj = ep.load()
-        elif ":" in name:
-            module_name, _, attr = name.partition(":")
-            obj = getattr(importlib.import_module(module_name), attr)
-        else:
-            installed = ", ".join(sorted(e.name for e in entry_points(group=SUBSCRIBER_GROUP))) or "none"
-            raise LookupError(f"no memshare subscriber {name!r}; installed: {installed} (or package.module:Class)")
-    except (ImportError, AttributeError) as err:
-        raise LookupError(f"cannot load {name!r}: {err}") from err
-    if not (isinstance(obj, type) and issubclass(obj, LedgerSubscriber)):
-        raise LookupError(f"{name} is not a LedgerSubscriber subclass")
-    return obj
+    """An entry-point name, or ``package.module:Class`` for one not packaged yet."""
+    return load_plugin(SUBSCRIBER_GROUP, name, LedgerSubscriber, "memshare subscriber")
 
 
 # ----------------------------------------------------------------- options
