@@ -100,9 +100,44 @@ class Session:
         self.idle = trio.Event()
         self.idle.set()
         self.connected_at = time.time()
+        # Frames for the writer task while the session runs: the vCPU workers and the
+        # reader only append, and one task writes whatever is ready in one syscall.
+        # Under load that batches replies from several vCPUs, and a worker never
+        # yields to the scheduler to write.
+        self._out: list[bytes] = []
+        self._out_ready = trio.Event()
+        self._out_empty = trio.Event()
+        self._out_empty.set()
+        self._writer_running = False
 
     async def send(self, event: wire.Event) -> None:
-        await self.transport.send(self.conn.send(event))
+        data = self.conn.send(event)
+        if not self._writer_running:
+            await self.transport.send(data)
+            return
+        self._out.append(data)
+        self._out_ready.set()
+        if self._out_empty.is_set():
+            self._out_empty = trio.Event()
+
+    async def _writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._writer_running = True
+        task_status.started()
+        try:
+            while True:
+                await self._out_ready.wait()
+                self._out_ready = trio.Event()
+                data = b"".join(self._out)
+                self._out.clear()
+                await self.transport.send(data)
+                if not self._out:
+                    self._out_empty.set()
+        finally:
+            self._writer_running = False
+
+    async def flush(self) -> None:
+        """Wait until every frame queued so far is written (e.g. before an ERROR closes)."""
+        await self._out_empty.wait()
 
     async def next_event(self) -> wire.Event | None:
         """The next frame, or None when the peer closed."""
@@ -119,6 +154,8 @@ class Session:
         log.error("%s: closing VMM connection: %s", self.vm.ctx.name, reason)
         with trio.move_on_after(CLEANUP_TIMEOUT), suppress(TransportError, wire.ProtocolError):
             await self.send(wire.Error(code, reason[:1000]))
+            if self._writer_running:
+                await self.flush()
 
     # -- handshake
     async def handshake(self) -> bool:
@@ -219,8 +256,22 @@ class Session:
 
     # -- running
     async def run(self) -> None:
+        """Serve calls until the VMM goes.  A protocol or transport error from any of
+        the session's tasks leaves as that one error (not trio's exception group),
+        so the daemon answers it and stays up for the next VMM."""
+        try:
+            await self._run()
+        except BaseExceptionGroup as group:
+            for kind in (wire.RemoteProtocolError, TransportError):
+                matched, _rest = group.split(kind)
+                if matched is not None:
+                    raise _first_leaf(matched) from group
+            raise
+
+    async def _run(self) -> None:
         assert self.hello is not None
         async with trio.open_nursery() as nursery:
+            await nursery.start(self._writer)
             for _ in self.hello.vcpus:
                 send, receive = trio.open_memory_channel[wire.Call](VCPU_QUEUE)
                 self._queues.append(send)
@@ -285,6 +336,13 @@ class Session:
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self.idle.set()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
 
 
 def _first_difference(have: tuple[wire.FilterRange, ...], want: tuple[wire.FilterRange, ...]) -> str:
@@ -440,6 +498,11 @@ class Daemon:
             await session.refuse(wire.ErrorCode.PROTOCOL, str(err))
         except TransportError as err:
             log.warning("%s: VMM connection lost: %s", name, err.reason)
+        except Exception:
+            # A bug of ours in this session must not take the daemon (and the next
+            # VMM) down with it; Cancelled is a BaseException and passes through.
+            log.exception("%s: internal error serving the VMM; closing its connection", name)
+            await session.refuse(wire.ErrorCode.REFUSED, "internal error in hvcproxyd; see its log")
 
     # -- control
     def stop(self) -> None:

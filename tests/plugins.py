@@ -26,6 +26,7 @@ class Sleeper(Handler):
     """Sleeps x1 milliseconds, then answers x0 = 0, x1 = the vCPU."""
 
     async def handle(self, call: Call) -> Result:
+        self.log.info("vcpu %d sleeps %d ms", call.vcpu, call.args[0])  # tests wait for this line
         await trio.sleep(call.args[0] / 1000)
         return Result.of(0, call.vcpu)
 

@@ -341,7 +341,9 @@ async def test_sigterm_drains_calls_in_flight_and_exits_0(write_config: Callable
             async def slow() -> None:
                 got.append(await cpu.call(SLEEP, 800))
             n.start_soon(slow)
-            await trio.sleep(0.3)
+            with trio.fail_after(20):  # SIGTERM only once the call is in the handler
+                while "vcpu 0 sleeps 800 ms" not in daemon.log.read_text():
+                    await trio.sleep(0.02)
             daemon.signal(signal.SIGTERM)
 
     sim = Simulator(daemon.socket, boot=boot, reconnect_timeout=0.5)
@@ -389,3 +391,22 @@ async def test_sighup_applies_a_good_config_and_keeps_the_running_one_on_a_bad_o
     log = daemon.log.read_text()
     assert "reload refused, keeping the running config" in log and "vm.yaml:" in log
     assert "changes the forwarded/denied ranges" in log
+
+
+async def test_protocol_error_while_running_closes_only_that_connection(
+        make_config: Callable[[str], VmConfig], serve: Serve) -> None:
+    config = make_config(config_text())
+    daemon = await serve(config)
+    sim = Simulator(config.socket)
+    await sim._connect(reconnect=False)
+    await sim._send(wire.Call(1, 99, HELLO, (0,) * 17))  # the VM has 4 vCPUs
+    with trio.fail_after(10):
+        err = await sim._next_event()
+    sim.close()
+    assert isinstance(err, wire.Error) and err.code is wire.ErrorCode.PROTOCOL and "vCPU 99" in err.reason
+    assert daemon.protocol_errors == 1
+
+    async def boot(cpu: SimVcpu, x0: int) -> None:
+        assert (await cpu.call(HELLO))[1] == 1
+
+    await run_sim(config, boot)  # the daemon still serves the next VMM
