@@ -167,8 +167,8 @@ class VmService:
             result = NOT_SUPPORTED
         reply = Reply(call.seq, call.vcpu, result.regs, result.effects)
         self._last_reply[call.vcpu] = reply
-        if result.effects and isinstance(target, Handler):
-            self._effects[call.seq] = (target.name, result.effects)
+        if result.effects:  # only handlers return effects
+            self._effects[call.seq] = (name, result.effects)
             if len(self._effects) > 4096:
                 self._effects.popitem(last=False)
         self.stats.calls[name] += 1

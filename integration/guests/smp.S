@@ -61,14 +61,8 @@ _start:
 	b	system_off
 
 3:	ldr	x0, =str_cpu_on
-	bl	puts
-	ldr	x0, =str_target
 	mov	x1, x19
-	bl	putkv
-	ldr	x0, =str_x0
-	mov	x1, x20
-	bl	putkv
-	bl	newline
+	bl	report
 	bl	affinity_info
 	add	x19, x19, #1
 	cmp	x19, #NCPUS
@@ -82,14 +76,8 @@ _start:
 	bl	smccc
 	mov	x20, x0
 	ldr	x0, =str_cpu_on_again
-	bl	puts
-	ldr	x0, =str_target
 	mov	x1, #1
-	bl	putkv
-	ldr	x0, =str_x0
-	mov	x1, x20
-	bl	putkv
-	bl	newline
+	bl	report
 
 	/* Release each secondary into CPU_OFF and wait until it is OFF. */
 	mov	x19, #1
@@ -110,14 +98,8 @@ _start:
 	b.lo	5b
 6:	mov	x20, x0
 	ldr	x0, =str_cpu_off
-	bl	puts
-	ldr	x0, =str_target
 	mov	x1, x19
-	bl	putkv
-	ldr	x0, =str_x0
-	mov	x1, x20
-	bl	putkv
-	bl	newline
+	bl	report
 	add	x19, x19, #1
 	cmp	x19, #NCPUS
 	b.lo	4b
@@ -135,15 +117,23 @@ affinity_info:
 	bl	smccc
 	mov	x20, x0
 	ldr	x0, =str_affinity
+	mov	x1, x19
+	bl	report
+	mov	x30, x25
+	ret
+
+/* report(x0 = label, x1 = target, x20 = result): "label target=0x.. x0=0x..". */
+report:
+	stp	x1, x30, [sp, #-16]!
 	bl	puts
 	ldr	x0, =str_target
-	mov	x1, x19
+	ldr	x1, [sp]
 	bl	putkv
 	ldr	x0, =str_x0
 	mov	x1, x20
 	bl	putkv
 	bl	newline
-	mov	x30, x25
+	ldp	x1, x30, [sp], #16
 	ret
 
 /* Secondary entry: x0 = context ID. */
