@@ -33,11 +33,11 @@ from typing import Any
 
 import trio
 
-from hvcproxyd.config import load_config
-from hvcproxyd.daemon import Daemon
-from hvcproxyd.handlers import available_handlers
+from hvcproxyd.core.handler import available_handlers
+from hvcproxyd.core.vmconfig import load_config
 from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID, MemshareHandler
-from hvcproxyd.ledger import Replica
+from hvcproxyd.handlers.pkvm_memshare.ledger import Replica
+from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
 PSCI_VERSION = 0x8400_0000

@@ -6,7 +6,10 @@ only the socket we bound, never a successor's that took the path since.
 
 from __future__ import annotations
 
+import array
+import grp
 import os
+import pwd
 import socket as stdsocket
 import stat
 import struct
@@ -16,20 +19,31 @@ from types import TracebackType
 
 import trio
 
-from .config import resolve_id
 from .errors import HvcproxydError
 
 
-def set_group(path: Path, group: int | str, key: str) -> None:
-    """Hand a socket to ``group`` (e.g. QEMU's), so that group may connect."""
+def resolve_id(value: int | str, kind: str) -> int | None:
+    """A uid (kind "user") or gid (kind "group") from a number or a name; None if unknown."""
+    if isinstance(value, int):
+        return value
+    try:
+        return pwd.getpwnam(value).pw_uid if kind == "user" else grp.getgrnam(value).gr_gid
+    except KeyError:
+        return None
+
+
+def set_group(path: Path, group: int | str, key: str, shown: Path | None = None) -> None:
+    """Hand a socket to ``group`` (e.g. QEMU's), so that group may connect; errors
+    name ``shown`` (the path a socket bound under a temporary name will have)."""
+    shown = shown or path
     gid = resolve_id(group, "group")
     if gid is None:
-        raise HvcproxydError(f"{key}: there is no group {group!r} on this host, so {path} cannot be handed to it")
+        raise HvcproxydError(f"{key}: there is no group {group!r} on this host, so {shown} cannot be handed to it")
     try:
         os.chown(path, -1, gid)
     except OSError as err:
         raise HvcproxydError(
-            f"{key}: cannot give {path} to group {group!r} ({gid}): {err.strerror}; the daemon must be a member "
+            f"{key}: cannot give {shown} to group {group!r} ({gid}): {err.strerror}; the daemon must be a member "
             f"of that group (in the unit: SupplementaryGroups={group})") from err
 
 
@@ -40,35 +54,55 @@ def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
     return pid, uid, gid
 
 
+#: Pending connections the kernel queues per listener (net.core.somaxconn caps it).
+LISTEN_BACKLOG = 128
+
+
 class UnixListener:
     """``async with UnixListener(path, 0o600) as listener:`` binds, listens, and
-    on exit unlinks the path if it is still ours."""
+    on exit unlinks the path if it is still ours.
 
-    def __init__(self, path: Path, mode: int, group: int | str | None = None, key: str = "socket") -> None:
+    The socket is bound under a temporary name beside ``path``, given its mode and
+    group, and renamed into place: a client never finds the path with the wrong
+    permissions, and a stale socket from an earlier run is replaced atomically
+    (a regular file at ``path`` is never touched)."""
+
+    def __init__(self, path: Path, mode: int, group: int | str | None = None, key: str = "socket",
+                 group_key: str | None = None) -> None:
         self.path = path
         self.mode = mode
         self.group = group
         self.key = key
+        self.group_key = group_key or key
         self._sock: trio.socket.SocketType | None = None
         self._inode = -1
 
     async def __aenter__(self) -> trio.SocketListener:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with suppress(FileNotFoundError):
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                self.path.unlink()  # stale, from an earlier run
+            if not stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                raise HvcproxydError(f"{self.key}: cannot listen on {self.path}: it exists and is not a socket; "
+                                     "remove it or choose another path")
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         sock = trio.socket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
         try:
-            await sock.bind(str(self.path))
-            os.chmod(self.path, self.mode)
+            with suppress(FileNotFoundError):
+                tmp.unlink()
+            await sock.bind(str(tmp))
+            os.chmod(tmp, self.mode)
             if self.group is not None:
-                set_group(self.path, self.group, self.key)
-            sock.listen(16)
+                set_group(tmp, self.group, self.group_key, self.path)
+            sock.listen(LISTEN_BACKLOG)
+            os.rename(tmp, self.path)
         except OSError as err:
             sock.close()
+            with suppress(OSError):
+                tmp.unlink()
             raise HvcproxydError(f"{self.key}: cannot listen on {self.path}: {err.strerror}") from err
         except BaseException:
             sock.close()
+            with suppress(OSError):
+                tmp.unlink()
             raise
         self._sock = sock
         self._inode = os.lstat(self.path).st_ino
@@ -77,19 +111,14 @@ class UnixListener:
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
         with suppress(OSError):
-            if os.lstat(self.path).st_ino == self._inode:
+            if os.lstat(self.path).st_ino == self._inode:  # not a successor's socket
                 self.path.unlink()
         if self._sock is not None:
             self._sock.close()
 
 
-__all__ = ["UnixListener", "peer_credentials", "set_group"]
-
-
 def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
     """File descriptors passed with SCM_RIGHTS in a recvmsg()'s ancillary data."""
-    import array
-
     fds: list[int] = []
     for level, kind, payload in ancdata:
         if level == stdsocket.SOL_SOCKET and kind == stdsocket.SCM_RIGHTS:
@@ -101,6 +130,8 @@ def fds_from_ancdata(ancdata: list[tuple[int, int, bytes]]) -> list[int]:
 
 def fds_ancdata(fds: list[int]) -> list[tuple[int, int, bytes]]:
     """Ancillary data for sendmsg() that passes ``fds`` with SCM_RIGHTS."""
-    import array
-
     return [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+
+
+__all__ = ["LISTEN_BACKLOG", "UnixListener", "fds_ancdata", "fds_from_ancdata", "peer_credentials", "resolve_id",
+           "set_group"]

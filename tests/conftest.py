@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from hvcproxyd.config import VmConfig, load_config
-from hvcproxyd.daemon import Daemon
+from hvcproxyd.core.vmconfig import VmConfig, load_config
+from hvcproxyd.server.daemon import Daemon
 
 REPO = Path(__file__).resolve().parent.parent
 

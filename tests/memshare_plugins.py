@@ -4,8 +4,8 @@ the path a subscriber plugin takes before it is packaged under an entry point.""
 from __future__ import annotations
 
 from hvcproxyd.handlers import VmContext
-from hvcproxyd.handlers.pkvm_memshare import LedgerSubscriber
-from hvcproxyd.ledger import Change, Ledger
+from hvcproxyd.handlers.pkvm_memshare.ledger import Change, Ledger
+from hvcproxyd.sidecars.memshare import LedgerSubscriber
 
 #: Every Recorder ever made, so a test can find the one its handler instance owns.
 RECORDERS: list[Recorder] = []

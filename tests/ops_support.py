@@ -14,8 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from hvcproxyd.control import request_status
 from hvcproxyd.handlers import Handler, Result
+from hvcproxyd.ops.control import request_status
 from hvcproxyd.wire import EFFECT_AARCH64, Call, Effect, EffectKind
 
 REPO = Path(__file__).resolve().parent.parent

@@ -9,7 +9,7 @@ from typing import Any
 import trio
 
 from hvcproxyd.config import Section
-from hvcproxyd.guestmem import GuestMemoryError
+from hvcproxyd.core.guestmem import GuestMemoryError
 from hvcproxyd.handlers import Handler, Result
 from hvcproxyd.smccc import SmcccResult
 from hvcproxyd.wire import Call

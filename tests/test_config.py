@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from hvcproxyd.cli import main
-from hvcproxyd.config import ConfigError, Problem, VmConfig, load_config
+from hvcproxyd.config import ConfigError, Problem
+from hvcproxyd.core.vmconfig import VmConfig, load_config
+from hvcproxyd.rules.targets import ToHandler
 from hvcproxyd.wire import FilterAction, FilterRange
 
 Make = Callable[[str], VmConfig]
@@ -64,10 +66,12 @@ def test_different_conduits_or_disjoint_vcpus_do_not_overlap(make_config: Make) 
   - {match: 0x82000011, vcpus: [0, 1], action: hello}
   - {match: 0x82000011, vcpus: [2], action: probe}
 """)
-    t = config.table
-    assert (t.lookup(0x8200_0010, 0, 0), t.lookup(0x8200_0010, 1, 0)) == ("hello", "probe")
-    assert (t.lookup(0x8200_0011, 0, 1), t.lookup(0x8200_0011, 0, 2), t.lookup(0x8200_0011, 0, 3)) == (
-        "hello", "probe", None)
+    def name(fid: int, conduit: int, vcpu: int) -> str | None:
+        target = config.table.lookup(fid, conduit, vcpu)
+        return None if target is None else target.name
+
+    assert (name(0x8200_0010, 0, 0), name(0x8200_0010, 1, 0)) == ("hello", "probe")
+    assert (name(0x8200_0011, 0, 1), name(0x8200_0011, 0, 2), name(0x8200_0011, 0, 3)) == ("hello", "probe", None)
 
 
 def test_overlapping_vcpu_sets_are_refused(make_config: Make) -> None:
@@ -104,7 +108,7 @@ def test_whole_vendor_range_with_its_identity_is_accepted(make_config: Make) -> 
   - {match: [0xC6000000, 0xC6000002], action: deny}
   - {match: [0xC6000004, 0xC600FFFF], action: deny}
 """)
-    assert config.table.lookup(0x8600_FF01, 1, 3) == "id6"
+    assert config.table.lookup(0x8600_FF01, 1, 3) == ToHandler("id6")
 
 
 def test_vendor_range_whose_uid_goes_to_a_non_discovery_handler(make_config: Make) -> None:

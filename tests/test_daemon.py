@@ -13,10 +13,10 @@ import pytest
 import trio
 
 from hvcproxyd import wire
-from hvcproxyd.config import VmConfig, load_config
-from hvcproxyd.daemon import Daemon
+from hvcproxyd.core.service import VmService
+from hvcproxyd.core.vmconfig import VmConfig, load_config
+from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.smccc import MASK64, SmcccResult
-from hvcproxyd.vm import VmService
 from hvcproxyd.vmm.simulator import RAM_BASE, DaemonRefused, Simulator, SimVcpu
 
 from .conftest import REPO
@@ -113,7 +113,7 @@ async def test_a_handler_that_raises(make_config: Callable[[str], VmConfig], ser
 
     await run_sim(config, boot)
     assert got == [(NOT_SUPPORTED, 0, 0, 0), (0, 1, 0, 0)]
-    assert daemon.vm.stats.errors["raise"] == 1
+    assert daemon.vm.stats.failures["raise", "exception"] == 1
     assert "deliberate failure in a test handler" in caplog.text  # the traceback is logged
 
 
@@ -142,7 +142,7 @@ async def test_a_slow_handler_times_out_while_other_vcpus_are_served(
     await run_sim(config, boot)
     assert done[-1] == f"slow:{NOT_SUPPORTED:#x}"
     assert sorted(done[:-1]) == ["fast1", "fast2", "fast3"]
-    assert daemon.vm.stats.timeouts["sleep"] == 1
+    assert daemon.vm.stats.failures["sleep", "timeout"] == 1
 
 
 @pytest.mark.parametrize("by_fd", [True, False], ids=["memfd", "mem-frames"])
@@ -200,7 +200,7 @@ async def test_reconnect_replays_the_call_in_flight(write_config: Callable[[str]
     sim.close()
     assert got == [(0, 1, 0, 0), (0, 0, 0, 0), (0, 1, 0, 0)]  # the new daemon's counter starts afresh
     assert [e.kind for e in sim.transcript].count("reconnect") == 1
-    assert second.vm.stats.calls["sleep"] == 1
+    assert second.vm.stats.by_handler()["sleep"] == 1
 
 
 async def test_reconnect_with_a_different_filter_is_refused(write_config: Callable[[str], Path],
@@ -245,7 +245,7 @@ async def test_protocol_error_gets_an_error_frame_and_the_daemon_stays_up(
     assert "unknown message type 99" in err.reason
     assert await sock.recv(4096) == b""  # and closed
     sock.close()
-    assert daemon.protocol_errors == 1
+    assert daemon.links.protocol_errors == 1
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
         assert (await cpu.call(HELLO))[1] == 1
@@ -404,7 +404,7 @@ async def test_protocol_error_while_running_closes_only_that_connection(
         err = await sim._next_event()
     sim.close()
     assert isinstance(err, wire.Error) and err.code is wire.ErrorCode.PROTOCOL and "vCPU 99" in err.reason
-    assert daemon.protocol_errors == 1
+    assert daemon.links.protocol_errors == 1
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
         assert (await cpu.call(HELLO))[1] == 1

@@ -13,7 +13,7 @@ import trio
 import trio.testing
 
 from hvcproxyd.errors import HvcproxydError
-from hvcproxyd.eventstream import EventStream
+from hvcproxyd.sidecars.eventstream import EventStream
 
 
 class LineReader:

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from hvcproxyd.guestmem import GuestMemory, GuestMemoryError
+from hvcproxyd.core.guestmem import GuestMemory, GuestMemoryError
 from hvcproxyd.wire import RamRegion
 
 REGIONS = (RamRegion(0x4000_0000, 0x10000, 0, 0), RamRegion(0x4001_0000, 0x10000, 0x10000, 0),

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcproxyd.ledger import Change, Ledger, RangeSet, Replica, StreamError
+from hvcproxyd.handlers.pkvm_memshare.ledger import Change, Ledger, RangeSet, Replica, StreamError
 
 G = 4096
 PAGES = 64  # a small universe makes overlaps, touches and splits common
@@ -72,7 +72,7 @@ def test_ledger_is_all_or_nothing_like_pkvm(operations: list[tuple[str, tuple[in
     for op, (first, n), vcpu in operations:
         span = set(range(first, first + n))
         before = ledger.ranges()
-        change = getattr(ledger, op)(first * G, n * G, vcpu=vcpu, now=1.0)
+        change = getattr(ledger, op)(first * G, n * G, vcpu=vcpu)
         allowed = not span & model if op == "share" else span <= model
         if not allowed:
             assert change is None
@@ -92,12 +92,12 @@ def test_ledger_is_all_or_nothing_like_pkvm(operations: list[tuple[str, tuple[in
 
 def test_ledger_counters_peak_and_reset() -> None:
     ledger = Ledger(G)
-    assert ledger.share(0x4000_0000, 4 * G, vcpu=0, now=1.0) is not None
-    assert ledger.unshare(0x4000_0000, 3 * G, vcpu=1, now=2.0) is not None
-    assert ledger.share(0x4000_0000 + 2 * G, 2 * G, vcpu=0, now=3.0) is None  # its second page is still shared
+    assert ledger.share(0x4000_0000, 4 * G, vcpu=0) is not None
+    assert ledger.unshare(0x4000_0000, 3 * G, vcpu=1) is not None
+    assert ledger.share(0x4000_0000 + 2 * G, 2 * G, vcpu=0) is None  # its second page is still shared
     assert ledger.counters.refused == 1
     assert ledger.counters.peak_bytes == 4 * G
-    reset = ledger.reset(now=4.0)
+    reset = ledger.reset()
     assert (reset.op, reset.vcpu, reset.shared, reset.seq) == ("reset", -1, 0, ledger.seq)
     assert ledger.ranges() == [] and ledger.counters.shares == 0 and ledger.counters.resets == 1
 
@@ -106,7 +106,7 @@ def test_ledger_counters_peak_and_reset() -> None:
 def test_ledger_refuses_unaligned_ranges_as_caller_bugs(ipa: int, size: int) -> None:
     # Guest input never gets here unchecked; the handler answers INVALID_PARAMETER first.
     with pytest.raises(ValueError):
-        Ledger(G).share(ipa, size, vcpu=0, now=0.0)
+        Ledger(G).share(ipa, size, vcpu=0)
 
 
 def test_ledger_granule_must_be_an_arm_granule() -> None:
@@ -116,7 +116,7 @@ def test_ledger_granule_must_be_an_arm_granule() -> None:
 
 def test_is_shared_takes_any_byte_range() -> None:
     ledger = Ledger(G)
-    ledger.share(0x1000, 2 * G, vcpu=0, now=0.0)  # [0x1000, 0x3000)
+    ledger.share(0x1000, 2 * G, vcpu=0)  # [0x1000, 0x3000)
     assert ledger.is_shared(0x1000, 1)
     assert ledger.is_shared(0x1FFF, 0x1001)  # straddles the two shared granules, ends at 0x3000
     assert not ledger.is_shared(0x2FFF, 2)  # its last byte is in 0x3000
@@ -127,9 +127,9 @@ def test_is_shared_takes_any_byte_range() -> None:
 
 def test_serialization_round_trip_and_corruption() -> None:
     ledger = Ledger(16384)
-    ledger.share(0x10000, 0x8000, vcpu=2, now=0.0)
-    ledger.share(0x40000, 0x4000, vcpu=2, now=0.0)
-    ledger.unshare(0x10000, 0x4000, vcpu=2, now=0.0)
+    ledger.share(0x10000, 0x8000, vcpu=2)
+    ledger.share(0x40000, 0x4000, vcpu=2)
+    ledger.unshare(0x10000, 0x4000, vcpu=2)
     data = json.loads(json.dumps(ledger.to_dict()))  # survives JSON, as a state file would
     copy = Ledger.from_dict(data)
     assert copy.ranges() == ledger.ranges() and copy.shared == ledger.shared
@@ -144,17 +144,17 @@ def test_serialization_round_trip_and_corruption() -> None:
 
 def _changed(change: Change | None) -> bytes:
     assert change is not None
-    return change.json_line()
+    return change.json_line(0.0)
 
 
 def test_replica_rebuilds_from_snapshot_and_changes() -> None:
     ledger = Ledger(G)
-    ledger.share(0, 2 * G, vcpu=0, now=0.0)
+    ledger.share(0, 2 * G, vcpu=0)
     records = [json.loads(ledger.snapshot_line("vm", 0.0))]
     for op, ipa in (("share", 4 * G), ("unshare", 0), ("share", 8 * G)):
-        records.append(json.loads(_changed(getattr(ledger, op)(ipa, G, vcpu=1, now=0.0))))
-    records.append(json.loads(ledger.reset(now=0.0).json_line()))
-    records.append(json.loads(_changed(ledger.share(G, G, vcpu=3, now=0.0))))
+        records.append(json.loads(_changed(getattr(ledger, op)(ipa, G, vcpu=1))))
+    records.append(json.loads(ledger.reset().json_line(0.0)))
+    records.append(json.loads(_changed(ledger.share(G, G, vcpu=3))))
     replica = Replica()
     for rec in records:
         replica.apply(rec)
@@ -164,8 +164,8 @@ def test_replica_rebuilds_from_snapshot_and_changes() -> None:
 def test_replica_checks_gaps_totals_and_lost_counts() -> None:
     ledger = Ledger(G)
     snap = json.loads(ledger.snapshot_line("vm", 0.0))
-    first = json.loads(_changed(ledger.share(0, G, vcpu=0, now=0.0)))
-    second = json.loads(_changed(ledger.share(G, G, vcpu=0, now=0.0)))
+    first = json.loads(_changed(ledger.share(0, G, vcpu=0)))
+    second = json.loads(_changed(ledger.share(G, G, vcpu=0)))
     with pytest.raises(StreamError, match="snapshot was due"):
         Replica().apply(first)
     gap = Replica()

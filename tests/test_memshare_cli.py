@@ -11,10 +11,11 @@ import trio
 import trio.testing
 
 from hvcproxyd import cli
-from hvcproxyd.config import VmConfig
-from hvcproxyd.daemon import Daemon
-from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID, MemshareHandler, default_socket
-from hvcproxyd.memshare_cli import format_record, size_text
+from hvcproxyd.cli.memshare import format_record, size_text
+from hvcproxyd.core.vmconfig import VmConfig
+from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID
+from hvcproxyd.server.daemon import Daemon
+from hvcproxyd.sidecars.memshare import MemshareSidecar, default_socket
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
 
@@ -47,8 +48,8 @@ async def test_ls_and_watch(make_config: Callable[[str], VmConfig], tmp_path: Pa
     daemon = Daemon(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)
-        handler = daemon.vm.instances["ms"]
-        assert isinstance(handler, MemshareHandler) and handler.stream is not None
+        side = daemon.vm.sidecars["ms"][0]
+        assert isinstance(side, MemshareSidecar) and side.stream is not None
         watch_status: list[int] = []
 
         async def watch() -> None:
@@ -56,7 +57,7 @@ async def test_ls_and_watch(make_config: Callable[[str], VmConfig], tmp_path: Pa
                 run_cli, ["memshare", "watch", "--socket", str(path), "--json"]))
 
         nursery.start_soon(watch)
-        while not handler.stream.subscribers:
+        while not side.stream.subscribers:
             await trio.sleep(0.01)
         sim = Simulator(config.socket, n_vcpus=1, name="clivm", boot=guest)
         try:

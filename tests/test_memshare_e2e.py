@@ -14,10 +14,11 @@ import pytest
 import trio
 import trio.testing
 
-from hvcproxyd.config import VmConfig
-from hvcproxyd.daemon import Daemon
-from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID, MemshareHandler
-from hvcproxyd.ledger import Replica
+from hvcproxyd.core.vmconfig import VmConfig
+from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID
+from hvcproxyd.handlers.pkvm_memshare.ledger import Replica
+from hvcproxyd.server.daemon import Daemon
+from hvcproxyd.sidecars.memshare import MemshareSidecar
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
 N_VCPUS = 4
@@ -75,14 +76,14 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
 
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.serve)
-        handler = daemon.vm.instances["ms"]
-        assert isinstance(handler, MemshareHandler) and handler.stream is not None
+        side = daemon.vm.sidecars["ms"][0]
+        assert isinstance(side, MemshareSidecar) and side.stream is not None
         # The stalled subscriber: a plain socket nobody reads until the guest is done.
         stalled = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stalled.connect(str(stream_path))
         live_stream = await trio.open_unix_socket(str(stream_path))
         await trio.testing.wait_all_tasks_blocked()
-        assert len(handler.stream.subscribers) == 2
+        assert len(side.stream.subscribers) == 2
         live = Replica()
         nursery.start_soon(follow, live_stream, live)
 
@@ -93,7 +94,7 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
             assert await sim.run(timeout=120) == "idle"
         finally:
             sim.close()
-        ledger = handler.ledger
+        ledger = daemon.vm.instances["ms"].ledger  # type: ignore[attr-defined]
 
         # Every call came back while the stalled subscriber had not read a byte.
         assert len(results) == N_VCPUS * CALLS_PER_VCPU
@@ -111,13 +112,13 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
         assert live.lost == 0 and live.snapshots == 1 and live.changes == ledger.seq
 
         # The stalled one was held to its queue, told what it lost, and resynced.
-        stalled_sub = next(s for s in handler.stream.subscribers if s.lost or s.resync)
+        stalled_sub = next(s for s in side.stream.subscribers if s.lost or s.resync)
         assert len(stalled_sub.queue) <= QUEUE
         stalled_stream = trio.SocketStream(trio.socket.from_stdlib_socket(stalled))
         late = Replica()
         nursery.start_soon(follow, stalled_stream, late)
         await until(lambda: late.seq == ledger.seq and late.snapshots >= 2)
-        assert late.lost > 0 and late.lost == handler.stream.stats.lost
+        assert late.lost > 0 and late.lost == side.stream.stats.lost
         assert late.changes + late.lost == ledger.seq  # every change either seen or counted as lost
         assert late.shared == ledger.shared
         daemon.stop()

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from hvcproxyd.cli import main
-from hvcproxyd.config import ConfigError, MetricsConfig, VmmAuth, load_config
-from hvcproxyd.journal import JournalHandler, encode, field_name, journal_stream_is
+from hvcproxyd.config import ConfigError, MetricsConfig, VmmAuth
+from hvcproxyd.core.vmconfig import load_config
+from hvcproxyd.ops.journal import JournalHandler, encode, field_name, journal_stream_is
 
 from .ops_support import REPO
 
@@ -118,7 +119,7 @@ def test_shipped_configs_pass_check(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_template_documents_every_key() -> None:
-    from hvcproxyd.config import TOP_KEYS
+    from hvcproxyd.core.vmconfig import TOP_KEYS
 
     text = (REPO / "config" / "vm-template.yaml").read_text()
     for key in TOP_KEYS:

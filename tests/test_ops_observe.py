@@ -17,14 +17,17 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from hvcproxyd import logsetup
-from hvcproxyd.config import VmConfig, load_config
-from hvcproxyd.control import TraceFilter, request_status, trace_calls
-from hvcproxyd.journal import JournalHandler
-from hvcproxyd.managed import ManagedDaemon
-from hvcproxyd.metrics import scrape_unix
-from hvcproxyd.sdnotify import Notifier
+from hvcproxyd.core.stats import LATENCY_BUCKETS, MAX_FUNCTIONS, OTHER, CallStats, Histogram
+from hvcproxyd.core.vmconfig import VmConfig, load_config
+from hvcproxyd.ops import logsetup
+from hvcproxyd.ops.control import TraceFilter, request_status, trace_calls
+from hvcproxyd.ops.journal import JournalHandler
+from hvcproxyd.ops.metrics import scrape_unix
+from hvcproxyd.ops.sdnotify import Notifier
+from hvcproxyd.ops.service import Service
+from hvcproxyd.smccc.results import ResultClass
 from hvcproxyd.vmm.simulator import Simulator, SimVcpu
+from hvcproxyd.wire import Call, Reply
 
 from .ops_support import CPU_OFF, CPU_ON64, HELLO, MINUS3, REPO, SIP_UID, UNRULED, ops_config
 
@@ -43,11 +46,11 @@ def control(config: VmConfig) -> Path:
 
 
 @asynccontextmanager
-async def managed(config: VmConfig) -> AsyncIterator[ManagedDaemon]:
+async def managed(config: VmConfig) -> AsyncIterator[Service]:
     async with trio.open_nursery() as nursery:
-        daemon: ManagedDaemon = await nursery.start(ManagedDaemon(config, Notifier({})).run)
-        yield daemon
-        daemon.stop()
+        service: Service = await nursery.start(Service(config, Notifier({})).run)
+        yield service
+        service.stop()
 
 
 async def run_sim(config: VmConfig, boot: Any, **kw: Any) -> Simulator:
@@ -97,7 +100,8 @@ async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path) -> None:
         await cpu.call(UNRULED)
         await cpu.call(CPU_ON64, 1, ENTRY1, 0x11)
         await cpu.call(CPU_ON64, 2, ENTRY2, 0x22)
-        await until(lambda: daemon.vm.stats.calls["hello"] == 4 and daemon.vm.stats.calls["power"] == 3)
+        calls = daemon.daemon.vm.stats.by_handler
+        await until(lambda: calls()["hello"] == 4 and calls()["power"] == 3)
         status_seen.append(await trio.to_thread.run_sync(request_status, control(config)))
         await cli("status", "status", "--control-socket", ctl, "opsvm")
 
@@ -134,7 +138,7 @@ async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path) -> None:
         ("hello", "success")] * 3 + [("ident", "value"), ("minus3", "error"), ("none", "not_supported"),
                                      ("power", "success"), ("power", "success")]
     assert {(c["vcpu"], c["name"]) for c in calls if c["vcpu"] != 0} == {(1, None), (2, "PSCI_CPU_OFF")}
-    assert len(daemon.hub.subscribers) == 0 and daemon.hub.observe not in daemon.vm.observers
+    assert len(daemon.hub.subscribers) == 0 and daemon.hub.observe not in daemon.daemon.vm.observers
 
     # status, while the VMM was attached.
     (st,) = status_seen
@@ -342,7 +346,8 @@ async def test_a_vmm_with_other_credentials_is_refused_and_logged(tmp_path: Path
     config = load_config(path)
     async with managed(config) as daemon:
         assert await connect_raw(config.socket) == b""
-        assert daemon.refused_peers == 1 and daemon.session is None and daemon.connections == 0
+        links = daemon.daemon.links
+        assert links.refused_peers == 1 and daemon.daemon.session is None and links.accepted == 0
         body = await trio.to_thread.run_sync(scrape_unix, str(tmp_path / "opsvm.metrics"))
     assert sample(samples(body.decode()), "hvcproxyd_vmm_refused_total") == 1
     (msg,) = [r.getMessage() for r in caplog.records if "refused VMM" in r.getMessage()]
@@ -366,18 +371,14 @@ async def test_a_vmm_in_the_configured_group_is_let_in(tmp_path: Path) -> None:
         assert os.stat(config.socket).st_gid == os.getgid() and os.stat(config.socket).st_mode & 0o777 == 0o660
         assert os.stat(config.control_socket).st_mode & 0o777 == 0o600  # type: ignore[arg-type]
         await run_sim(config, boot)
-        assert daemon.refused_peers == 0 and daemon.vm.stats.calls["hello"] == 1
+        assert daemon.daemon.links.refused_peers == 0 and daemon.daemon.vm.stats.by_handler()["hello"] == 1
 
 
-def test_telemetry_caps_functions_and_interpolates_percentiles() -> None:
-    from hvcproxyd.handlers import VmContext
-    from hvcproxyd.telemetry import LATENCY_BUCKETS, MAX_FUNCTIONS, OTHER, Histogram, Telemetry
-    from hvcproxyd.wire import Call, Reply
-
-    t = Telemetry(VmContext("t", {}, logging.getLogger("t")))
+def test_stats_cap_functions_and_interpolate_percentiles() -> None:
+    t = CallStats()
     for n in range(MAX_FUNCTIONS + 10):  # a guest sweeping a forwarded block
-        t.observe(Call(n + 1, 0, 0x8200_0000 + n, (0,) * 17), Reply(n + 1, 0, (0, 0, 0, 0)), "h", 1e-5)
-    assert len(t.calls) == MAX_FUNCTIONS + 1 and t.calls[OTHER, "h", "success"] == 10
+        t.record(Call(n + 1, 0, 0x8200_0000 + n, (0,) * 17), Reply(n + 1, 0, (0, 0, 0, 0)), "h", 1e-5)
+    assert len(t.calls) == MAX_FUNCTIONS + 1 and t.calls[OTHER, "h", ResultClass.SUCCESS] == 10
     h = Histogram()
     assert h.quantile(0.5) is None
     for seconds in (3e-5,) * 99 + (2.0,):

@@ -9,8 +9,8 @@ import socket
 import time
 from pathlib import Path
 
-from hvcproxyd.control import request_status
-from hvcproxyd.sdnotify import Notifier
+from hvcproxyd.ops.control import request_status
+from hvcproxyd.ops.sdnotify import Notifier
 
 from .ops_support import DaemonProcess, ops_config, wait_for
 

@@ -11,11 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from hvcproxyd.config import ConfigError, VmConfig
-from hvcproxyd.eventstream import Subscriber
-from hvcproxyd.guestmem import GuestMemory
-from hvcproxyd.handlers.pkvm_memshare import MAX_GUARD_RANGES, MemshareHandler, ledger_of
-from hvcproxyd.vm import VmService
+from hvcproxyd.config import ConfigError
+from hvcproxyd.core.guestmem import GuestMemory
+from hvcproxyd.core.service import VmService
+from hvcproxyd.core.vmconfig import VmConfig
+from hvcproxyd.handlers.pkvm_memshare.handler import MAX_GUARD_RANGES, MemshareHandler
+from hvcproxyd.handlers.pkvm_memshare.ledger import Ledger
+from hvcproxyd.sidecars.eventstream import Subscriber
+from hvcproxyd.sidecars.memshare import MemshareSidecar
 from hvcproxyd.wire import CALL_AARCH32, N_ARGS, Call, EventKind, RamRegion, VmEvent
 from tests import memshare_plugins
 
@@ -55,7 +58,7 @@ def make_service(make_config: Callable[[str], VmConfig], tmp_path: Path, options
         f"      socket: {tmp_path / 'ms.sock'}", options, handlers,
         "rules:", "  - match: kvm-vendor", "    action: ms", ""]))
     svc = VmService(config)
-    svc.ctx.memory = GuestMemory((RamRegion(RAM, RAM_SIZE),), 40)
+    svc.facts.memory = GuestMemory((RamRegion(RAM, RAM_SIZE),), 40)
     return svc
 
 
@@ -83,6 +86,12 @@ def handler(svc: VmService) -> MemshareHandler:
     inst = svc.instances["ms"]
     assert isinstance(inst, MemshareHandler)
     return inst
+
+
+def sidecar(svc: VmService) -> MemshareSidecar:
+    (side,) = svc.sidecars["ms"]
+    assert isinstance(side, MemshareSidecar)
+    return side
 
 
 # ----------------------------------------------------------------- what the Linux guest checks
@@ -245,7 +254,7 @@ async def test_mainline_state_errors_leave_the_ledger_alone(svc: VmService) -> N
 
 
 async def test_changes_reach_stream_subscribers_with_vcpu(svc: VmService) -> None:
-    stream = handler(svc).stream
+    stream = sidecar(svc).stream
     assert stream is not None
     sub = Subscriber()
     stream.subscribers.append(sub)
@@ -351,18 +360,22 @@ async def test_restore_refuses_corrupt_state(make_config: Callable[[str], VmConf
     assert h.guarded.ranges() == [(MMIO, MMIO + 8192)]
 
 
-async def test_reload_keeps_the_ledger(svc: VmService) -> None:
+async def test_reload_keeps_the_ledger_and_the_sidecar(svc: VmService) -> None:
     await caller(svc)(SHARE_ID, RAM)
-    svc.reload(svc.config)
+    before = sidecar(svc)
+    change = svc.reload(svc.config)
     assert handler(svc).ledger.ranges() == [(RAM, 4096)]
+    # Same options: the running sidecar (and its subscribers) follows the new instance.
+    assert change.started == [] and change.stopped == [] and sidecar(svc) is before
+    assert before.handler is handler(svc)
 
 
 async def test_query_api_for_other_handlers(svc: VmService) -> None:
     await caller(svc)(SHARE_ID, RAM + 0x1000)
-    ledger = ledger_of(svc.ctx)
+    ledger = svc.ctx.interface(Ledger)
     assert ledger is handler(svc).ledger
-    assert handler(svc).is_shared(RAM + 0x1800, 0x800)
-    assert not handler(svc).is_shared(RAM + 0x1800, 0x801)
+    assert ledger.is_shared(RAM + 0x1800, 0x800)
+    assert not ledger.is_shared(RAM + 0x1800, 0x801)
 
 
 async def test_in_process_subscribers(make_config: Callable[[str], VmConfig], tmp_path: Path,

@@ -18,13 +18,15 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hvcproxyd.config import ConfigError, VmConfig
-from hvcproxyd.guestmem import GuestMemory
+from hvcproxyd.config import ConfigError
+from hvcproxyd.core.guestmem import GuestMemory
+from hvcproxyd.core.handler import VmFacts
+from hvcproxyd.core.service import VmService
+from hvcproxyd.core.vmconfig import VmConfig
 from hvcproxyd.handlers import Effect, EffectKind, Result, VmContext
 from hvcproxyd.handlers.psci import PsciHandler, PsciOptions
 from hvcproxyd.handlers.psci_defs import VERSIONS, Power
 from hvcproxyd.smccc import SVE_HINT, reg_to_signed
-from hvcproxyd.vm import VmService
 from hvcproxyd.vmm.simulator import default_mpidr
 from hvcproxyd.wire import (
     CALL_AARCH32,
@@ -72,11 +74,23 @@ RAM, RAM_SIZE = 0x4000_0000, 0x100_0000
 ENTRY = RAM + 0x8_0000
 
 
+#: The VM-service side of each context a test made: what a VMM handshake would fill in.
+FACTS: dict[VmContext, VmFacts] = {}
+
+
+def bare_context(versions: dict[str, str] | None = None) -> VmContext:
+    facts = VmFacts("t", versions or {})
+    vm = VmContext(facts, logging.getLogger("test.psci"))
+    FACTS[vm] = facts
+    return vm
+
+
 def vm_context(n_vcpus: int = 4, pinned: str | None = None) -> VmContext:
-    vm = VmContext("t", {"psci": pinned} if pinned else {}, logging.getLogger("test.psci"))
-    vm.set_vcpus(tuple(VcpuInfo(i, default_mpidr(i), i == 0) for i in range(n_vcpus)))
-    vm.memory = GuestMemory([RamRegion(RAM, RAM_SIZE)], 40)
-    vm.attached = True
+    vm = bare_context({"psci": pinned} if pinned else {})
+    facts = FACTS[vm]
+    facts.set_vcpus(tuple(VcpuInfo(i, default_mpidr(i), i == 0) for i in range(n_vcpus)))
+    facts.memory = GuestMemory([RamRegion(RAM, RAM_SIZE)], 40)
+    facts.attached = True
     return vm
 
 
@@ -507,7 +521,7 @@ def test_system_suspend_from_a_secondary_with_the_boot_vcpu_off() -> None:
 
 def test_attach_takes_the_vmm_view() -> None:
     vm = vm_context()
-    vm.set_vcpus(tuple(VcpuInfo(i, mpidr(i), i in (0, 3)) for i in range(4)))
+    FACTS[vm].set_vcpus(tuple(VcpuInfo(i, mpidr(i), i in (0, 3)) for i in range(4)))
     h = PsciHandler("psci", None, vm)
     h.attach(reconnect=False)
     assert power(h) == [Power.ON, Power.OFF, Power.OFF, Power.ON]
@@ -521,12 +535,12 @@ def test_reconnect_keeps_pending_power_ons_and_takes_the_vmm_view_otherwise(capl
     call(h, CPU_ON64, mpidr(2), ENTRY, 0)
     # The VMM started vCPU 2 before the connection dropped, not vCPU 1 (its reply is
     # replayed), and reports vCPU 3 on although no event said so.
-    h.vm.set_vcpus(tuple(VcpuInfo(i, mpidr(i), i in (0, 2, 3)) for i in range(4)))
+    FACTS[h.vm].set_vcpus(tuple(VcpuInfo(i, mpidr(i), i in (0, 2, 3)) for i in range(4)))
     with caplog.at_level(logging.WARNING):
         h.attach(reconnect=True)
     assert power(h) == [Power.ON, Power.ON_PENDING, Power.ON, Power.ON]
     assert "vCPU 3 is ON at reconnect" in caplog.text
-    h.vm.set_vcpus(tuple(VcpuInfo(i, mpidr(i), i == 0) for i in range(6)))
+    FACTS[h.vm].set_vcpus(tuple(VcpuInfo(i, mpidr(i), i == 0) for i in range(6)))
     h.attach(reconnect=True)  # a different machine: start over from its view
     assert power(h) == [Power.ON] + [Power.OFF] * 5
 
@@ -582,11 +596,11 @@ def test_restore_rejects_what_is_not_a_snapshot(data: dict[str, object]) -> None
 
 
 def test_call_without_memory_or_vcpu_table_is_a_handler_failure() -> None:
-    vm = VmContext("t", {}, logging.getLogger("test.psci"))
+    vm = bare_context()
     h = PsciHandler("psci", None, vm)
     with pytest.raises(LookupError):
         call(h, PSCI_VERSION)
-    vm.set_vcpus((VcpuInfo(0, 0, True), VcpuInfo(1, 1, False)))
+    FACTS[vm].set_vcpus((VcpuInfo(0, 0, True), VcpuInfo(1, 1, False)))
     h.attach(reconnect=False)
     with pytest.raises(RuntimeError):
         call(h, CPU_ON64, 1, ENTRY, 0)
@@ -850,7 +864,7 @@ class PsciStateMachine(RuleBasedStateMachine):
     @precondition(lambda self: not self.vmm.stopped)
     @rule()
     def vmm_reconnects(self) -> None:
-        self.h.vm.set_vcpus(tuple(VcpuInfo(i, mpidr(i), i in self.vmm.running) for i in range(N_VCPUS)))
+        FACTS[self.h.vm].set_vcpus(tuple(VcpuInfo(i, mpidr(i), i in self.vmm.running) for i in range(N_VCPUS)))
         self.h.attach(reconnect=True)
         # The VMM confirms what it confirms over the new connection; nothing is lost.
 
@@ -858,7 +872,7 @@ class PsciStateMachine(RuleBasedStateMachine):
     @rule()
     def vmm_starts_a_new_vm(self) -> None:
         self.vmm = ModelVmm()
-        self.h.vm.set_vcpus(tuple(VcpuInfo(i, mpidr(i), i == 0) for i in range(N_VCPUS)))
+        FACTS[self.h.vm].set_vcpus(tuple(VcpuInfo(i, mpidr(i), i == 0) for i in range(N_VCPUS)))
         self.h.attach(reconnect=False)
 
     @precondition(lambda self: not self.vmm.unconfirmed)

@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from hvcproxyd.config import VmConfig, load_config
-from hvcproxyd.daemon import Daemon
-from hvcproxyd.demo import _demo
+from hvcproxyd.cli.demo import _demo
+from hvcproxyd.core.vmconfig import VmConfig, load_config
 from hvcproxyd.handlers.psci import PsciHandler
 from hvcproxyd.handlers.psci_defs import Power
+from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.smccc import reg_to_signed
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 from hvcproxyd.wire import Call, FilterAction, FilterRange, Reply
@@ -127,7 +127,7 @@ async def test_smp_boot(make_config: Callable[[str], VmConfig], serve: Callable[
 
 
 async def test_demo_boots_smp_and_powers_off(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
-    config = load_config(REPO / "config" / "demo.yaml", socket=str(tmp_path / "demo.sock"))
+    config = load_config(REPO / "hvcproxyd" / "cli" / "demo.yaml", socket=str(tmp_path / "demo.sock"))
     assert await _demo(config, 4) == "system-off"
     out = capsys.readouterr().out
     for text in ("PSCI_VERSION", "+CPU_ON(vcpu3)", "PSCI_AFFINITY_INFO", "+CPU_OFF(vcpu3)", "+SYSTEM_OFF(vcpu0)",

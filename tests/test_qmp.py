@@ -16,9 +16,9 @@ import trio
 import trio_asyncio
 
 from hvcproxyd import wire
-from hvcproxyd.config import VmConfig
-from hvcproxyd.daemon import Daemon
-from hvcproxyd.managed import ManagedDaemon
+from hvcproxyd.core.vmconfig import VmConfig
+from hvcproxyd.ops.service import Service
+from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.vmm.qmp import QmpState, QmpWatcher
 from hvcproxyd.vmm.simulator import Simulator, SimVcpu, default_mpidr
 
@@ -137,16 +137,17 @@ async def test_daemon_keeps_serving_calls_when_qmp_goes_away(
         with trio.fail_after(10):
             while "QMP confirms" not in caplog.text:
                 await trio.sleep(0.05)
-        qemu_status.append(daemon.status()["qemu"])
+        qemu_status.append(service.status()["qemu"])
         vm.kill()
         with trio.fail_after(10):
             while daemon.qmp is not None and daemon.qmp.state is QmpState.RUNNING:
                 await trio.sleep(0.05)
-        qemu_status.append(daemon.status()["qemu"])
+        qemu_status.append(service.status()["qemu"])
         answers.append((await cpu.call(0x8200_0001))[1])
 
     async with trio.open_nursery() as nursery:
-        daemon = ManagedDaemon(config)
+        service = Service(config)
+        daemon = service.daemon
         await nursery.start(daemon.serve)
         sim = Simulator(config.socket, n_vcpus=2, name="q", boot=boot)
         await sim.run(timeout=30)

@@ -5,15 +5,17 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcproxyd.config import Problem, RuleSpec
-from hvcproxyd.rules import DENY, KVM, compile_rules
+from hvcproxyd.config import Problem
+from hvcproxyd.config.source import Mark
+from hvcproxyd.rules.checks import compile_rules
+from hvcproxyd.rules.parse import RuleSpec
+from hvcproxyd.rules.targets import DENY, KVM, Target, ToHandler
 from hvcproxyd.smccc import Conduit
 from hvcproxyd.wire import FilterAction
-from hvcproxyd.yamlloc import Mark
 
 MARK = Mark("test", 1, 1)
 BLOCKS = (0x8200_0000, 0x8300_0000, 0xC200_0000, 0x8400_0000)
-ACTIONS = ("a", "b", DENY, KVM)
+ACTIONS: tuple[Target, ...] = (ToHandler("a"), ToHandler("b"), DENY, KVM)
 CONDUITS = (frozenset({Conduit.HVC}), frozenset({Conduit.SMC}), frozenset({Conduit.HVC, Conduit.SMC}))
 
 
@@ -30,7 +32,7 @@ def rule_sets(draw: st.DrawFn) -> list[RuleSpec]:
     return rules
 
 
-def brute(rules: list[RuleSpec], fid: int, conduit: Conduit, vcpu: int) -> str | None:
+def brute(rules: list[RuleSpec], fid: int, conduit: Conduit, vcpu: int) -> Target | None:
     hits = [r.action for r in rules if conduit in r.conduits and (r.vcpus is None or vcpu in r.vcpus)
             and any(lo <= fid <= hi for lo, hi in r.ranges)]
     assert len(hits) <= 1
@@ -41,7 +43,7 @@ def brute(rules: list[RuleSpec], fid: int, conduit: Conduit, vcpu: int) -> str |
 @given(rule_sets())
 def test_lookup_matches_brute_force(rules: list[RuleSpec]) -> None:
     problems: list[Problem] = []
-    table = compile_rules(rules, {}, {}, problems, top_mark=MARK)
+    table = compile_rules(rules, {}, {}, problems)
     if table is None:
         assert any(not p.warning for p in problems)  # refused: overlapping or KVM mixed with forwarding
         return
@@ -66,10 +68,10 @@ def test_lookup_matches_brute_force(rules: list[RuleSpec]) -> None:
 
 
 def test_lookup_is_logarithmic_in_structure() -> None:
-    rules = [RuleSpec(i, ((0x8200_0000 + 2 * i, 0x8200_0000 + 2 * i),), CONDUITS[2], None, "a", MARK)
+    rules = [RuleSpec(i, ((0x8200_0000 + 2 * i, 0x8200_0000 + 2 * i),), CONDUITS[2], None, ToHandler("a"), MARK)
              for i in range(2000)]
-    table = compile_rules(rules, {}, {}, [], top_mark=MARK)
+    table = compile_rules(rules, {}, {}, [])
     assert table is not None
     assert len(table.starts) <= 2 * len(rules) + 2  # one interval per boundary, no per-ID expansion
-    assert table.lookup(0x8200_0000 + 3998, Conduit.SMC, 0) == "a"
+    assert table.lookup(0x8200_0000 + 3998, Conduit.SMC, 0) == ToHandler("a")
     assert table.lookup(0x8200_0000 + 3999, Conduit.SMC, 0) is None

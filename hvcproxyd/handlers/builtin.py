@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ..smccc import CALL_COUNT_FN, CALL_UID_FN, FUNC_NUM_MASK, REVISION_FN, SmcccResult, uuid_to_regs
+from ..smccc import CALL_COUNT_FN, CALL_UID_FN, FUNC_NUM_MASK, REVISION_FN, SmcccResult
 from . import NOT_SUPPORTED, Handler, Result
 
 if TYPE_CHECKING:
-    from ..config import Section
+    from ..config.diagnostics import Section
     from ..wire import Call
 
 
@@ -82,10 +82,13 @@ class LogHandler(Handler):
     """Records each call at INFO and answers NOT_SUPPORTED: for finding out what a
     guest probes before writing a real handler."""
 
+    PER_CALL_WARNING = ("writes an INFO line for every call, at a rate the guest chooses; use it to find out what "
+                        "a guest probes, then replace it (`hvcproxyd trace` shows calls without logging them)")
+
     async def handle(self, call: Call) -> Result:
         self.log.info("vcpu %d called %#010x args %s", call.vcpu, call.func_id,
                       " ".join(f"{a:#x}" for a in call.args[:7]))
         return Result.of(SmcccResult.NOT_SUPPORTED)
 
 
-__all__ = ["DenyHandler", "DiscoveryHandler", "LogHandler", "StaticHandler", "uuid_to_regs"]
+__all__ = ["DenyHandler", "DiscoveryHandler", "LogHandler", "StaticHandler"]

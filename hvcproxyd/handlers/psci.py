@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from ..smccc import MASK32, SMC64, routing_id
 from ..wire import EFFECT_AARCH64, MPIDR_AFF_MASK, EventKind
-from . import Call, Effect, EffectKind, Handler, Result, VmContext
+from . import Call, Effect, EffectKind, Handler, Notes, Result, VmContext
 from .psci_defs import (
     AFF_SHIFTS,
     DEFAULT_VERSION,
@@ -57,7 +57,7 @@ from .psci_defs import (
 )
 
 if TYPE_CHECKING:
-    from ..config import Section
+    from ..config.diagnostics import Section
     from ..wire import VmEvent
 
 CpuSuspendMode = Literal["standby-only", "full"]
@@ -329,13 +329,13 @@ class PsciHandler(Handler):
             self.power[vcpu] = Power.ON
 
     # ------------------------------------------------------------ lifecycle
-    def attach(self, reconnect: bool) -> None:
+    def attach(self, reconnect: bool) -> Notes:
         view = {v.index: Power.ON if v.powered_on else Power.OFF for v in self.vm.vcpus}
         if not reconnect or set(view) != set(self.power):
             self.power = view
             self._power_ons.clear()
             self.boot = frozenset(i for i, state in view.items() if state is Power.ON)
-            return
+            return ()
         for index, theirs in view.items():
             ours = self.power[index]
             if ours is Power.ON_PENDING:
@@ -347,12 +347,13 @@ class PsciHandler(Handler):
                 self.log.warning("vCPU %d is %s at reconnect, %s in the power table; taking the VMM's view",
                                  index, theirs.name, ours.name)
                 self.power[index] = theirs
+        return ()
 
-    def effect_done(self, effect: Effect, status: int) -> None:
+    def effect_done(self, effect: Effect, status: int) -> Notes:
         if effect.kind is EffectKind.CPU_ON:
             awaited = self._power_ons.get(effect.vcpu)
             if awaited is not None and awaited is not effect:
-                return  # an older power-on, already overtaken by the target's own calls
+                return ()  # an older power-on, already overtaken by the target's own calls
             self._power_ons.pop(effect.vcpu, None)
             if self.power.get(effect.vcpu) is Power.ON_PENDING:
                 self.power[effect.vcpu] = Power.ON if status == 0 else Power.OFF
@@ -365,8 +366,9 @@ class PsciHandler(Handler):
         elif status:
             self.log.warning("the VMM could not carry out %s for vCPU %d (status %d)", effect.kind.name,
                              effect.vcpu, status)
+        return ()
 
-    def event(self, event: VmEvent) -> None:
+    def event(self, event: VmEvent) -> Notes:
         if event.kind is EventKind.VM_RESET:
             # Protocol §3.9: the vCPUs are back in their reset state before any runs.
             self.power = {i: Power.ON if i in self.boot else Power.OFF for i in self.power}
@@ -374,15 +376,21 @@ class PsciHandler(Handler):
         elif event.kind is EventKind.VCPU_POWER:
             if event.vcpu not in self.power or event.arg not in (0, 1):
                 self.log.warning("ignoring VCPU_POWER for vCPU %d with state %d", event.vcpu, event.arg)
-                return
+                return ()
             self.power[event.vcpu] = Power.ON if event.arg else Power.OFF
+        return ()
 
     def snapshot(self) -> dict[str, Any]:
         return {"format": SNAPSHOT_FORMAT,
                 "power": {str(i): state.name for i, state in sorted(self.power.items())},
                 "boot": sorted(self.boot)}
 
-    def restore(self, data: dict[str, Any]) -> None:
+    def report(self) -> dict[str, Any]:
+        """The power state of every vCPU as this handler holds it (ON_PENDING included)."""
+        return {"vcpu_power": {i: state.name.lower() for i, state in sorted(self.power.items())},
+                "version": str(self.version)}
+
+    def restore(self, data: dict[str, Any]) -> Notes:
         """Raises ValueError, leaving the state as it was, if ``data`` is not a snapshot."""
         try:
             if data["format"] != SNAPSHOT_FORMAT:
@@ -395,6 +403,7 @@ class PsciHandler(Handler):
             raise ValueError("PSCI snapshot names boot vCPUs it has no power state for")
         # Effects in flight are not state: a confirmation for one is taken as it comes.
         self.power, self.boot, self._power_ons = power, boot, {}
+        return ()
 
 
 #: The flat dispatch: function ID -> operation.  Which IDs a VM may call is

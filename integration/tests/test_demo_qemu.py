@@ -1,4 +1,4 @@
-"""`hvcproxyd demo --qemu`: the README's demo against the real patched QEMU."""
+"""`./dev demo --qemu`: the README's demo against the real patched QEMU."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from qemu_harness import REPO
 
 
 def run_demo(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "hvcproxyd", "demo", "--qemu"], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, str(REPO / "integration" / "demo_qemu.py")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL, check=False)
 
 

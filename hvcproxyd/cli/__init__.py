@@ -1,0 +1,41 @@
+"""``hvcproxyd`` command line: the parser is built from the subcommands that
+:mod:`.run`, :mod:`.control`, :mod:`.memshare` and :mod:`.demo` register."""
+
+from __future__ import annotations
+
+import argparse
+
+from .. import __version__
+from ..ops.logsetup import configure as setup_logging
+from . import control, demo, memshare, run  # noqa: F401  (each registers its subcommands)
+from .registry import SUBCOMMANDS
+
+# ----------------------------------------------------------------- main
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hvcproxyd", description="Answer a VM's forwarded SMCCC calls "
+                                     "(HVC/SMC) in userspace, beside QEMU.")
+    parser.add_argument("--version", action="version", version=f"hvcproxyd {__version__}")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                        help="log verbosity (DEBUG logs every call)")
+    parser.add_argument("--log-format", default="auto", choices=["auto", "text", "journal"],
+                        help="journal: native journald records with HVC_* fields; text: one line per record; "
+                             "auto (default): journal when stderr is the service's journal stream")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (help_text, add_arguments, _fn) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.log_level, args.log_format)
+    return SUBCOMMANDS[args.command][2](args)
+
+
+__all__ = ["build_parser", "main"]

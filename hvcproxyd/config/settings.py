@@ -1,0 +1,200 @@
+"""A VM's own settings: its name, sockets, timeouts, pinned versions, and the
+operations keys (docs/config.md).  Handlers and rules are parsed above this
+layer (:mod:`hvcproxyd.core.vmconfig`), which needs the plugins and the rule
+compiler; this module needs neither.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..smccc.services import SERVICE_NAMES
+from ..unixsock import resolve_id
+from . import source
+from .diagnostics import ConfigError, Problem, Section
+from .source import LocMap, Mark
+
+DEFAULT_RUNTIME_DIR = Path("/run/hvcproxyd")
+DEFAULT_TIMEOUT_MS = 1000
+_MISSING = object()
+
+# ----------------------------------------------------------------- operations keys
+# How the daemon is run and watched (docs/config.md, "Operations keys"): who may
+# connect as the VMM, the control and metrics sockets, per-call logging.  None of
+# them changes what a guest sees.
+
+OPS_KEYS = ("vmm", "control_socket", "metrics", "log_calls")
+#: The keys this layer reads; handlers and rules are read by the layer above.
+SETTINGS_KEYS = ("vm", "socket", "qmp", "handler_timeout_ms", "versions", *OPS_KEYS)
+
+
+@dataclass(frozen=True, slots=True)
+class VmmAuth:
+    """Who may connect as the VMM (SO_PEERCRED) and the VMM's own call timeout.
+
+    A name stays a name and is resolved at each connection, so a user created
+    after the daemon started is honoured and a deleted one is not."""
+
+    uid: int | str | None = None
+    gid: int | str | None = None
+    timeout_ms: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint: a UNIX socket, or ``listen`` on loopback TCP."""
+
+    socket: Path | None = None
+    listen: tuple[str, int] | None = None
+    group: int | str | None = None
+
+
+@dataclass(slots=True)
+class _Ops:
+    vmm: VmmAuth
+    control_socket: Path
+    metrics: MetricsConfig | None
+    log_calls: bool
+
+
+@dataclass(slots=True)
+class VmSettings:
+    """Everything in a VM's config but its handlers and rules."""
+
+    path: Path
+    name: str
+    socket: Path
+    qmp: Path | None
+    timeout_s: float
+    versions: dict[str, str]
+    vmm: VmmAuth
+    control_socket: Path
+    metrics: MetricsConfig | None
+    log_calls: bool
+
+
+def _ident(s: Section, key: str, kind: str) -> int | str | None:
+    value = s.raw(key)
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFF_FFFF:
+        return value
+    if not isinstance(value, str) or not value:
+        s.problem(key, f"must be a {kind} name or a number 0..{0xFFFF_FFFE}, not {value!r}")
+        return None
+    if resolve_id(value, kind) is None:
+        s.problem(key, f"there is no {kind} {value!r} on this host; connections are refused until it exists",
+                  warning=True)
+    return value
+
+
+def _loopback(s: Section, key: str) -> tuple[str, int] | None:
+    text = s.string(key)
+    if text is None:
+        return None
+    host, _, port = text.rpartition(":")
+    host = "127.0.0.1" if host == "localhost" else host.removeprefix("[").removesuffix("]")
+    try:
+        ok = ipaddress.ip_address(host).is_loopback and 1 <= int(port) <= 65535
+    except ValueError:
+        ok = False
+    if not ok:
+        s.problem(key, f"must be HOST:PORT with a loopback HOST (127.0.0.1:9830, [::1]:9830), not {text!r}: "
+                       "the endpoint has no authentication, so it is never offered beyond this host")
+        return None
+    return host, int(port)
+
+
+def _parse_ops(s: Section, socket_path: Path) -> _Ops:
+    vmm = VmmAuth()
+    v = s.section("vmm")
+    if v is not None:
+        v.allow_keys(("uid", "gid", "timeout_ms"))
+        vmm = VmmAuth(_ident(v, "uid", "user"), _ident(v, "gid", "group"),
+                      v.integer("timeout_ms", default=None, lo=1, hi=3_600_000))
+
+    control = Path(s.string("control_socket", default=str(socket_path.with_suffix(".ctl"))))
+    if control == socket_path:
+        s.problem("control_socket", "must differ from socket (the VMM's)")
+
+    metrics: MetricsConfig | None = MetricsConfig(socket=socket_path.with_suffix(".metrics"))
+    raw = s.raw("metrics", _MISSING)
+    if raw is False:
+        metrics = None
+    elif raw is True:
+        s.problem("metrics", "is on by default (a UNIX socket beside the VMM's); give a mapping "
+                             "(socket, listen, group) or false to turn it off")
+    elif raw is not _MISSING:
+        m = s.section("metrics")
+        if m is not None:
+            m.allow_keys(("socket", "listen", "group"))
+            listen = None
+            if m.has("listen"):
+                if m.has("socket"):
+                    m.problem("listen", "give socket or listen, not both")
+                listen = _loopback(m, "listen")
+                if listen is not None:
+                    m.problem("listen", "TCP needs the unit's network sandbox opened: install "
+                                        "systemd/metrics-tcp.conf as a drop-in (PrivateNetwork=no, "
+                                        "RestrictAddressFamilies= with AF_INET/AF_INET6)", warning=True)
+            sock = m.string("socket", default=str(socket_path.with_suffix(".metrics")))
+            metrics = MetricsConfig(None if listen else Path(sock), listen, _ident(m, "group", "group"))
+            if metrics.socket in (socket_path, control):
+                m.problem("socket", "must differ from socket and control_socket")
+
+    log_calls = s.flag("log_calls", False)
+    if log_calls:
+        s.problem("log_calls", "logs every call at INFO; the guest sets the rate, and journald drops what exceeds "
+                               "its rate limit, other services' messages included; prefer `hvcproxyd trace`",
+                  warning=True)
+    return _Ops(vmm, control, metrics, log_calls)
+
+
+
+def read_document(path: Path, top_keys: tuple[str, ...]) -> LocMap:
+    """The file as a positioned YAML mapping, or ConfigError naming where it is not one."""
+    file_name = str(path)
+    top = Mark(file_name, 1, 1)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise ConfigError([Problem(top, "file", f"cannot read: {err.strerror}")]) from err
+    try:
+        doc = source.load(text, file_name)
+    except yaml.YAMLError as err:
+        pm = getattr(err, "problem_mark", None) or getattr(err, "mark", None)
+        mark = Mark(file_name, pm.line + 1, pm.column + 1) if pm is not None else top
+        if isinstance(pm, Mark):
+            mark = pm
+        raise ConfigError([Problem(mark, "yaml", str(getattr(err, "problem", None) or err))]) from err
+    if not isinstance(doc, LocMap):
+        raise ConfigError([Problem(top, "file", "must be a YAML mapping with keys: " + ", ".join(top_keys))])
+    return doc
+
+
+def parse_settings(s: Section, path: Path, socket: str | None) -> VmSettings:
+    """The VM's settings from the top-level section; problems go to ``s``."""
+    name = s.string("vm") or "?"
+    socket_path = Path(socket or s.string("socket", default=str(DEFAULT_RUNTIME_DIR / f"{name}.sock")))
+    qmp_text = s.string("qmp", default=None)
+    timeout_ms = s.integer("handler_timeout_ms", default=DEFAULT_TIMEOUT_MS, lo=1, hi=600_000)
+    versions: dict[str, str] = {}
+    vs = s.section("versions")
+    if vs is not None:
+        vs.allow_keys(SERVICE_NAMES)
+        for key in vs.data:
+            if key in SERVICE_NAMES:
+                v = vs.string(key)
+                if v is not None:
+                    versions[key] = v
+    ops = _parse_ops(s, socket_path)
+    return VmSettings(path, name, socket_path, Path(qmp_text) if qmp_text else None, timeout_ms / 1000,
+                      versions, ops.vmm, ops.control_socket, ops.metrics, ops.log_calls)
+
+
+__all__ = ["DEFAULT_RUNTIME_DIR", "DEFAULT_TIMEOUT_MS", "SETTINGS_KEYS", "MetricsConfig", "VmSettings", "VmmAuth",
+           "parse_settings", "read_document"]

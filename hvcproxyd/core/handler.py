@@ -1,0 +1,230 @@
+"""The handler plugin API: what a handler is given and what it gives back.
+
+A handler is a class registered under the entry-point group
+``hvcproxyd.handlers``; the built-ins are registered the same way in
+pyproject.toml, so a third-party plugin takes exactly the path they do.
+
+A handler is ``(state, call) -> Result``: it sees a :class:`~hvcproxyd.wire.Call`
+and a read-only :class:`VmContext` (guest memory, the vCPU table, pinned
+versions, the other handlers' published interfaces) and returns registers,
+effects for the VMM, and *notes* for the daemon's sidecars (an event stream,
+audit subscribers).  It owns no socket, task or clock; docs/handlers.md
+spells out the contract.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+
+from ..plugins import installed, load_plugin
+from ..smccc import MASK64, SmcccResult
+from ..wire import Call, Effect, VcpuInfo, VmEvent
+
+if TYPE_CHECKING:
+    from ..config.diagnostics import Section
+    from .guestmem import GuestMemory
+
+ENTRY_POINT_GROUP = "hvcproxyd.handlers"
+#: A handler's notes: plain objects its sidecars understand (e.g. a ledger change).
+Notes = tuple[object, ...]
+Iface = TypeVar("Iface")
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """What a handler returns: x0.., the effects the VMM must carry out, and notes
+    for the sidecars (never seen by the guest or the VMM)."""
+
+    regs: tuple[int, ...]
+    effects: tuple[Effect, ...] = ()
+    notes: Notes = ()
+
+    @classmethod
+    def of(cls, *values: int, effects: tuple[Effect, ...] = (), notes: Notes = ()) -> Result:
+        """Registers from ints (negatives become two's complement), padded to x0..x3,
+        the SMCCC 1.0/1.1 result set."""
+        regs = tuple(v & MASK64 for v in values)
+        if len(regs) < 4:
+            regs += (0,) * (4 - len(regs))
+        return cls(regs, effects, notes)
+
+
+NOT_SUPPORTED = Result.of(SmcccResult.NOT_SUPPORTED)
+
+
+class VmFacts:
+    """The VM as the VM service keeps it; handlers read it through :class:`VmContext`."""
+
+    __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "interfaces", "memory", "name", "peers",
+                 "vcpus", "versions")
+
+    def __init__(self, name: str, versions: Mapping[str, str]) -> None:
+        self.name = name
+        self.versions: Mapping[str, str] = dict(versions)
+        self.vcpus: tuple[VcpuInfo, ...] = ()
+        self.by_mpidr: dict[int, int] = {}
+        self.memory: GuestMemory | None = None
+        self.accel = "tcg"
+        self.attached = False
+        self.confirms_effects = False
+        self.peers: Mapping[str, Handler] = {}
+        self.interfaces: Mapping[type, object] = {}
+
+    def set_vcpus(self, vcpus: tuple[VcpuInfo, ...]) -> None:
+        self.vcpus = tuple(sorted(vcpus, key=lambda v: v.index))
+        self.by_mpidr = {v.mpidr: v.index for v in self.vcpus}
+
+
+class VmContext:
+    """What a handler may know about its VM: a read-only view, current at every
+    call.  Filled in at the VMM's handshake and kept across reconnects;
+    ``attached`` is False until the first VMM arrives."""
+
+    __slots__ = ("_facts", "log")
+
+    def __init__(self, facts: VmFacts, log: logging.Logger) -> None:
+        self._facts = facts
+        self.log = log
+
+    @property
+    def name(self) -> str:
+        return self._facts.name
+
+    @property
+    def versions(self) -> Mapping[str, str]:
+        """Service -> pinned version (``versions:`` in the config)."""
+        return self._facts.versions
+
+    @property
+    def vcpus(self) -> tuple[VcpuInfo, ...]:
+        return self._facts.vcpus
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        """Guest RAM, bounds-checked; None while no VMM is attached."""
+        return self._facts.memory
+
+    @property
+    def accel(self) -> str:
+        return self._facts.accel
+
+    @property
+    def attached(self) -> bool:
+        return self._facts.attached
+
+    @property
+    def confirms_effects(self) -> bool:
+        """The VMM sends EFFECT_DONE; without it, effect_done() is never called and a
+        handler must infer completion (e.g. from the target's first call)."""
+        return self._facts.confirms_effects
+
+    def vcpu_by_mpidr(self, mpidr: int) -> int | None:
+        return self._facts.by_mpidr.get(mpidr)
+
+    # -- in-process cooperation, through an explicit registry
+    def peer(self, name: str) -> Handler | None:
+        """Another handler instance of this VM, by its name in the config; for a
+        handler that is configured to pass some calls on (e.g. memshare's ``delegate``)."""
+        return self._facts.peers.get(name)
+
+    def interface(self, kind: type[Iface]) -> Iface | None:
+        """The object some handler of this VM publishes as ``kind`` (see
+        :meth:`Handler.interfaces`), e.g. the memshare ledger's "is this shared?"."""
+        found = self._facts.interfaces.get(kind)
+        return found if isinstance(found, kind) else None
+
+
+class Handler:
+    """Base class: every hook has a safe default, so a plugin overrides only what it needs.
+
+    Class attributes a plugin may set:
+
+    - ``SERVICES``: service name -> versions it can provide, checked against the
+      VM's pinned ``versions`` before the daemon starts.
+    - ``ANSWERS_DISCOVERY``: it answers call-count/UID/revision queries, so it
+      may own a whole vendor or trusted-OS range.
+    - ``SIDECARS``: sidecar plugins (entry points in ``hvcproxyd.sidecars``) the
+      daemon runs beside each instance, fed with the instance's notes.
+    - ``PER_CALL_WARNING``: a warning ``check`` prints for every rule using it
+      (the ``log`` handler writes a line per call).
+    """
+
+    SERVICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    ANSWERS_DISCOVERY: ClassVar[bool] = False
+    SIDECARS: ClassVar[tuple[str, ...]] = ()
+    PER_CALL_WARNING: ClassVar[str | None] = None
+
+    def __init__(self, name: str, options: Any, vm: VmContext) -> None:
+        self.name = name
+        self.options = options
+        self.vm = vm
+        self.log = vm.log.getChild(name)
+
+    @classmethod
+    def parse_options(cls, section: Section) -> Any:
+        """Validate this handler's ``options:``; report problems through ``section``."""
+        section.allow_keys(())
+        return None
+
+    @classmethod
+    def provided_versions(cls, options: Any, service: str) -> tuple[str, ...]:
+        return cls.SERVICES.get(service, ())
+
+    async def handle(self, call: Call) -> Result:
+        return NOT_SUPPORTED
+
+    def failure(self, call: Call) -> Result:
+        """What the guest gets when this handler raises or times out: the service's
+        own error (SMCCC: NOT_SUPPORTED; PSCI overrides with INTERNAL_FAILURE)."""
+        return NOT_SUPPORTED
+
+    # -- what this instance offers besides calls
+    def interfaces(self) -> Mapping[type, object]:
+        """Objects other handlers of the VM may look up with :meth:`VmContext.interface`."""
+        return {}
+
+    def report(self) -> dict[str, Any]:
+        """Plain data for ``status`` and /metrics: what this instance holds (PSCI's
+        power states, memshare's ledger counters).  Read outside the call path."""
+        return {}
+
+    # -- lifecycle hooks, all optional; each may return notes for the sidecars
+    def attach(self, reconnect: bool) -> Notes:
+        """A VMM completed the handshake; ``vm.vcpus`` and ``vm.memory`` are current.
+        ``reconnect`` is the VMM's word that the VM has already run: keep the state
+        you have (or rebuild it from the VMM's view if you have none, e.g. after a
+        daemon restart).  On a fresh boot, start from the VMM's view."""
+        return ()
+
+    def effect_done(self, effect: Effect, status: int) -> Notes:
+        """The VMM confirmed (status 0) or failed an effect this handler returned."""
+        return ()
+
+    def event(self, event: VmEvent) -> Notes:
+        """A VM lifecycle event: vCPU reset, VM reset, shutdown, power change."""
+        return ()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Guest-visible state as plain data, for restart and migration."""
+        return {}
+
+    def restore(self, data: dict[str, Any]) -> Notes:
+        """Inverse of :meth:`snapshot`."""
+        return ()
+
+
+def available_handlers() -> list[str]:
+    return installed(ENTRY_POINT_GROUP)
+
+
+def load_handler_class(type_name: str) -> type[Handler]:
+    """An entry-point name, or ``package.module:Class`` for a handler under
+    development that is not packaged yet.  Raises LookupError with a reason."""
+    return load_plugin(ENTRY_POINT_GROUP, type_name, Handler, "handler type")
+
+
+__all__ = ["ENTRY_POINT_GROUP", "NOT_SUPPORTED", "Handler", "Notes", "Result", "VmContext", "VmFacts",
+           "available_handlers", "load_handler_class"]

@@ -1,0 +1,292 @@
+"""One VM's service: handler instances, the bound rule table, dispatch, replays,
+notes to sidecars, and the VM's stats.
+
+This outlives any one VMM connection (a reconnect keeps handler state) and
+knows nothing about sockets; the server layer feeds it calls and carries its
+replies, and runs the sidecars it names.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from ..rules.table import RuleTable
+from ..rules.targets import Deny, LeaveToKvm, Target, ToHandler
+from ..smccc import routing_id
+from ..wire import (
+    CALL_SMC,
+    FEATURE_EFFECT_DONE,
+    Call,
+    Effect,
+    EffectKind,
+    EventKind,
+    Hello,
+    Reply,
+    VmEvent,
+)
+from .guestmem import GuestMemory
+from .handler import NOT_SUPPORTED, Handler, Notes, Result, VmContext, VmFacts
+from .sidecar import Sidecar, load_sidecar_class
+from .stats import CallStats
+from .vmconfig import VmConfig
+
+log = logging.getLogger("hvcproxyd.vm")
+
+#: Observer signature: (call, reply, handler name or "deny"/"kvm"/"none", seconds spent).
+Observer = Callable[[Call, Reply, str, float], None]
+#: What answers a call once names are bound to instances.
+Bound = Handler | Deny | LeaveToKvm
+#: Effects remembered for their EFFECT_DONE; older ones are forgotten first.
+MAX_PENDING_EFFECTS = 4096
+
+
+class ReloadRefused(Exception):
+    """A new config cannot be applied live; the running one stays."""
+
+
+@dataclass(slots=True)
+class SidecarChange:
+    """What a reload asks the server to do with sidecar tasks."""
+
+    started: list[Sidecar] = field(default_factory=list)
+    stopped: list[Sidecar] = field(default_factory=list)
+
+
+class VmService:
+    def __init__(self, config: VmConfig) -> None:
+        self.config = config
+        self.facts = VmFacts(config.name, config.versions)
+        self.ctx = VmContext(self.facts, logging.getLogger(f"hvcproxyd.{config.name}"))
+        self.instances = self._instantiate(config, {})
+        self._publish_registry()
+        self.table: RuleTable[Bound] = self._bind(config, self.instances)
+        self.filter = config.table.filter_ranges()
+        self.timeouts = {name: spec.timeout_s for name, spec in config.handlers.items()}
+        self.sidecars: dict[str, list[Sidecar]] = {name: self._make_sidecars(inst)
+                                                   for name, inst in self.instances.items()}
+        self._last_reply: dict[int, Reply] = {}
+        self._effects: OrderedDict[int, tuple[str, tuple[Effect, ...]]] = OrderedDict()
+        #: Per-call views (trace, per-call logging): attached only while someone wants them.
+        self.observers: list[Observer] = []
+        self.stats = CallStats()
+        #: The VMM's own word on each vCPU's power (HELLO, VCPU_POWER, VM_RESET, and
+        #: EFFECT_DONE of a power effect), for status when no handler holds power state.
+        self.vmm_power: dict[int, bool] = {}
+        self.started = time.time()
+
+    # -- construction and reload
+    def _instantiate(self, config: VmConfig, old: dict[str, Handler]) -> dict[str, Handler]:
+        out: dict[str, Handler] = {}
+        for name, spec in config.handlers.items():
+            inst: Handler = spec.cls(name, spec.options, self.ctx)
+            out[name] = inst
+        for name, inst in out.items():
+            prev = old.get(name)
+            if prev is not None and type(prev) is type(inst):
+                inst.restore(prev.snapshot())  # the old sidecars are rebound or replaced below
+        return out
+
+    def _publish_registry(self) -> None:
+        self.facts.peers = dict(self.instances)
+        interfaces: dict[type, object] = {}
+        for inst in self.instances.values():
+            interfaces.update(inst.interfaces())
+        self.facts.interfaces = interfaces
+
+    @staticmethod
+    def _bind(config: VmConfig, instances: dict[str, Handler]) -> RuleTable[Bound]:
+        def bind(target: Target) -> Bound:
+            return instances[target.name] if isinstance(target, ToHandler) else target
+        return config.table.map(bind)
+
+    def _make_sidecars(self, inst: Handler) -> list[Sidecar]:
+        return [load_sidecar_class(name)(inst, self.ctx) for name in type(inst).SIDECARS]
+
+    def reload(self, config: VmConfig) -> SidecarChange:
+        """Apply a validated config live, or raise ReloadRefused and change nothing."""
+        new_filter = config.table.filter_ranges()
+        if new_filter != self.filter:
+            raise ReloadRefused("it changes the forwarded/denied ranges, which KVM fixes once the VM has run; "
+                                "restart the VM to apply it")
+        if config.name != self.config.name:
+            raise ReloadRefused(f"it renames the VM ({self.config.name!r} -> {config.name!r})")
+        if config.socket != self.config.socket:
+            raise ReloadRefused("it moves the VMM socket, which the running VMM is connected to")
+        old_specs = self.config.handlers
+        instances = self._instantiate(config, self.instances)
+        change = SidecarChange()
+        sidecars: dict[str, list[Sidecar]] = {}
+        for name, inst in instances.items():
+            old = self.sidecars.get(name, [])
+            old_spec = old_specs.get(name)
+            same = (old_spec is not None and old_spec.cls is config.handlers[name].cls
+                    and old_spec.options == config.handlers[name].options)
+            if same and old:
+                for sidecar in old:
+                    sidecar.rebind(inst)
+                sidecars[name] = old
+            else:
+                change.stopped.extend(old)
+                sidecars[name] = self._make_sidecars(inst)
+                change.started.extend(sidecars[name])
+        for name, old in self.sidecars.items():
+            if name not in instances:
+                change.stopped.extend(old)
+        self.table = self._bind(config, instances)
+        self.instances = instances
+        self.sidecars = sidecars
+        self._publish_registry()
+        self.timeouts = {name: spec.timeout_s for name, spec in config.handlers.items()}
+        self.config = config
+        self.facts.versions = dict(config.versions)
+        if self.facts.attached:
+            for name, inst in instances.items():
+                self._notes(name, inst.attach(reconnect=True))
+        return change
+
+    def all_sidecars(self) -> list[Sidecar]:
+        return [s for group in self.sidecars.values() for s in group]
+
+    # -- notes to sidecars
+    def _notes(self, name: str, notes: Iterable[object]) -> None:
+        for sidecar in self.sidecars.get(name, ()):
+            for note in notes:
+                try:
+                    sidecar.consume(note)
+                except Exception:
+                    log.exception("%s: sidecar %s of handler %s failed on a note", self.config.name,
+                                  type(sidecar).__name__, name)
+
+    def _each_handler(self, hook: Callable[[Handler], Notes], what: str) -> None:
+        for name, inst in self.instances.items():
+            try:
+                notes = hook(inst)
+            except Exception:
+                log.exception("handler %s failed on %s", name, what)
+                continue
+            if notes:
+                self._notes(name, notes)
+
+    # -- VMM lifecycle
+    def attach(self, hello: Hello, memory: GuestMemory) -> None:
+        facts = self.facts
+        if facts.memory is not None and facts.memory is not memory:
+            facts.memory.close()
+        facts.set_vcpus(hello.vcpus)
+        facts.memory = memory
+        facts.accel = hello.accel.name.lower()
+        facts.confirms_effects = bool(hello.features & FEATURE_EFFECT_DONE)
+        self.vmm_power = {v.index: v.powered_on for v in hello.vcpus}
+        if not hello.reconnect:
+            self._last_reply.clear()  # a fresh VM process numbers its calls anew
+            self._effects.clear()
+        facts.attached = True
+        self._each_handler(lambda inst: inst.attach(reconnect=hello.reconnect), "attach")
+
+    def detach(self) -> None:
+        """The VMM went away; state stays for its reconnect, memory access does not."""
+        if self.facts.memory is not None:
+            self.facts.memory.close()
+            self.facts.memory = None
+
+    def event(self, ev: VmEvent) -> None:
+        log.info("%s: VMM event %s vcpu=%s", self.config.name, ev.kind.name,
+                 "all" if ev.vcpu == 0xFFFF_FFFF else ev.vcpu)
+        if ev.kind is EventKind.VM_RESET:
+            self._effects.clear()
+            boot = {v.index for v in self.facts.vcpus if v.powered_on}
+            self.vmm_power = {i: i in boot for i in self.vmm_power}
+        elif ev.kind is EventKind.VCPU_POWER and ev.vcpu in self.vmm_power:
+            self.vmm_power[ev.vcpu] = bool(ev.arg)
+        self._each_handler(lambda inst: inst.event(ev), f"event {ev.kind.name}")
+
+    def effect_done(self, seq: int, index: int, status: int) -> None:
+        pending = self._effects.get(seq)
+        if pending is None:
+            return
+        name, effects = pending
+        if not 0 <= index < len(effects):
+            return
+        effect = effects[index]
+        if status == 0 and effect.kind in (EffectKind.CPU_ON, EffectKind.CPU_OFF) and effect.vcpu in self.vmm_power:
+            self.vmm_power[effect.vcpu] = effect.kind is EffectKind.CPU_ON  # the VMM says it did it
+        handler = self.instances.get(name)  # after a reload, the instance now serving that name
+        if handler is None:
+            return
+        try:
+            notes = handler.effect_done(effect, status)
+        except Exception:
+            log.exception("handler %s failed on effect confirmation", handler.name)
+            return
+        self._notes(name, notes)
+
+    def snapshot(self) -> dict[str, Any]:
+        return {name: inst.snapshot() for name, inst in self.instances.items()}
+
+    def reports(self) -> dict[str, dict[str, Any]]:
+        """Each handler's and sidecar's own report, for status and /metrics."""
+        out: dict[str, dict[str, Any]] = {}
+        for name, inst in self.instances.items():
+            report = dict(inst.report())
+            for sidecar in self.sidecars.get(name, ()):
+                extra = sidecar.report()
+                if extra:
+                    report[type(sidecar).__name__] = extra
+            out[name] = report
+        return out
+
+    # -- the hot path
+    async def dispatch(self, call: Call) -> Reply:
+        last = self._last_reply.get(call.vcpu)
+        if last is not None and last.seq == call.seq:
+            self.stats.replays += 1  # a VMM re-sent after reconnect: same answer, no second run
+            return last
+        start = time.perf_counter()
+        target = self.table.lookup(routing_id(call.func_id), call.flags & CALL_SMC, call.vcpu)
+        if isinstance(target, Handler):
+            name = target.name
+            result = await self._run(target, call)
+        else:
+            # deny, no rule, or kvm (a call the VMM forwarded although the table leaves it to KVM)
+            name = "none" if target is None else target.name
+            result = NOT_SUPPORTED
+        reply = Reply(call.seq, call.vcpu, result.regs, result.effects)
+        self._last_reply[call.vcpu] = reply
+        if result.effects:  # only handlers return effects
+            self._effects[call.seq] = (name, result.effects)
+            if len(self._effects) > MAX_PENDING_EFFECTS:
+                self._effects.popitem(last=False)
+        if result.notes:
+            self._notes(name, result.notes)
+        elapsed = time.perf_counter() - start
+        self.stats.record(call, reply, name, elapsed)
+        for obs in self.observers:
+            obs(call, reply, name, elapsed)
+        return reply
+
+    async def _run(self, handler: Handler, call: Call) -> Result:
+        timeout = self.timeouts.get(handler.name, self.config.timeout_s)
+        with trio.move_on_after(timeout) as scope:
+            try:
+                return await handler.handle(call)
+            except Exception:
+                # Exceptions are handler bugs or infrastructure failures, never a
+                # guest-visible answer: log, count, and give the service's own error.
+                log.exception("handler %s raised on %#010x from vcpu %d", handler.name, call.func_id, call.vcpu)
+                self.stats.failure(handler.name, "exception")
+                return handler.failure(call)
+        if scope.cancelled_caught:
+            log.error("handler %s timed out after %.3fs on %#010x from vcpu %d", handler.name, timeout,
+                      call.func_id, call.vcpu)
+            self.stats.failure(handler.name, "timeout")
+        return handler.failure(call)
+
+
+__all__ = ["Bound", "Observer", "ReloadRefused", "SidecarChange", "VmService"]

@@ -1,0 +1,30 @@
+"""Who may connect as the VMM: SO_PEERCRED against ``vmm.uid``/``vmm.gid``."""
+
+from __future__ import annotations
+
+from ..config.settings import VmmAuth
+from ..unixsock import resolve_id
+
+
+def vmm_peer_problem(auth: VmmAuth, uid: int, gid: int) -> str | None:
+    """None if a peer with ``uid``/``gid`` may act as the VMM, else why not."""
+    if auth.uid is None and auth.gid is None:
+        return None
+    wanted = []
+    for value, kind, have in ((auth.uid, "user", uid), (auth.gid, "group", gid)):
+        if value is None:
+            continue
+        want = resolve_id(value, kind)
+        if want == have:
+            return None
+        key = "vmm.uid" if kind == "user" else "vmm.gid"
+        if want is None:
+            wanted.append(f"{key} {value!r} (no such {kind})")
+        elif isinstance(value, str):
+            wanted.append(f"{key} {value!r} ({want})")
+        else:
+            wanted.append(f"{key} {value}")
+    return f"uid {uid} gid {gid} matches neither " + " nor ".join(wanted)
+
+
+__all__ = ["vmm_peer_problem"]

@@ -1,0 +1,335 @@
+"""One VMM connection: the handshake, the reader, the writer, one worker per vCPU.
+
+One nursery per connection owns its tasks, so when the connection ends they
+end.  One worker task per vCPU means a slow handler delays only its own vCPU,
+with no task spawned per call; one writer task batches whatever frames are
+ready into one write.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import time
+from collections.abc import Callable
+from contextlib import suppress
+from dataclasses import dataclass
+
+import trio
+
+from .. import wire
+from ..core.guestmem import GuestMemory, GuestMemoryError
+from ..core.service import VmService
+from ..errors import TransportError
+from ..vmm.qmp import QmpWatcher
+from .transport import Transport
+
+log = logging.getLogger("hvcproxyd.daemon")
+
+HANDSHAKE_TIMEOUT = 10.0
+CLEANUP_TIMEOUT = 2.0
+#: Calls a vCPU may have queued; the protocol allows one in flight, a little slack
+#: absorbs a replay racing its original without letting a VMM grow our memory.
+VCPU_QUEUE = 4
+
+
+@dataclass(slots=True)
+class _Pending:
+    done: trio.Event
+    result: wire.MemReadResp | wire.MemWriteResp | None = None
+
+
+@dataclass(slots=True)
+class LinkStats:
+    """The VMM connections a daemon has seen; rendered by status and /metrics."""
+
+    accepted: int = 0
+    reconnects: int = 0
+    refused_peers: int = 0
+    protocol_errors: int = 0
+
+
+class Session:
+    """One VMM connection, from HELLO to close.  ``draining`` says whether the
+    daemon has stopped taking calls (SIGTERM)."""
+
+    def __init__(self, vm: VmService, transport: Transport, *, links: LinkStats,
+                 qmp: QmpWatcher | None = None, draining: Callable[[], bool] = lambda: False) -> None:
+        self.vm = vm
+        self.links = links
+        self.qmp = qmp
+        self.draining = draining
+        self.transport = transport
+        self.conn = wire.Connection(wire.Role.DAEMON)
+        self.hello: wire.Hello | None = None
+        self._mem_seq = 0
+        self._pending: dict[int, _Pending] = {}
+        self._queues: list[trio.MemorySendChannel[wire.Call]] = []
+        self.in_flight = 0
+        self.idle = trio.Event()
+        self.idle.set()
+        self.connected_at = time.time()
+        # Frames for the writer task while the session runs: the vCPU workers and the
+        # reader only append, and one task writes whatever is ready in one syscall.
+        # Under load that batches replies from several vCPUs, and a worker never
+        # yields to the scheduler to write.
+        self._out: list[bytes] = []
+        self._out_ready = trio.Event()
+        self._out_empty = trio.Event()
+        self._out_empty.set()
+        self._writer_running = False
+
+    async def send(self, event: wire.Event) -> None:
+        data = self.conn.send(event)
+        if not self._writer_running:
+            await self.transport.send(data)
+            return
+        self._out.append(data)
+        self._out_ready.set()
+        if self._out_empty.is_set():
+            self._out_empty = trio.Event()
+
+    async def _writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._writer_running = True
+        task_status.started()
+        try:
+            while True:
+                await self._out_ready.wait()
+                self._out_ready = trio.Event()
+                data = b"".join(self._out)
+                self._out.clear()
+                await self.transport.send(data)
+                if not self._out:
+                    self._out_empty.set()
+        finally:
+            self._writer_running = False
+
+    async def flush(self) -> None:
+        """Wait until every frame queued so far is written (e.g. before an ERROR closes)."""
+        await self._out_empty.wait()
+
+    async def next_event(self) -> wire.Event | None:
+        """The next frame, or None when the peer closed."""
+        while True:
+            event = self.conn.next_event()
+            if event is not wire.NEED_DATA:
+                return event  # type: ignore[return-value]
+            data, fds = await self.transport.receive()
+            self.conn.receive_data(data, fds)
+            if self.conn.state is wire.State.CLOSED:
+                return None
+
+    async def refuse(self, code: wire.ErrorCode, reason: str) -> None:
+        log.error("%s: closing VMM connection: %s", self.vm.config.name, reason)
+        with trio.move_on_after(CLEANUP_TIMEOUT), suppress(TransportError, wire.ProtocolError):
+            await self.send(wire.Error(code, reason[:1000]))
+            if self._writer_running:
+                await self.flush()
+
+    # -- handshake
+    async def handshake(self) -> bool:
+        hello = await self.next_event()
+        if hello is None:
+            return False
+        if not isinstance(hello, wire.Hello):
+            raise wire.RemoteProtocolError(f"expected HELLO, got {type(hello).__name__}")
+        self.hello = hello
+        fds = list(hello.fds) + self.conn.take_fds()
+        try:
+            return await self._handshake(hello, fds)
+        finally:
+            for fd in fds:
+                with suppress(OSError):
+                    os.close(fd)
+
+    async def _handshake(self, hello: wire.Hello, fds: list[int]) -> bool:
+        name = self.vm.config.name
+        version = wire.negotiate_version(hello.min_version, hello.max_version)
+        if version is None:
+            lo, hi = wire.PROTOCOL_VERSIONS
+            await self.refuse(wire.ErrorCode.VERSION,
+                              f"VMM speaks protocol {hello.min_version}..{hello.max_version}, daemon {lo}..{hi}")
+            return False
+        if hello.name != name:
+            log.warning("%s: VMM calls its VM %r; serving it as %r from %s", name, hello.name, name,
+                        self.vm.config.path)
+        ranges = self.vm.filter
+        if hello.reconnect and hello.filter_in_force != ranges:
+            await self.refuse(wire.ErrorCode.FILTER_MISMATCH,
+                              "the filter in force differs from this config: " + _first_difference(
+                                  hello.filter_in_force, ranges) + "; KVM cannot change it once the VM has run, "
+                                  "so restore the config the VM was started with, or restart the VM")
+            return False
+        if hello.features & wire.FEATURE_MEMFD:
+            try:
+                memory = GuestMemory.from_fds(hello.regions, hello.ipa_bits, fds,
+                                              remote_read=self.mem_read, remote_write=self.mem_write)
+            except (GuestMemoryError, OSError, ValueError) as err:
+                await self.refuse(wire.ErrorCode.REFUSED, f"cannot map guest RAM: {err}")
+                return False
+        else:
+            memory = GuestMemory(hello.regions, hello.ipa_bits, remote_read=self.mem_read,
+                                 remote_write=self.mem_write)
+        timeout_ms = int(max(self.vm.timeouts.values(), default=self.vm.config.timeout_s) * 1000)
+        await self.send(wire.Welcome(version, ranges, timeout_ms))
+        status = await self.next_event()
+        if status is None:
+            memory.close()
+            return False
+        assert isinstance(status, wire.FilterStatus)  # the state table allows nothing else
+        if status.status != 0:
+            memory.close()
+            which = (f"range {status.failed_index} ({ranges[status.failed_index].base:#010x})"
+                     if status.failed_index < len(ranges) else "the filter")
+            await self.refuse(wire.ErrorCode.FILTER_REJECTED,
+                              f"the VMM could not install {which}: {_errno_name(status.status)}")
+            return False
+        self.vm.attach(hello, memory)
+        if hello.reconnect:
+            self.links.reconnects += 1
+        log.info("%s: VMM attached (%s, %d vCPUs, %d RAM regions%s, %s, protocol v%d, %d filter ranges)",
+                 name, hello.accel.name, len(hello.vcpus), len(hello.regions),
+                 ", memfd-mapped" if memory.mapped else "", "reconnect" if hello.reconnect else "fresh boot",
+                 version, len(ranges))
+        return True
+
+    # -- guest memory through the VMM
+    async def _mem_request(self, event: wire.MemRead | wire.MemWrite) -> wire.MemReadResp | wire.MemWriteResp:
+        pending = _Pending(trio.Event())
+        self._pending[event.seq] = pending
+        try:
+            try:
+                await self.send(event)
+            except (TransportError, wire.ProtocolError) as err:
+                raise GuestMemoryError(f"VMM connection lost: {err}") from err
+            await pending.done.wait()
+        finally:
+            self._pending.pop(event.seq, None)
+        if pending.result is None:
+            raise GuestMemoryError("VMM connection closed during a guest memory access")
+        if pending.result.status != 0:
+            raise GuestMemoryError(f"VMM refused the access: {_errno_name(pending.result.status)}")
+        return pending.result
+
+    def _next_mem_seq(self) -> int:
+        self._mem_seq += 1
+        return self._mem_seq
+
+    async def mem_read(self, gpa: int, length: int) -> bytes:
+        resp = await self._mem_request(wire.MemRead(self._next_mem_seq(), gpa, length))
+        assert isinstance(resp, wire.MemReadResp)
+        return resp.data
+
+    async def mem_write(self, gpa: int, data: bytes) -> None:
+        await self._mem_request(wire.MemWrite(self._next_mem_seq(), gpa, data))
+
+    # -- running
+    async def run(self) -> None:
+        """Serve calls until the VMM goes.  A protocol or transport error from any of
+        the session's tasks leaves as that one error (not trio's exception group),
+        so the daemon answers it and stays up for the next VMM."""
+        try:
+            await self._run()
+        except BaseExceptionGroup as group:
+            for kind in (wire.RemoteProtocolError, TransportError):
+                matched, _rest = group.split(kind)
+                if matched is not None:
+                    raise _first_leaf(matched) from group
+            raise
+
+    async def _run(self) -> None:
+        assert self.hello is not None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._writer)
+            for _ in self.hello.vcpus:
+                send, receive = trio.open_memory_channel[wire.Call](VCPU_QUEUE)
+                self._queues.append(send)
+                nursery.start_soon(self._vcpu_worker, receive)
+            if self.qmp is not None:
+                nursery.start_soon(self._cross_check, self.qmp, nursery.cancel_scope)
+            try:
+                await self._read_loop()
+            finally:
+                nursery.cancel_scope.cancel()
+                for p in self._pending.values():
+                    p.done.set()
+
+    async def _cross_check(self, qmp: QmpWatcher, session_scope: trio.CancelScope) -> None:
+        """After the handshake (QEMU answers QMP only once machine init is over):
+        a VMM whose vCPU table QEMU contradicts is not served."""
+        assert self.hello is not None
+        problem = await qmp.cross_check(self.hello)
+        if problem:
+            await self.refuse(wire.ErrorCode.REFUSED, problem)
+            session_scope.cancel()
+
+    async def _read_loop(self) -> None:
+        vm = self.vm
+        while True:
+            event = await self.next_event()
+            if event is None:
+                log.info("%s: VMM disconnected", vm.config.name)
+                return
+            if type(event) is wire.Call:
+                if event.vcpu >= len(self._queues):
+                    raise wire.RemoteProtocolError(f"CALL from vCPU {event.vcpu}, the VM has {len(self._queues)}")
+                if self.draining():
+                    continue  # left unanswered: the VMM re-sends it to the next daemon (protocol §7)
+                try:
+                    self._queues[event.vcpu].send_nowait(event)
+                except trio.WouldBlock:
+                    raise wire.RemoteProtocolError(
+                        f"vCPU {event.vcpu} has more than {VCPU_QUEUE} calls queued") from None
+                self.in_flight += 1
+                self.idle = trio.Event() if self.idle.is_set() else self.idle
+            elif isinstance(event, (wire.MemReadResp, wire.MemWriteResp)):
+                pending = self._pending.get(event.seq)
+                if pending is not None:
+                    pending.result = event
+                    pending.done.set()
+            elif isinstance(event, wire.EffectDone):
+                vm.effect_done(event.seq, event.index, event.status)
+            elif isinstance(event, wire.VmEvent):
+                vm.event(event)
+            elif isinstance(event, wire.Error):
+                log.error("%s: VMM sent ERROR %s: %s", vm.config.name, event.code.name, event.reason)
+                return
+
+    async def _vcpu_worker(self, calls: trio.MemoryReceiveChannel[wire.Call]) -> None:
+        dispatch = self.vm.dispatch
+        async for call in calls:
+            try:
+                reply = await dispatch(call)
+                await self.send(reply)
+            finally:
+                self.in_flight -= 1
+                if self.in_flight == 0:
+                    self.idle.set()
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _first_difference(have: tuple[wire.FilterRange, ...], want: tuple[wire.FilterRange, ...]) -> str:
+    def fmt(r: wire.FilterRange | None) -> str:
+        return "nothing" if r is None else f"{r.base:#010x}+{r.count:#x} {r.action.name}"
+
+    for i in range(max(len(have), len(want))):
+        a = have[i] if i < len(have) else None
+        b = want[i] if i < len(want) else None
+        if a != b:
+            return f"entry {i}: in force {fmt(a)}, config wants {fmt(b)}"
+    return "none"
+
+
+def _errno_name(status: int) -> str:
+    code = -status
+    return f"{errno.errorcode.get(code, 'errno ' + str(code))} ({os.strerror(code)})"
+
+
+__all__ = ["CLEANUP_TIMEOUT", "HANDSHAKE_TIMEOUT", "LinkStats", "Session"]

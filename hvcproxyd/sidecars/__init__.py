@@ -1,0 +1,1 @@
+"""Sidecar plugins shipped with hvcproxyd (see :mod:`hvcproxyd.core.sidecar`)."""
