@@ -8,7 +8,7 @@ Layout (two cores: the daemon on one, the VMM on the other, as in production):
 - a child process runs the VMM simulator with N vCPUs, each with one call in
   flight, and times its calls;
 - for the memshare phase, another child process subscribes to the ledger's
-  stream and rebuilds it (hvcproxyd.ledger.Replica), as ``memshare watch`` would.
+  stream and rebuilds it (hvcproxyd.handlers.pkvm_memshare.ledger.Replica), as ``memshare watch`` would.
 
 Usage: .venv/bin/python bench/memshare_bench.py [--vcpus 8] [--pairs 2000] [--repeat 3] [--profile]
 """
@@ -38,6 +38,7 @@ from hvcproxyd.core.vmconfig import load_config
 from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID, MemshareHandler
 from hvcproxyd.handlers.pkvm_memshare.ledger import Replica
 from hvcproxyd.server.daemon import Daemon
+from hvcproxyd.sidecars.memshare import MemshareSidecar
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
 PSCI_VERSION = 0x8400_0000
@@ -183,7 +184,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     config = load_config(tmp / "bench.yaml", socket=str(tmp / "vm.sock"))
     daemon = Daemon(config)
     handler = daemon.vm.instances["ms"]
-    assert isinstance(handler, MemshareHandler) and handler.stream is not None
+    (side,) = daemon.vm.sidecars["ms"]
+    assert isinstance(handler, MemshareHandler) and isinstance(side, MemshareSidecar) and side.stream is not None
     results: dict[str, list[dict[str, Any]]] = {"floor": [], "psci": [], "memshare": []}
     subscribers: list[dict[str, Any]] = []
     profile = cProfile.Profile() if args.profile else None
@@ -201,11 +203,11 @@ async def bench(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             results["psci"].append(await run_child(child("vmm", config.socket, args.vcpus, calls, "psci")))
 
             until = handler.ledger.seq + args.vcpus * calls
-            sub = await trio.lowlevel.open_process(child("subscriber", handler.socket_path, until),
+            sub = await trio.lowlevel.open_process(child("subscriber", side.socket_path, until),
                                                    stdout=subprocess.PIPE)
             assert sub.stdout is not None
             await sub.stdout.receive_some(64)  # "connected"
-            while not handler.stream.subscribers:
+            while not side.stream.subscribers:
                 await trio.sleep(0.01)
             if profile is not None:
                 profile.enable()

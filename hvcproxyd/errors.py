@@ -3,13 +3,13 @@
 Tree::
 
     HvcproxydError
-     ├── ProtocolError (wire.py)         bytes on the socket broke the rules
+     ├── ProtocolError (wire.py)                bytes on the socket broke the rules
      │    ├── LocalProtocolError
      │    └── RemoteProtocolError
-     ├── ConfigError (config.py)         a config file is wrong; names file:line:col
-     ├── GuestMemoryError (guestmem.py)  a guest address/length outside its RAM
-     ├── TransportError                  the peer went away (wraps trio's errors)
-     └── StateError                      an operation in the wrong run state
+     ├── ConfigError (config/diagnostics.py)    a config file is wrong; names file:line:col
+     ├── GuestMemoryError (core/guestmem.py)    a guest address/length outside its RAM
+     ├── ControlError (ops/control.py)          the control socket cannot be reached or refused
+     └── TransportError                         the peer went away (wraps trio's errors)
 """
 
 from __future__ import annotations
@@ -25,12 +25,3 @@ class TransportError(HvcproxydError):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-class StateError(HvcproxydError):
-    """Asked to do something the current run state does not allow."""
-
-    def __init__(self, actual: str, required: str) -> None:
-        super().__init__(f"in state {actual}, need {required}")
-        self.actual = actual
-        self.required = required

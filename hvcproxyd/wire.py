@@ -753,10 +753,6 @@ class Connection:
         self._track(event, mtype, sent=True)
         return encode(event)
 
-    def send_failed(self) -> None:
-        """The transport died: nothing more may be sent or received."""
-        self.state = State.CLOSED
-
     # -- internals
     def _fail(self) -> None:
         self.state = State.ERROR

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from .. import __version__
+from ..ops.logsetup import FORMATS
 from ..ops.logsetup import configure as setup_logging
 from . import control, demo, memshare, run  # noqa: F401  (each registers its subcommands)
 from .registry import SUBCOMMANDS
@@ -18,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hvcproxyd {__version__}")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                         help="log verbosity (DEBUG logs every call)")
-    parser.add_argument("--log-format", default="auto", choices=["auto", "text", "journal"],
+    parser.add_argument("--log-format", default="auto", choices=FORMATS,
                         help="journal: native journald records with HVC_* fields; text: one line per record; "
                              "auto (default): journal when stderr is the service's journal stream")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

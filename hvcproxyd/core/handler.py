@@ -17,15 +17,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from ..config.diagnostics import Section
 from ..plugins import installed, load_plugin
 from ..smccc import MASK64, SmcccResult
 from ..wire import Call, Effect, VcpuInfo, VmEvent
-
-if TYPE_CHECKING:
-    from ..config.diagnostics import Section
-    from .guestmem import GuestMemory
+from .guestmem import GuestMemory
 
 ENTRY_POINT_GROUP = "hvcproxyd.handlers"
 #: A handler's notes: plain objects its sidecars understand (e.g. a ledger change).

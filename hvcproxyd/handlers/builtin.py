@@ -7,14 +7,11 @@ double as the simplest examples of the API.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from ..config.diagnostics import Section
 from ..smccc import CALL_COUNT_FN, CALL_UID_FN, FUNC_NUM_MASK, REVISION_FN, SmcccResult
+from ..wire import Call
 from . import NOT_SUPPORTED, Handler, Result
-
-if TYPE_CHECKING:
-    from ..config.diagnostics import Section
-    from ..wire import Call
 
 
 class DenyHandler(Handler):

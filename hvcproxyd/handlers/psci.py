@@ -23,10 +23,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal
 
+from ..config.diagnostics import Section
 from ..smccc import MASK32, SMC64, routing_id
-from ..wire import EFFECT_AARCH64, MPIDR_AFF_MASK, EventKind
+from ..wire import EFFECT_AARCH64, MPIDR_AFF_MASK, EventKind, VmEvent
 from . import Call, Effect, EffectKind, Handler, Notes, Result, VmContext
 from .psci_defs import (
     AFF_SHIFTS,
@@ -55,10 +56,6 @@ from .psci_defs import (
     Ret,
     Version,
 )
-
-if TYPE_CHECKING:
-    from ..config.diagnostics import Section
-    from ..wire import VmEvent
 
 CpuSuspendMode = Literal["standby-only", "full"]
 StateIdFormat = Literal["original", "extended"]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from .journal import JournalHandler, journal_stream_is
+
 FORMATS = ("auto", "text", "journal")
 #: Fields every journal record gets (HVC_VM once the config names the VM).
 STATIC_FIELDS: dict[str, str] = {}
@@ -18,8 +20,6 @@ STATIC_FIELDS: dict[str, str] = {}
 
 def configure(level: str = "INFO", fmt: str = "auto") -> None:
     """``auto`` picks the journal when stderr is this service's journal stream."""
-    from .journal import JournalHandler, journal_stream_is
-
     handler: logging.Handler
     if fmt == "journal" or (fmt == "auto" and journal_stream_is(2)):
         handler = JournalHandler(static=STATIC_FIELDS)

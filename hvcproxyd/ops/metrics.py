@@ -14,7 +14,7 @@ import errno
 import logging
 import socket as stdsocket
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
@@ -24,11 +24,10 @@ from prometheus_client.registry import Collector
 from ..config.settings import MetricsConfig
 from ..core.stats import OTHER
 from ..errors import HvcproxydError
+from ..server.daemon import Daemon
 from ..smccc.names import function_name
 from ..unixsock import UnixListener
-
-if TYPE_CHECKING:
-    from .service import Service
+from .control import TraceHub
 
 log = logging.getLogger("hvcproxyd.metrics")
 
@@ -38,11 +37,12 @@ MAX_CLIENTS = 8
 
 
 class DaemonCollector(Collector):
-    def __init__(self, service: Service) -> None:
-        self.service = service
+    def __init__(self, daemon: Daemon, hub: TraceHub) -> None:
+        self.daemon = daemon
+        self.hub = hub
 
     def collect(self) -> Iterator[Metric]:
-        d = self.service.daemon
+        d = self.daemon
         vm = d.config.name
         stats = d.vm.stats
 
@@ -84,7 +84,7 @@ class DaemonCollector(Collector):
         yield counter("hvcproxyd_vmm_reconnects", "Handshakes from a VMM whose VM had already run", links.reconnects)
         yield counter("hvcproxyd_vmm_refused", "Connections refused by the SO_PEERCRED check", links.refused_peers)
         yield counter("hvcproxyd_trace_dropped", "Calls not shown to a trace client that read too slowly",
-                      self.service.hub.dropped)
+                      self.hub.dropped)
         reloads = CounterMetricFamily("hvcproxyd_config_reloads", "SIGHUP reloads", labels=["vm", "result"])
         reloads.add_metric([vm, "applied"], d.reloads)
         reloads.add_metric([vm, "refused"], d.reloads_refused)
@@ -115,9 +115,9 @@ def _numbers(values: dict[str, object], prefix: str = "") -> Iterator[tuple[str,
             yield from _numbers(value, f"{prefix}{key}.")
 
 
-def registry_for(service: Service) -> CollectorRegistry:
+def registry_for(daemon: Daemon, hub: TraceHub) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(service))
+    registry.register(DaemonCollector(daemon, hub))
     ProcessCollector(namespace="hvcproxyd", registry=registry)
     return registry
 

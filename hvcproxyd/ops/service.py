@@ -132,7 +132,8 @@ class Service:
             await nursery.start(self.daemon.run)
             await nursery.start(control.serve)
             if cfg.metrics is not None:
-                self.metrics_address = await nursery.start(serve_metrics, cfg.metrics, registry_for(self))
+                self.metrics_address = await nursery.start(serve_metrics, cfg.metrics,
+                                                            registry_for(self.daemon, self.hub))
             self.notifier.notify(READY=1, STATUS=status_line(self.daemon))
             log.info("%s: ready (control socket %s)", cfg.name, control.path)
             if self.notifier.enabled:

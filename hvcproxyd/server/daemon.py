@@ -82,8 +82,6 @@ class Daemon:
         self.links = LinkStats()
         self.reloads = 0
         self.reloads_refused = 0
-        #: Why the last reload was refused; None after one that applied.
-        self.reload_error: str | None = None
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._sidecar_scopes: dict[int, trio.CancelScope] = {}
@@ -241,7 +239,6 @@ class Daemon:
         else:
             self.reloads_refused += 1
             log.error("%s: reload refused, keeping the running config: %s", old.name, error)
-        self.reload_error = error
         outcome = ReloadOutcome(path, old, new if error is None else None, error)
         for after in self.hooks.reloaded:
             after(outcome)

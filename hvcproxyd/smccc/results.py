@@ -18,6 +18,7 @@ SMCCC fixes only a few codes (DEN0028 §7: -1 NOT_SUPPORTED, -2 NOT_REQUIRED,
 from __future__ import annotations
 
 import enum
+from functools import lru_cache
 
 from . import DISCOVERY_FNS, FUNC_NUM_MASK, MASK32, SMC64, routing_id
 from .services import service_of
@@ -51,6 +52,7 @@ def signed_result(func_id: int, x0: int) -> int:
     return w0 - (1 << 32) if w0 >> 31 else w0
 
 
+@lru_cache(maxsize=4096)  # on every call; bounded, because the guest picks the IDs
 def _convention(fid: int) -> str:
     if fid & 0x8000_0000 and fid & FUNC_NUM_MASK in DISCOVERY_FNS:
         return "discovery"

@@ -5,8 +5,9 @@ Used for three things the call socket cannot tell us:
 
 - a cross-check of the handshake's vCPU table against QEMU (``query-cpus-fast``
   plus ``qom-get <cpu> mp-affinity``), refused loudly on mismatch;
-- lifecycle events (RESET, SHUTDOWN, STOP, RESUME), so handler state follows
-  the VM and the log says what happened;
+- lifecycle events (RESET, SHUTDOWN, STOP, RESUME), logged and counted for
+  ``status``; handler state follows the ordered VM_RESET event on the call
+  socket instead, since a QMP event can arrive after the new boot's first calls;
 - the run state (``query-status``) for ``hvcproxyd status``.
 
 QMP is optional and never on the call path: when its socket goes away the

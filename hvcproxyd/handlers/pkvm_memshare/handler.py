@@ -24,8 +24,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
+from ...config.diagnostics import Section
 from ...config.settings import DEFAULT_RUNTIME_DIR
 from ...smccc import (
     CALL_COUNT_FN,
@@ -42,9 +43,6 @@ from ...smccc import (
 from ...wire import CALL_AARCH32, Call, EventKind, VmEvent
 from .. import NOT_SUPPORTED, Handler, Notes, Result, VmContext
 from .ledger import GRANULES, Change, Ledger, RangeSet
-
-if TYPE_CHECKING:
-    from ...config.diagnostics import Section
 
 # Function numbers in the vendor-hyp range (include/linux/arm-smccc.h).
 KVM_FUNC_FEATURES = 0
