@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import errno
 import itertools
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+import trio
 
 from hvcproxyd.core.guestmem import GuestMemory
 from hvcproxyd.core.stats import CallStats, outcome
 from hvcproxyd.core.vmconfig import VmConfig
+from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID
+from hvcproxyd.ops.metrics import scrape_unix
+from hvcproxyd.ops.sdnotify import Notifier
+from hvcproxyd.ops.service import Service
 from hvcproxyd.ops.status import vcpu_power
 from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.smccc.results import ResultClass, classify
-from hvcproxyd.vmm.simulator import default_mpidr
+from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu, default_mpidr
 from hvcproxyd.wire import FEATURE_EFFECT_DONE, Accel, Call, Effect, EffectKind, Hello, RamRegion, Reply, VcpuInfo
 
 MASK64 = (1 << 64) - 1
@@ -90,3 +97,36 @@ async def test_without_a_power_handler_status_takes_the_vmm_word(make_config: Ca
     daemon.vm.attach(Hello("st", Accel.TCG, 40, vcpus, (RamRegion(RAM, 1 << 24),)),
                      GuestMemory((RamRegion(RAM, 1 << 24),), 40))
     assert vcpu_power(daemon, daemon.vm.reports()) == ({0: "on", 1: "off"}, "the VMM")
+
+
+async def test_status_and_metrics_render_the_handler_reports(make_config: Callable[[str], VmConfig],
+                                                            tmp_path: Path) -> None:
+    config = make_config(f"""\
+vm: rep
+vmm: {{uid: {os.getuid()}}}
+handlers:
+  ms: {{type: pkvm-memshare, options: {{socket: {tmp_path / "ms.sock"}}}}}
+rules:
+  - {{match: kvm-vendor, action: ms}}
+""")
+
+    async def guest(cpu: SimVcpu, x0: int) -> None:
+        for page in (0, 1, 5):
+            assert (await cpu.call(MEM_SHARE_ID, RAM_BASE + page * 4096))[0] == 0
+
+    async with trio.open_nursery() as nursery:
+        service: Service = await nursery.start(Service(config, Notifier({})).run)
+        sim = Simulator(config.socket, n_vcpus=1, name="rep", boot=guest)
+        try:
+            await sim.run(timeout=30)
+        finally:
+            sim.close()
+        st = service.status()
+        assert config.metrics is not None and config.metrics.socket is not None
+        text = (await trio.to_thread.run_sync(scrape_unix, str(config.metrics.socket))).decode()
+        service.stop()
+    report = st["calls"]["handlers"]["ms"]["report"]
+    assert report["shared_bytes"] == 3 * 4096 and report["ranges"] == 2 and report["shares"] == 3
+    assert report["MemshareSidecar"]["stream"] == str(tmp_path / "ms.sock")
+    assert 'hvcproxyd_handler_state{handler="ms",key="shared_bytes",vm="rep"} 12288.0' in text
+    assert 'hvcproxyd_handler_state{handler="ms",key="MemshareSidecar.connected",vm="rep"} 0.0' in text

@@ -102,7 +102,8 @@ def format_status(st: dict[str, Any]) -> str:
     out.append(f"  links      {c['accepted']} accepted, {c['reconnects']} reconnects, {c['refused_peers']} refused "
                f"peers, {c['protocol_errors']} protocol errors")
     if st["vcpus"]:
-        out.append("  vCPUs      " + ", ".join(f"{v['index']} {v['power']}" for v in st["vcpus"]))
+        out.append("  vCPUs      " + ", ".join(f"{v['index']} {v['power']}" for v in st["vcpus"])
+                   + f" (as {st['vcpu_power_source']} holds them)")
     calls = st["calls"]
     results = ", ".join(f"{n} {r}" for r, n in sorted(calls["results"].items())) or "none"
     out.append(f"  calls      {calls['total']} ({results}); {calls['replays']} replays")
@@ -111,8 +112,29 @@ def format_status(st: dict[str, Any]) -> str:
         for name, h in calls["handlers"].items():
             out.append(f"  {name:24} {h['type']:16} {h['calls']:>10} {h['errors']:>7} {h['timeouts']:>8} "
                        f"{_us(h['p50_us']):>8} {_us(h['p99_us']):>8}")
+        for name, h in calls["handlers"].items():
+            words = _report_words(h.get("report") or {})
+            if words:
+                out.append(f"  {name}: {words}")
     out.append(f"  metrics    {st['metrics'] or 'off'}; trace clients {st['trace_clients']}")
     return "\n".join(out)
+
+
+def _report_words(report: dict[str, Any], prefix: str = "") -> str:
+    """A handler's report in one line: ``key=value`` for its scalars (nested
+    reports, e.g. a sidecar's, as ``sidecar.key=value``); power states are
+    shown on the vCPU line instead."""
+    parts = []
+    for key, value in report.items():
+        if key == "vcpu_power":
+            continue
+        if isinstance(value, dict):
+            inner = _report_words(value, f"{prefix}{key}.")
+            if inner:
+                parts.append(inner)
+        else:
+            parts.append(f"{prefix}{key}={value}")
+    return ", ".join(parts)
 
 
 def _status_args(p: argparse.ArgumentParser) -> None:

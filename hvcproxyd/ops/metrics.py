@@ -22,12 +22,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from ..config.settings import MetricsConfig
-from ..core.stats import OTHER
+from ..core.stats import OTHER, CallStats
 from ..errors import HvcproxydError
-from ..server.daemon import Daemon
 from ..smccc.names import function_name
 from ..unixsock import UnixListener
-from .control import TraceHub
 
 log = logging.getLogger("hvcproxyd.metrics")
 
@@ -37,14 +35,18 @@ MAX_CLIENTS = 8
 
 
 class DaemonCollector(Collector):
-    def __init__(self, daemon: Daemon, hub: TraceHub) -> None:
-        self.daemon = daemon
-        self.hub = hub
+    """Renders the same model ``status`` shows (its dict, taken once per scrape),
+    plus the per-function counters and latency histograms of the stats model,
+    which are too fine-grained for ``status``."""
+
+    def __init__(self, status: Callable[[], dict[str, Any]], stats: CallStats) -> None:
+        self.status = status
+        self.stats = stats
 
     def collect(self) -> Iterator[Metric]:
-        d = self.daemon
-        vm = d.config.name
-        stats = d.vm.stats
+        st = self.status()
+        vm = st["vm"]
+        stats = self.stats
 
         calls = CounterMetricFamily("hvcproxyd_calls", "Calls answered, by function, handler and result class "
                                     "(success, not_supported, error, value)",
@@ -64,10 +66,13 @@ class DaemonCollector(Collector):
             latency.add_metric([vm, handler], hist.cumulative(), hist.total)
         yield latency
 
+        handlers = st["calls"]["handlers"]
         failures = CounterMetricFamily("hvcproxyd_handler_failures", "Handler exceptions and timeouts (the guest "
                                        "got the service's error code)", labels=["vm", "handler", "kind"])
-        for (handler, kind), n in sorted(stats.failures.items()):
-            failures.add_metric([vm, handler, kind], n)
+        for handler, h in sorted(handlers.items()):
+            for kind, key in (("exception", "errors"), ("timeout", "timeouts")):
+                if h[key]:
+                    failures.add_metric([vm, handler, kind], h[key])
         yield failures
 
         def counter(name: str, doc: str, value: float) -> CounterMetricFamily:
@@ -75,31 +80,31 @@ class DaemonCollector(Collector):
             c.add_metric([vm], value)
             return c
 
-        links = d.links
+        links = st["connections"]
         yield counter("hvcproxyd_call_replays", "Calls a reconnecting VMM re-sent, answered from the last reply",
-                      stats.replays)
+                      st["calls"]["replays"])
         yield counter("hvcproxyd_protocol_errors", "VMM connections closed for breaking the protocol",
-                      links.protocol_errors)
-        yield counter("hvcproxyd_vmm_connections", "VMM connections accepted", links.accepted)
-        yield counter("hvcproxyd_vmm_reconnects", "Handshakes from a VMM whose VM had already run", links.reconnects)
-        yield counter("hvcproxyd_vmm_refused", "Connections refused by the SO_PEERCRED check", links.refused_peers)
+                      links["protocol_errors"])
+        yield counter("hvcproxyd_vmm_connections", "VMM connections accepted", links["accepted"])
+        yield counter("hvcproxyd_vmm_reconnects", "Handshakes from a VMM whose VM had already run", links["reconnects"])
+        yield counter("hvcproxyd_vmm_refused", "Connections refused by the SO_PEERCRED check", links["refused_peers"])
         yield counter("hvcproxyd_trace_dropped", "Calls not shown to a trace client that read too slowly",
-                      self.hub.dropped)
+                      st["trace_dropped"])
         reloads = CounterMetricFamily("hvcproxyd_config_reloads", "SIGHUP reloads", labels=["vm", "result"])
-        reloads.add_metric([vm, "applied"], d.reloads)
-        reloads.add_metric([vm, "refused"], d.reloads_refused)
+        reloads.add_metric([vm, "applied"], st["reloads"]["applied"])
+        reloads.add_metric([vm, "refused"], st["reloads"]["refused"])
         yield reloads
         connected = GaugeMetricFamily("hvcproxyd_vmm_connected", "1 while a VMM is attached", labels=["vm"])
-        connected.add_metric([vm], 1 if d.session is not None and d.session.hello is not None else 0)
+        connected.add_metric([vm], 1 if st["vmm"] is not None else 0)
         yield connected
         start = GaugeMetricFamily("hvcproxyd_start_time_seconds", "When the daemon started (Unix time)",
                                   labels=["vm"])
-        start.add_metric([vm], d.vm.started)
+        start.add_metric([vm], st["started"])
         yield start
         report = GaugeMetricFamily("hvcproxyd_handler_state", "Numbers a handler reports about the state it "
                                    "holds (e.g. memshare shared_bytes, ranges)", labels=["vm", "handler", "key"])
-        for handler, values in sorted(d.vm.reports().items()):
-            for key, value in sorted(_numbers(values)):
+        for handler, h in sorted(handlers.items()):
+            for key, value in sorted(_numbers(h["report"])):
                 report.add_metric([vm, handler, key], value)
         yield report
 
@@ -115,9 +120,9 @@ def _numbers(values: dict[str, object], prefix: str = "") -> Iterator[tuple[str,
             yield from _numbers(value, f"{prefix}{key}.")
 
 
-def registry_for(daemon: Daemon, hub: TraceHub) -> CollectorRegistry:
+def registry_for(status: Callable[[], dict[str, Any]], stats: CallStats) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DaemonCollector(daemon, hub))
+    registry.register(DaemonCollector(status, stats))
     ProcessCollector(namespace="hvcproxyd", registry=registry)
     return registry
 

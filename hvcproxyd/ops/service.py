@@ -133,7 +133,7 @@ class Service:
             await nursery.start(control.serve)
             if cfg.metrics is not None:
                 self.metrics_address = await nursery.start(serve_metrics, cfg.metrics,
-                                                            registry_for(self.daemon, self.hub))
+                                                            registry_for(self.status, self.daemon.vm.stats))
             self.notifier.notify(READY=1, STATUS=status_line(self.daemon))
             log.info("%s: ready (control socket %s)", cfg.name, control.path)
             if self.notifier.enabled:

@@ -76,7 +76,8 @@ def status_of(d: Daemon, *, config_loaded: float, last_reload: dict[str, Any] | 
                           "report": reports.get(name, {})}
     links = d.links
     return {
-        "vm": cfg.name, "version": __version__, "pid": os.getpid(), "uptime_s": round(now - vm.started, 1),
+        "vm": cfg.name, "version": __version__, "pid": os.getpid(), "started": vm.started,
+        "uptime_s": round(now - vm.started, 1),
         "state": "stopping" if d.draining else "serving" if vmm else "waiting",
         "status_line": status_line(d),
         "config": {"path": str(cfg.path), "loaded": config_loaded, "rules": len(cfg.rules),
