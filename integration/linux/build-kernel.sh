@@ -18,8 +18,8 @@
 #   kernel/src/linux-<version>/     the unpacked Debian source (debian/patches applied)
 #   kernel/work/src-<key>/          hard-linked copy with our patches; work/build is O=
 #   kernel/<key>/                   Image, memshare_test.ko, config, build.log
-#       key = source version + kernel.config + patches + module source + this
-#             script + the cross compiler's version
+#       key = source version + kernel.config + patches + module source +
+#             KERNEL_RECIPE + the cross compiler's version
 #   linux-clients/<key>/            Image (symlink), initramfs.cpio.gz, config
 #       key = the kernel key + busybox + init-clients
 # Prints the linux-clients directory on stdout; progress goes to stderr.
@@ -33,6 +33,8 @@ source "$LINUX_DIR/../lib.sh"
 # a new backports upload does not silently rebuild.  bookworm-backports' 6.12.95
 # is the same version as the stock kernel integration/setup.sh downloads.
 LINUX_SRC_VERSION="${HVCIT_LINUX_SRC_VERSION:-6.12.95-1~bpo12+1}"
+# Bump when the steps that make kernel/<key>/ change (not for initramfs-only edits).
+KERNEL_RECIPE=1
 JOBS="${HVCIT_KERNEL_JOBS:-$(nproc)}"
 MAKE_TIMEOUT="${HVCIT_KERNEL_TIMEOUT:-3600}"
 CROSS=aarch64-linux-gnu-
@@ -77,7 +79,8 @@ src_key=$( {
 } | short_key )
 kernel_key=$( {
     echo "src $src_key"
-    hash_files "$FRAGMENT" "$MODULE_DIR"/* "$LINUX_DIR/build-kernel.sh"
+    hash_files "$FRAGMENT" "$MODULE_DIR"/*
+    echo "recipe $KERNEL_RECIPE"
     echo "cc $("${CROSS}gcc" --version | head -1)"
 } | short_key )
 if [ "${1:-}" = --print-key ]; then
@@ -205,7 +208,7 @@ build_initramfs() {
     key=$( {
         echo "kernel $kernel_key"
         echo "busybox $(sha256_of "$busybox")"
-        hash_files "$INIT"
+        hash_files "$INIT" "$LINUX_DIR/build-kernel.sh"
     } | short_key )
     out="$HVC_CACHE/linux-clients/$key"
     if [ -f "$out/done" ]; then
