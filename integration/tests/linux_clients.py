@@ -35,12 +35,14 @@ def client_kernel() -> Path:
     return _run_build("linux/build-kernel.sh", timeout=KERNEL_BUILD_TIMEOUT)
 
 
-def write_config(template: Path, workdir: Path, memshare_socket: Path, name: str = "vm.yaml") -> Path:
-    """``template`` with the memshare stream socket moved into the test's work directory."""
+def write_config(template: Path, workdir: Path, memshare_socket: Path, name: str = "vm.yaml",
+                 **memshare_options: object) -> Path:
+    """``template`` with the memshare stream socket moved into the test's work directory
+    (and any other memshare handler options overridden)."""
     data = yaml.safe_load(template.read_text())
     for h in data["handlers"].values():
         if h.get("type") == "pkvm-memshare":
-            h.setdefault("options", {})["socket"] = str(memshare_socket)
+            h.setdefault("options", {}).update(memshare_options, socket=str(memshare_socket))
     out = workdir / name
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out

@@ -94,9 +94,10 @@ def _boot(start_qemu: StartQemu, kernel: Path, daemon: Daemon, dtb: Path | None,
     return start_qemu(*args, forwarder=daemon.socket, smp=SMP, memory=MEMORY, forwarder_opts=",vm-name=linux")
 
 
-def _start(start_daemon: StartDaemon, workdir: Path, template: Path = PKVM_GUEST_CONFIG) -> tuple[Daemon, Path]:
+def _start(start_daemon: StartDaemon, workdir: Path, template: Path = PKVM_GUEST_CONFIG,
+           **memshare_options: object) -> tuple[Daemon, Path]:
     ms_sock = workdir / "memshare.sock"
-    daemon = start_daemon(config=write_config(template, workdir, ms_sock))
+    daemon = start_daemon(config=write_config(template, workdir, ms_sock, **memshare_options))
     deadline = time.monotonic() + 20
     while not ms_sock.exists():
         if time.monotonic() > deadline:
@@ -263,6 +264,25 @@ def test_pkvm_guest_reboot_empties_the_ledger(qemu_bin: Path, client_kernel: Pat
         assert q.wait(60) == 0
     finally:
         watcher.stop()
+
+
+def test_pkvm_guest_mmio_guard(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
+                               start_qemu: StartQemu, workdir: Path) -> None:
+    """With mmio_guard on, FEATURES offers bit 7 and Linux guards every device page it
+    ioremaps (the PL011, the GIC, the virtio-mmio transports) with MMIO_GUARD; the
+    handler accepts each (a refusal would be a WARN in the kernel log)."""
+    daemon, _ = _start(start_daemon, workdir, mmio_guard=True)
+    q = _boot(start_qemu, client_kernel, daemon, None, cmdline="hvctest=poweroff")
+    assert q.wait(BOOT_TIMEOUT) == 0, q.output()[-4000:]
+    out = q.output()
+    # FEATURES now also has bit 7 (MMIO_GUARD): 0x9d.
+    assert KVM_SERVICES.replace("0x0000001d", "0x0000009d") in out, out
+    assert PKVM_PROBE in out and "pkvm-guest: MMIO guard enabled" in out, out
+    assert "WARNING:" not in out, out
+    guards = [line for line in daemon.log().splitlines() if re.search(r"(?i)\b0xc6000007\b", line)]
+    assert guards, daemon.log()[-3000:]
+    assert not [line for line in guards if "INVALID" in line], guards
+    assert any("ipa=0x9000000)" in line and "SUCCESS" in line for line in guards), guards  # the PL011
 
 
 @pytest.mark.xfail(strict=True, reason=(

@@ -23,7 +23,6 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/seq_file.h>
-#include <linux/set_memory.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 
@@ -109,7 +108,7 @@ static int do_reshare(void)
 static ssize_t ctl_write(struct file *file, const char __user *ubuf,
 			 size_t count, loff_t *ppos)
 {
-	char buf[32];
+	char buf[32], *cmd;
 	unsigned int pages;
 	int ret;
 
@@ -118,14 +117,14 @@ static ssize_t ctl_write(struct file *file, const char __user *ubuf,
 	if (copy_from_user(buf, ubuf, count))
 		return -EFAULT;
 	buf[count] = '\0';
-	strim(buf);
+	cmd = strim(buf);
 
 	mutex_lock(&lock);
-	if (sscanf(buf, "share %u", &pages) == 1)
+	if (sscanf(cmd, "share %u", &pages) == 1)
 		ret = do_share(pages);
-	else if (!strcmp(buf, "unshare"))
+	else if (!strcmp(cmd, "unshare"))
 		ret = do_unshare();
-	else if (!strcmp(buf, "reshare"))
+	else if (!strcmp(cmd, "reshare"))
 		ret = do_reshare();
 	else
 		ret = -EINVAL;
