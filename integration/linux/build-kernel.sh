@@ -111,7 +111,7 @@ fetch_source() {
             tail -5 "$dl/download.log" >&2
             local avail
             avail=$(apt-cache showsrc linux 2>/dev/null | awk '/^Version: 6\.12/ { print $2 }' | sort -V | tail -3 | xargs)
-            die "could not download Debian's linux source $LINUX_SRC_VERSION (log $dl/download.log); " \
+            die "could not download Debian's linux source $LINUX_SRC_VERSION (log $dl/download.log);" \
                 "versions available: ${avail:-none}; set HVCIT_LINUX_SRC_VERSION or update the pin in $0"
         fi
     fi
