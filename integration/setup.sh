@@ -1,7 +1,8 @@
 #!/bin/bash
 # Install everything the QEMU integration needs, from a bare Debian 12 host.
 #
-#  - host packages (QEMU build dependencies, the aarch64 cross toolchain)
+#  - host packages (QEMU build dependencies, the aarch64 cross toolchain,
+#    what the client kernel build and the DT helper need)
 #  - a private apt configuration with bookworm-backports and arm64
 #    (under $HVCPROXYD_CACHE/apt; /etc/apt and dpkg are left alone)
 #  - meson >= 1.5 for QEMU 10 in a private venv
@@ -27,6 +28,9 @@ HOST_PACKAGES=(
     binutils-aarch64-linux-gnu gcc-aarch64-linux-gnu linux-libc-dev-arm64-cross
     # initramfs
     cpio gzip
+    # the client kernel (linux/build-kernel.sh: apt-get source + dpkg-source, kbuild)
+    # and the DT helper (tests/linux_dt.py)
+    dpkg-dev bc device-tree-compiler
 )
 
 install_host_packages() {

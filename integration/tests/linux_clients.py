@@ -1,0 +1,181 @@
+"""Helpers for the Linux client tests (test_linux_clients.py): the client
+kernel's build fixture, a console driver for integration/linux/init-clients,
+and readers of the memshare ledger (``hvcproxyd memshare ls`` and a live
+``watch`` subscriber).
+
+These live here rather than in qemu_harness.py so that the shared harness is
+unchanged; the fixtures are imported into the test module.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from qemu_harness import CONFIGS, REPO, Qemu, _run_build
+
+# A cold build: download + unpack ~2.5 min, kernel ~3.5-6 min on 2 busy cores.
+KERNEL_BUILD_TIMEOUT = 40 * 60
+CLI_TIMEOUT = 30
+
+
+@pytest.fixture(scope="session")
+def client_kernel() -> Path:
+    """integration/linux/build-kernel.sh's output: Image, initramfs.cpio.gz, config."""
+    return _run_build("linux/build-kernel.sh", timeout=KERNEL_BUILD_TIMEOUT)
+
+
+def write_config(template: Path, workdir: Path, memshare_socket: Path, name: str = "vm.yaml",
+                 **memshare_options: object) -> Path:
+    """``template`` with the memshare stream socket moved into the test's work directory
+    (and any other memshare handler options overridden)."""
+    data = yaml.safe_load(template.read_text())
+    for h in data["handlers"].values():
+        if h.get("type") == "pkvm-memshare":
+            h.setdefault("options", {}).update(memshare_options, socket=str(memshare_socket))
+    out = workdir / name
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out
+
+
+PKVM_GUEST_CONFIG = CONFIGS / "pkvm-guest.yaml"
+VENDOR_ONLY_CONFIG = REPO / "config" / "memshare.yaml"
+
+
+class Console:
+    """Commands for init-clients over the serial console: each is answered by
+    ``HVCTEST: begin CMD`` ... ``HVCTEST: end CMD rc=N``."""
+
+    def __init__(self, q: Qemu) -> None:
+        self.q = q
+
+    def wait(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern, re.MULTILINE)
+        while True:
+            out = self.q.output()
+            m = rx.search(out, start)
+            if m:
+                return m
+            if self.q.proc.poll() is not None:
+                pytest.fail(f"QEMU exited ({self.q.proc.returncode}) before /{pattern}/:\n{out[-6000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"timed out after {timeout:.0f}s waiting for /{pattern}/:\n{out[-6000:]}")
+            time.sleep(0.05)
+
+    def run(self, cmd: str, timeout: float = 60, ok: bool = True) -> tuple[int, list[str]]:
+        """Run one command; returns its status and the "HVCTEST: " lines it printed."""
+        start = len(self.q.output())
+        self.q.send(cmd + "\n")
+        begin = self.wait(rf"^HVCTEST: begin {re.escape(cmd)}\r?$", timeout, start)
+        end = self.wait(rf"^HVCTEST: end {re.escape(cmd)} rc=(\d+)\r?$", timeout, begin.end())
+        body = self.q.output()[begin.end():end.start()]
+        lines = [m[1] for m in re.finditer(r"^HVCTEST: (.*?)\r?$", body, re.MULTILINE)]
+        rc = int(end[1])
+        if ok and rc != 0:
+            pytest.fail(f"guest command {cmd!r} failed (rc={rc}):\n{self.q.output()[start:][-4000:]}")
+        return rc, lines
+
+
+def memshare_ls(socket: Path) -> dict[str, Any]:
+    """``hvcproxyd memshare ls --socket SOCKET --json``: the ledger's snapshot."""
+    proc = subprocess.run([sys.executable, "-m", "hvcproxyd", "memshare", "ls", "--socket", str(socket), "--json"],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, f"hvcproxyd memshare ls failed ({proc.returncode}):\n{proc.stderr}"
+    rec: dict[str, Any] = json.loads(proc.stdout)
+    assert rec["type"] == "snapshot", rec
+    return rec
+
+
+def memshare_ls_text(socket: Path) -> str:
+    proc = subprocess.run([sys.executable, "-m", "hvcproxyd", "memshare", "ls", "--socket", str(socket)],
+                          capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=REPO, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+class Watcher:
+    """``hvcproxyd memshare watch --socket SOCKET --json`` in the background: every
+    record the subscriber stream delivers, checked by the CLI's own Replica."""
+
+    def __init__(self, socket: Path, log: Path) -> None:
+        self.log = log
+        self.records: list[dict[str, Any]] = []
+        self._lock = threading.Lock()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hvcproxyd", "memshare", "watch", "--socket", str(socket), "--json"],
+            stdout=subprocess.PIPE, stderr=log.open("wb"), stdin=subprocess.DEVNULL, cwd=REPO,
+            start_new_session=True, text=True)
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            with self._lock:
+                self.records.append(json.loads(line))
+
+    def snapshot(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return list(self.records)
+
+    def wait_for(self, pred: Any, timeout: float, what: str) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            recs = self.snapshot()
+            if pred(recs):
+                return recs
+            if self.proc.poll() is not None:
+                break
+            time.sleep(0.05)
+        pytest.fail(f"memshare watcher: no {what} within {timeout:.0f}s (exit {self.proc.poll()}); "
+                    f"{len(self.snapshot())} records, stderr:\n{self.log.read_text(errors='replace')[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(timeout=10)
+        self._thread.join(timeout=10)
+
+
+def replay(records: list[dict[str, Any]]) -> set[int]:
+    """The shared granule addresses after a stream of records (snapshot, share, unshare, reset),
+    replayed independently of the CLI's Replica."""
+    shared: set[int] = set()
+    granule = 4096
+    for rec in records:
+        kind = rec["type"]
+        if kind == "snapshot":
+            granule = rec["granule"]
+            shared = {ipa + off for ipa, size in rec["ranges"] for off in range(0, size, granule)}
+        elif kind == "share":
+            pages = {rec["ipa"] + off for off in range(0, rec["size"], granule)}
+            assert not pages & shared, f"share of an already shared granule: {rec}"
+            shared |= pages
+        elif kind == "unshare":
+            pages = {rec["ipa"] + off for off in range(0, rec["size"], granule)}
+            assert pages <= shared, f"unshare of a granule not shared: {rec}"
+            shared -= pages
+        elif kind == "reset":
+            shared = set()
+    return shared
+
+
+def ranges_to_pages(ranges: list[list[int]], granule: int = 4096) -> set[int]:
+    return {ipa + off for ipa, size in ranges for off in range(0, size, granule)}
+
+
