@@ -9,8 +9,9 @@ no plugin machinery.
 
 from __future__ import annotations
 
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping
+from heapq import heappop, heappush
 from typing import Protocol
 
 from ..config.diagnostics import Problem
@@ -46,20 +47,15 @@ def compile_rules(rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts], v
         problems.append(Problem(rule.mark, f"rules[{rule.index}].{key}", msg, warning))
 
     before = sum(1 for p in problems if not p.warning)
-    # Pairwise overlap in (function ID, conduit, vCPU) space.
-    for i, a in enumerate(rules):
-        for b in rules[i + 1:]:
-            if not a.conduits & b.conduits:
-                continue
-            if a.vcpus is not None and b.vcpus is not None and not a.vcpus & b.vcpus:
-                continue
-            for alo, ahi in a.ranges:
-                for blo, bhi in b.ranges:
-                    if alo <= bhi and blo <= ahi:
-                        shared = "/".join(sorted(c.name.lower() for c in a.conduits & b.conduits))
-                        err(b, "match", f"overlaps {a.label} at {max(alo, blo):#010x}..{min(ahi, bhi):#010x} "
-                                        f"for conduit {shared}; "
-                                        "two rules may not match the same call")
+    # Overlap in (function ID, conduit, vCPU) space: each rule that shares a call
+    # with an earlier one is reported once, against the earliest such rule.
+    for a, b in _first_overlaps(rules):
+        ra, rb = rules[a], rules[b]
+        alo, ahi, blo, bhi = next((*x, *y) for x in ra.ranges for y in rb.ranges if x[0] <= y[1] and y[0] <= x[1])
+        shared = "/".join(sorted(c.name.lower() for c in ra.conduits & rb.conduits))
+        err(rb, "match", f"overlaps {ra.label} at {max(alo, blo):#010x}..{min(ahi, bhi):#010x} "
+                         f"for conduit {shared}; "
+                         "two rules may not match the same call")
     if sum(1 for p in problems if not p.warning) > before:
         return None
     table = build_table(rules)
@@ -72,21 +68,115 @@ def compile_rules(rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts], v
     return table
 
 
-def _rules_at(rules: list[RuleSpec], fid: int) -> list[RuleSpec]:
-    return [r for r in rules if any(lo <= fid <= hi for lo, hi in r.ranges)]
+#: (first, last, rule position) of one range of one rule.
+_Span = tuple[int, int, int]
+
+
+def _first_overlaps(rules: list[RuleSpec]) -> list[tuple[int, int]]:
+    """(a, b) with a < b list positions: for every rule b that can match a call some
+    earlier rule matches too, the earliest such a; sorted by (a, b).
+
+    Two rules collide when they share a conduit, their vCPU sets are not disjoint
+    (None is every vCPU) and two of their ranges intersect.  Per conduit the
+    ranges go into groups so that a group only holds rules whose vCPUs are
+    compatible with the rules asking it: ``all`` (every rule) answers rules without
+    a vCPU set; ``none`` (rules without one) and ``v`` (rules naming vCPU v)
+    answer a rule naming v.  Each group answers "earliest member intersecting
+    [lo, hi]" for all its queries in O((m + q) log m), and the groups hold
+    O(input size) spans in all (a rule naming k vCPUs is in k + 1 or 2 groups), so
+    the whole check is O(N log N) in the size of the rules as written."""
+    best: dict[int, int] = {}
+    for conduit in (Conduit.HVC, Conduit.SMC):
+        members: dict[object, list[_Span]] = {}
+        queries: dict[object, list[_Span]] = {}
+        for pos, rule in enumerate(rules):
+            if conduit not in rule.conduits:
+                continue
+            asks: list[object] = ["all"] if rule.vcpus is None else ["none", *rule.vcpus]
+            joins: list[object] = ["all", "none"] if rule.vcpus is None else ["all", *rule.vcpus]
+            for lo, hi in rule.ranges:
+                for key in joins:
+                    members.setdefault(key, []).append((lo, hi, pos))
+                for key in asks:
+                    queries.setdefault(key, []).append((lo, hi, pos))
+        for key, asked in queries.items():
+            group = members.get(key)
+            if group is None:
+                continue
+            for (_lo, _hi, b), a in zip(asked, _earliest_intersecting(group, asked), strict=True):
+                if a is not None and a < best.get(b, b):
+                    best[b] = a
+    return sorted((a, b) for b, a in best.items())
+
+
+def _earliest_intersecting(members: list[_Span], queries: list[_Span]) -> list[int | None]:
+    """For each query span, the least position of a member span intersecting it.
+
+    A member [ml, mh] meets [ql, qh] iff it starts inside it (ql <= ml <= qh) or
+    covers its first ID (ml <= ql <= mh): a range minimum over the members sorted
+    by start (a sparse table: O(m log m) to build, O(log m) per query for the
+    bisects), and a stabbing query (:func:`_earliest_covering`)."""
+    by_start = sorted(members)
+    firsts = [m[0] for m in by_start]
+    table = [[m[2] for m in by_start]]
+    width = 1
+    while 2 * width <= len(by_start):
+        row = table[-1]
+        table.append([min(row[j], row[j + width]) for j in range(len(row) - width)])
+        width *= 2
+    covering = _earliest_covering(by_start, [q[0] for q in queries])
+    out: list[int | None] = []
+    for (lo, hi, _), cover in zip(queries, covering, strict=True):
+        i, j = bisect_left(firsts, lo), bisect_right(firsts, hi)
+        if i < j:
+            k = (j - i).bit_length() - 1
+            inside = min(table[k][i], table[k][j - (1 << k)])
+            cover = inside if cover is None else min(cover, inside)
+        out.append(cover)
+    return out
+
+
+def _earliest_covering(by_start: list[_Span], points: list[int]) -> list[int | None]:
+    """For each point, the least position of a span (the spans sorted by start) covering it.
+
+    A sweep over the points in ascending order pushes each span onto a heap keyed
+    by position once it has started, and pops the top while the top has ended: a
+    span that ended before one point ended before every later one, so each span
+    is pushed and popped at most once, O((m + q) log(m + q))."""
+    out: list[int | None] = [None] * len(points)
+    heap: list[tuple[int, int]] = []  # (position, last ID)
+    nxt = 0
+    for qi in sorted(range(len(points)), key=points.__getitem__):
+        fid = points[qi]
+        while nxt < len(by_start) and by_start[nxt][0] <= fid:
+            heappush(heap, (by_start[nxt][2], by_start[nxt][1]))
+            nxt += 1
+        while heap and heap[0][1] < fid:
+            heappop(heap)
+        if heap:
+            out[qi] = heap[0][0]
+    return out
 
 
 def _check_kvm_mixing(table: RuleTable[Target], rules: list[RuleSpec], problems: list[Problem]) -> None:
+    mixed = []
     for lo, _hi, slots in table.intervals():
         names = {t.name for s in slots for _, t in slot_targets(s)}
         if KVM.name in names and len(names) > 1:
-            culprits = _rules_at(rules, lo)
-            kvm_rule = next(r for r in culprits if r.action == KVM)
-            other = next(r for r in culprits if r.action != KVM)
-            problems.append(Problem(other.mark, f"rules[{other.index}].action",
-                                    f"at {lo:#010x} {kvm_rule.label} leaves the call to KVM while this rule "
-                                    f"sends it to {other.action.name!r}; KVM's SMCCC filter cannot tell conduits or "
-                                    "vCPUs apart, so a function ID is either left to KVM everywhere or nowhere"))
+            mixed.append(lo)
+    if not mixed:
+        return
+    # Blame the first rule (in config order) of each kind that covers the interval, on any conduit.
+    kvm_spans = sorted((lo, hi, pos) for pos, r in enumerate(rules) if r.action == KVM for lo, hi in r.ranges)
+    other_spans = sorted((lo, hi, pos) for pos, r in enumerate(rules) if r.action != KVM for lo, hi in r.ranges)
+    for lo, k, o in zip(mixed, _earliest_covering(kvm_spans, mixed), _earliest_covering(other_spans, mixed),
+                        strict=True):
+        assert k is not None and o is not None  # both kinds answer somewhere in this interval
+        kvm_rule, other = rules[k], rules[o]
+        problems.append(Problem(other.mark, f"rules[{other.index}].action",
+                                f"at {lo:#010x} {kvm_rule.label} leaves the call to KVM while this rule "
+                                f"sends it to {other.action.name!r}; KVM's SMCCC filter cannot tell conduits or "
+                                "vCPUs apart, so a function ID is either left to KVM everywhere or nowhere"))
 
 
 def _check_identity_owners(table: RuleTable[Target], rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts],
