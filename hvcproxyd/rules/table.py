@@ -142,49 +142,68 @@ def build_table(rules: list[RuleSpec]) -> RuleTable[Target]:
     disjoint vCPU sets sharing the ID (at most one per vCPU)."""
     events: list[tuple[int, int, int]] = []  # (boundary, +1 start / -1 end, rule position)
     for pos, rule in enumerate(rules):
-        for lo, hi in rule.ranges:
+        # A RuleSpec made in code may repeat IDs in two of its ranges: count them once.
+        for lo, hi in (rule.ranges if len(rule.ranges) == 1 else union_ranges(rule.ranges)):
             events.append((lo, 1, pos))
             if hi < 0xFFFF_FFFF:
                 events.append((hi + 1, -1, pos))
-    events.sort()
-    entries = [Entry(r.vcpus, r.action) for r in rules]
-    conduits = [sorted(r.conduits) for r in rules]
-    # Per conduit: rule position -> how many of its ranges cover here (a RuleSpec
-    # made in code may repeat an ID in two ranges), and the positions in order.
-    depth: tuple[dict[int, int], dict[int, int]] = ({}, {})
-    active: tuple[list[int], list[int]] = ([], [])
+    events.sort()  # at one boundary, a rule's end before its next start
+    events.append((-1, 0, 0))  # sentinel: the last boundary is complete
+    # One object per distinct target and entry, so equal slots hold the same
+    # objects and comparing neighbours is a matter of identity (see _same).
+    targets: dict[Target, Target] = {}
+    shared: dict[tuple[frozenset[int] | None, Target], Entry[Target]] = {}
+    entries = []
+    for r in rules:
+        target = targets.setdefault(r.action, r.action)
+        entries.append(shared.setdefault((r.vcpus, target), Entry(r.vcpus, target)))
+    conduits = [tuple(sorted(r.conduits)) for r in rules]
+    active: tuple[list[int], list[int]] = ([], [])  # per conduit, the positions of the rules here, in order
     starts: list[int] = [0]
     slots: list[tuple[Slot[Target], Slot[Target]]] = [(None, None)]
-    i, n = 0, len(events)
-    while i < n:
-        at = events[i][0]
-        changed = [False, False]
-        while i < n and events[i][0] == at:
-            _, step, pos = events[i]
-            i += 1
-            for c in conduits[pos]:
-                d = depth[c].get(pos, 0) + step
-                if d:
-                    depth[c][pos] = d
-                else:
-                    del depth[c][pos]
-                if d == 0 or (d == 1 and step == 1):
-                    changed[c] = True
-                    if d:
-                        insort(active[c], pos)
-                    else:
-                        active[c].remove(pos)
+    changed = [False, False]
+    for k in range(len(events) - 1):
+        at, step, pos = events[k]
+        for c in conduits[pos]:
+            if step > 0:
+                insort(active[c], pos)
+            else:
+                active[c].remove(pos)
+            changed[c] = True
+        if events[k + 1][0] == at:
+            continue  # more changes at this boundary
         prev = slots[-1]
-        here = (_slot(active[0], entries) if changed[0] else prev[0],
-                _slot(active[1], entries) if changed[1] else prev[1])
-        if here == prev:
-            continue  # identical to its left neighbour: one interval, fewer starts to bisect
+        hvc = _slot(active[0], entries) if changed[0] else prev[0]
+        smc = _slot(active[1], entries) if changed[1] else prev[1]
+        changed[0] = changed[1] = False
+        if _same(hvc, prev[0]) and _same(smc, prev[1]):
+            continue  # equal to its left neighbour: one interval, fewer starts to bisect
         if starts[-1] == at:  # only at 0, which is always a start
-            slots[-1] = here
+            slots[-1] = (hvc, smc)
         else:
             starts.append(at)
-            slots.append(here)
+            slots.append((hvc, smc))
     return RuleTable(starts, slots)
+
+
+def union_ranges(ranges: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """The same IDs as sorted ranges that do not overlap (adjacent ones may stay apart)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
+
+
+def _same(a: Slot[Target], b: Slot[Target]) -> bool:
+    """a == b for slots made of build_table's shared targets and entries."""
+    if a is b:
+        return True
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
+    return False
 
 
 def _slot(active: list[int], entries: list[Entry[Target]]) -> Slot[Target]:
@@ -209,4 +228,4 @@ def describe_table(table: RuleTable[Any]) -> list[str]:
     return lines
 
 
-__all__ = ["Entry", "RuleTable", "Slot", "build_table", "describe_table", "slot_targets"]
+__all__ = ["Entry", "RuleTable", "Slot", "build_table", "describe_table", "slot_targets", "union_ranges"]
