@@ -19,8 +19,8 @@ from ..config.source import Mark
 from ..smccc import DISCOVERY_FNS, OWNER_SHIFT, Conduit, FunctionId, has_abi_identity, owner_ranges
 from ..smccc.services import SERVICE_PROBES, SERVICES
 from .parse import BLOCK, RuleSpec
-from .table import RuleTable, build_table, slot_targets
-from .targets import DENY, KVM, Target, ToHandler
+from .table import RuleTable, build_table, slot_targets, union_ranges
+from .targets import KVM, Target, ToHandler
 
 
 class HandlerFacts(Protocol):
@@ -77,28 +77,29 @@ def _first_overlaps(rules: list[RuleSpec]) -> list[tuple[int, int]]:
     earlier rule matches too, the earliest such a; sorted by (a, b).
 
     Two rules collide when they share a conduit, their vCPU sets are not disjoint
-    (None is every vCPU) and two of their ranges intersect.  Per conduit the
-    ranges go into groups so that a group only holds rules whose vCPUs are
-    compatible with the rules asking it: ``all`` (every rule) answers rules without
-    a vCPU set; ``none`` (rules without one) and ``v`` (rules naming vCPU v)
-    answer a rule naming v.  Each group answers "earliest member intersecting
-    [lo, hi]" for all its queries in O((m + q) log m), and the groups hold
-    O(input size) spans in all (a rule naming k vCPUs is in k + 1 or 2 groups), so
-    the whole check is O(N log N) in the size of the rules as written."""
+    (None is every vCPU) and two of their ranges intersect.  Per conduit, one
+    sweep over the ranges sorted by first ID says whether anything collides
+    (:func:`_collides`); a valid config stops there.  Otherwise the ranges go
+    into groups so that a group only holds rules whose vCPUs are compatible with
+    the rules asking it: ``all`` (every rule) answers rules without a vCPU set;
+    ``none`` (rules without one) and ``v`` (rules naming vCPU v) answer a rule
+    naming v.  Each group answers "earliest member intersecting [lo, hi]" for all
+    its queries in O((m + q) log m), and the groups hold O(input size) ranges in
+    all (a rule naming k vCPUs is in at most k + 2 groups), so the check is
+    O(N log N) in the size of the rules as written."""
     best: dict[int, int] = {}
     for conduit in (Conduit.HVC, Conduit.SMC):
+        spans = sorted((lo, hi, pos) for pos, r in enumerate(rules) if conduit in r.conduits for lo, hi in r.ranges)
+        if not _collides(spans, rules):
+            continue
         members: dict[object, list[_Span]] = {}
         queries: dict[object, list[_Span]] = {}
-        for pos, rule in enumerate(rules):
-            if conduit not in rule.conduits:
-                continue
-            asks: list[object] = ["all"] if rule.vcpus is None else ["none", *rule.vcpus]
-            joins: list[object] = ["all", "none"] if rule.vcpus is None else ["all", *rule.vcpus]
-            for lo, hi in rule.ranges:
-                for key in joins:
-                    members.setdefault(key, []).append((lo, hi, pos))
-                for key in asks:
-                    queries.setdefault(key, []).append((lo, hi, pos))
+        for span in spans:
+            vcpus = rules[span[2]].vcpus
+            for key in (("all", "none") if vcpus is None else ("all", *vcpus)):
+                members.setdefault(key, []).append(span)
+            for key in (("all",) if vcpus is None else ("none", *vcpus)):
+                queries.setdefault(key, []).append(span)
         for key, asked in queries.items():
             group = members.get(key)
             if group is None:
@@ -109,35 +110,63 @@ def _first_overlaps(rules: list[RuleSpec]) -> list[tuple[int, int]]:
     return sorted((a, b) for b, a in best.items())
 
 
+def _collides(spans: list[_Span], rules: list[RuleSpec]) -> bool:
+    """Whether two of the spans (sorted by first ID) of different or same rules meet
+    with compatible vCPUs.  A span meets an earlier-starting one iff it starts at or
+    before that one's end, so it is enough to keep the furthest end so far among
+    rules without a vCPU set, among all rules, and per vCPU: O(m + sum of vCPU
+    set sizes).  A rule whose own ranges meet counts too (only :func:`_first_overlaps`
+    tells pairs of distinct rules apart)."""
+    end_all = end_none = -1
+    end_vcpu: dict[int, int] = {}
+    for lo, hi, pos in spans:
+        vcpus = rules[pos].vcpus
+        if vcpus is None:
+            if end_all >= lo:
+                return True
+            end_none = max(end_none, hi)
+        else:
+            if end_none >= lo or any(end_vcpu.get(v, -1) >= lo for v in vcpus):
+                return True
+            for v in vcpus:
+                end_vcpu[v] = max(end_vcpu.get(v, -1), hi)
+        end_all = max(end_all, hi)
+    return False
+
+
 def _earliest_intersecting(members: list[_Span], queries: list[_Span]) -> list[int | None]:
-    """For each query span, the least position of a member span intersecting it.
+    """For each query span, the least position of a member span (sorted by first ID)
+    intersecting it.
 
     A member [ml, mh] meets [ql, qh] iff it starts inside it (ql <= ml <= qh) or
-    covers its first ID (ml <= ql <= mh): a range minimum over the members sorted
-    by start (a sparse table: O(m log m) to build, O(log m) per query for the
+    covers its first ID (ml <= ql <= mh): a range minimum over the members in
+    start order (a segment tree: O(m) to build, O(log m) per query, plus the
     bisects), and a stabbing query (:func:`_earliest_covering`)."""
-    by_start = sorted(members)
-    firsts = [m[0] for m in by_start]
-    table = [[m[2] for m in by_start]]
-    width = 1
-    while 2 * width <= len(by_start):
-        row = table[-1]
-        table.append([min(row[j], row[j + width]) for j in range(len(row) - width)])
-        width *= 2
-    covering = _earliest_covering(by_start, [q[0] for q in queries])
+    firsts = [m[0] for m in members]
+    size = len(members)
+    tree = [0] * size + [m[2] for m in members]
+    for k in range(size - 1, 0, -1):
+        tree[k] = min(tree[2 * k], tree[2 * k + 1])
+    covering = _earliest_covering(members, [q[0] for q in queries])
     out: list[int | None] = []
     for (lo, hi, _), cover in zip(queries, covering, strict=True):
-        i, j = bisect_left(firsts, lo), bisect_right(firsts, hi)
-        if i < j:
-            k = (j - i).bit_length() - 1
-            inside = min(table[k][i], table[k][j - (1 << k)])
-            cover = inside if cover is None else min(cover, inside)
-        out.append(cover)
+        i, j = bisect_left(firsts, lo) + size, bisect_right(firsts, hi) + size
+        least = cover
+        while i < j:  # the minimum of tree[i:j], bottom-up
+            if i & 1:
+                least = tree[i] if least is None or tree[i] < least else least
+                i += 1
+            if j & 1:
+                j -= 1
+                least = tree[j] if least is None or tree[j] < least else least
+            i >>= 1
+            j >>= 1
+        out.append(least)
     return out
 
 
 def _earliest_covering(by_start: list[_Span], points: list[int]) -> list[int | None]:
-    """For each point, the least position of a span (the spans sorted by start) covering it.
+    """For each point, the least position of a span (sorted by first ID) covering it.
 
     A sweep over the points in ascending order pushes each span onto a heap keyed
     by position once it has started, and pops the top while the top has ended: a
@@ -262,7 +291,7 @@ def _check_versions(rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts],
 def _warn_risky(table: RuleTable[Target], rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts],
                 problems: list[Problem]) -> None:
     for rule in rules:
-        if rule.action in (KVM, DENY):
+        if not isinstance(rule.action, ToHandler):  # kvm, deny
             continue
         for lo, _hi in rule.ranges:
             owner = (lo >> OWNER_SHIFT) & 0x3F
@@ -285,6 +314,8 @@ def _warn_risky(table: RuleTable[Target], rules: list[RuleSpec], handlers: Mappi
 def _warn_discovery(table: RuleTable[Target], rule: RuleSpec, problems: list[Problem]) -> None:
     """A rule that takes some of a standard service while its version query goes
     elsewhere: the guest asks the version first and never finds this handler."""
+    if not any(_touches_probed(lo, hi) for lo, hi in rule.ranges):
+        return  # most rules: one bisect per range
     for service, (probe, probe_name) in SERVICE_PROBES.items():
         if not any(lo <= shi and slo <= hi for lo, hi in rule.ranges for slo, shi in SERVICES[service]):
             continue
@@ -297,6 +328,16 @@ def _warn_discovery(table: RuleTable[Target], rule: RuleSpec, problems: list[Pro
                                         f"({probe:#010x}, {conduit.name.lower()}), which a guest asks first, goes "
                                         f"to {where}; forward it to the same handler", warning=True))
                 return
+
+
+#: Every ID of a service that a guest finds by its version query, as sorted disjoint spans.
+_PROBED = union_ranges(tuple(span for service in SERVICE_PROBES for span in SERVICES[service]))
+_PROBED_FIRSTS = [lo for lo, _ in _PROBED]
+
+
+def _touches_probed(lo: int, hi: int) -> bool:
+    i = bisect_right(_PROBED_FIRSTS, hi) - 1  # the last span starting at or before hi
+    return i >= 0 and _PROBED[i][1] >= lo
 
 
 def _name_of_slot(table: RuleTable[Target], fid: int, conduit: Conduit, vcpus: frozenset[int] | None) -> str | None:
