@@ -308,3 +308,14 @@ def old_build_table(rules: list[RuleSpec]) -> RuleTable[Target]:
         m_starts.append(start)
         m_slots.append(slot)
     return RuleTable(m_starts, m_slots)
+
+
+def test_a_rule_whose_own_ranges_overlap_is_not_an_overlap() -> None:
+    a = 0x8200_0000
+    rules = [RuleSpec(0, ((a, a + 5), (a + 3, a + 8), (a + 9, a + 9)), CONDUITS[2], None, ToHandler("a"), MARK),
+             RuleSpec(1, ((a + 10, a + 12),), CONDUITS[0], frozenset({1}), DENY, MARK)]
+    problems: list[Problem] = []
+    table = compile_rules(rules, {}, {}, problems)
+    assert table is not None and not [p for p in problems if not p.warning]
+    assert (table.starts, table.slots) == (old_build_table(rules).starts, old_build_table(rules).slots)
+    assert [table.lookup(a + i, Conduit.SMC, 0) for i in (0, 4, 8, 9, 10)] == [ToHandler("a")] * 4 + [None]
