@@ -20,7 +20,7 @@ from ..smccc import DISCOVERY_FNS, OWNER_SHIFT, Conduit, FunctionId, has_abi_ide
 from ..smccc.services import SERVICE_PROBES, SERVICES
 from .parse import BLOCK, RuleSpec
 from .table import RuleTable, build_table, slot_targets, union_ranges
-from .targets import KVM, Target, ToHandler
+from .targets import KVM, LeaveToKvm, Target, ToHandler
 
 
 class HandlerFacts(Protocol):
@@ -124,13 +124,19 @@ def _collides(spans: list[_Span], rules: list[RuleSpec]) -> bool:
         if vcpus is None:
             if end_all >= lo:
                 return True
-            end_none = max(end_none, hi)
+            if hi > end_none:
+                end_none = hi
         else:
-            if end_none >= lo or any(end_vcpu.get(v, -1) >= lo for v in vcpus):
+            if end_none >= lo:
                 return True
             for v in vcpus:
-                end_vcpu[v] = max(end_vcpu.get(v, -1), hi)
-        end_all = max(end_all, hi)
+                end = end_vcpu.get(v, -1)
+                if end >= lo:
+                    return True
+                if hi > end:
+                    end_vcpu[v] = hi
+        if hi > end_all:
+            end_all = hi
     return False
 
 
@@ -188,16 +194,24 @@ def _earliest_covering(by_start: list[_Span], points: list[int]) -> list[int | N
 
 
 def _check_kvm_mixing(table: RuleTable[Target], rules: list[RuleSpec], problems: list[Problem]) -> None:
+    # Only an interval that a kvm rule covers can mix: visit those, by bisect, in order.
+    kvm_ranges = union_ranges(tuple(span for r in rules if isinstance(r.action, LeaveToKvm) for span in r.ranges))
     mixed = []
-    for lo, _hi, slots in table.intervals():
-        names = {t.name for s in slots for _, t in slot_targets(s)}
-        if KVM.name in names and len(names) > 1:
-            mixed.append(lo)
+    i = 0
+    for lo, hi in kvm_ranges:
+        i = max(i, bisect_right(table.starts, lo) - 1)
+        while i < len(table.starts) and table.starts[i] <= hi:
+            names = {t.name for s in table.slots[i] for _, t in slot_targets(s)}
+            if len(names) > 1:  # kvm and something else
+                mixed.append(table.starts[i])
+            i += 1
     if not mixed:
         return
     # Blame the first rule (in config order) of each kind that covers the interval, on any conduit.
-    kvm_spans = sorted((lo, hi, pos) for pos, r in enumerate(rules) if r.action == KVM for lo, hi in r.ranges)
-    other_spans = sorted((lo, hi, pos) for pos, r in enumerate(rules) if r.action != KVM for lo, hi in r.ranges)
+    kvm_spans = sorted((lo, hi, pos) for pos, r in enumerate(rules) if isinstance(r.action, LeaveToKvm)
+                       for lo, hi in r.ranges)
+    other_spans = sorted((lo, hi, pos) for pos, r in enumerate(rules) if not isinstance(r.action, LeaveToKvm)
+                         for lo, hi in r.ranges)
     for lo, k, o in zip(mixed, _earliest_covering(kvm_spans, mixed), _earliest_covering(other_spans, mixed),
                         strict=True):
         assert k is not None and o is not None  # both kinds answer somewhere in this interval
@@ -214,12 +228,12 @@ def _check_identity_owners(table: RuleTable[Target], rules: list[RuleSpec], hand
     all, and one handler instance answers its discovery queries on every conduit."""
     touched: dict[int, RuleSpec] = {}
     for rule in rules:
-        if rule.action == KVM:
+        if isinstance(rule.action, LeaveToKvm):
             continue
         for lo, _hi in rule.ranges:
             owner = (lo >> OWNER_SHIFT) & 0x3F
-            if has_abi_identity(owner):
-                touched.setdefault(owner, rule)
+            if owner in _IDENTITY_OWNERS and owner not in touched:
+                touched[owner] = rule
     for owner, first in touched.items():
         why = (f"owner {owner} has an ABI identity (its UID tells the guest which ABI it speaks), so a "
                "config that forwards any of it must forward all of it")
@@ -252,6 +266,9 @@ def _check_identity_owners(table: RuleTable[Target], rules: list[RuleSpec], hand
                                         f"owner {owner}: its discovery queries go to {answer!r}, which does not "
                                         "answer call-count/UID/revision; use a handler that does (e.g. type "
                                         "discovery, pkvm-memshare) so the guest sees this range's real identity"))
+
+
+_IDENTITY_OWNERS = frozenset(owner for owner in range(64) if has_abi_identity(owner))
 
 
 def _spans(ranges: list[tuple[int, int]]) -> str:
@@ -290,14 +307,18 @@ def _check_versions(rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts],
 
 def _warn_risky(table: RuleTable[Target], rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts],
                 problems: list[Problem]) -> None:
+    uid_answered: dict[int, bool] = {}  # per UID query ID: does anything answer it
     for rule in rules:
         if not isinstance(rule.action, ToHandler):  # kvm, deny
             continue
         for lo, _hi in rule.ranges:
             owner = (lo >> OWNER_SHIFT) & 0x3F
             if owner in (2, 3) and FunctionId(lo).fast:  # SiP/OEM: discovery expected but not enforced
-                uid_owner = table.lookup((lo & ~BLOCK & ~(1 << 30)) | 0xFF01, Conduit.HVC, 0)
-                if uid_owner is None:
+                uid = (lo & ~BLOCK & ~(1 << 30)) | 0xFF01
+                answered = uid_answered.get(uid)
+                if answered is None:
+                    answered = uid_answered[uid] = table.lookup(uid, Conduit.HVC, 0) is not None
+                if not answered:
                     problems.append(Problem(rule.mark, f"rules[{rule.index}].match",
                                             f"forwards owner {owner} calls but nothing answers that owner's UID "
                                             f"query ({(lo & ~BLOCK & ~(1 << 30)) | 0xFF01:#010x}); "

@@ -157,7 +157,8 @@ def build_table(rules: list[RuleSpec]) -> RuleTable[Target]:
     for r in rules:
         target = targets.setdefault(r.action, r.action)
         entries.append(shared.setdefault((r.vcpus, target), Entry(r.vcpus, target)))
-    conduits = [tuple(sorted(r.conduits)) for r in rules]
+    in_order = {cs: tuple(sorted(cs)) for cs in {r.conduits for r in rules}}
+    conduits = [in_order[r.conduits] for r in rules]
     active: tuple[list[int], list[int]] = ([], [])  # per conduit, the positions of the rules here, in order
     starts: list[int] = [0]
     slots: list[tuple[Slot[Target], Slot[Target]]] = [(None, None)]
