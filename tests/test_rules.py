@@ -3,8 +3,10 @@ compiler against the quadratic one it replaced (kept below as the reference)."""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Mapping
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -319,3 +321,20 @@ def test_a_rule_whose_own_ranges_overlap_is_not_an_overlap() -> None:
     assert table is not None and not [p for p in problems if not p.warning]
     assert (table.starts, table.slots) == (old_build_table(rules).starts, old_build_table(rules).slots)
     assert [table.lookup(a + i, Conduit.SMC, 0) for i in (0, 4, 8, 9, 10)] == [ToHandler("a")] * 4 + [None]
+
+
+def test_long_range_minimum_queries_match_the_reference(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to checks._SHORT members starting inside a range are a slice; make every
+    query go through the segment tree instead and compare with the old compiler."""
+    monkeypatch.setattr(checks, "_SHORT", 0)
+    rnd = random.Random(7)
+    for _ in range(40):
+        rules = [RuleSpec(i, ((0x8200_0000 + lo, 0x8200_0000 + lo + rnd.randint(0, 40)),),
+                          rnd.choice(CONDUITS), rnd.choice([None, frozenset({rnd.randint(0, 3)})]),
+                          rnd.choice(ACTIONS), MARK)
+                 for i, lo in enumerate(rnd.randint(0, 200) for _ in range(rnd.randint(2, 60)))]
+        new: list[Problem] = []
+        old: list[Problem] = []
+        compile_rules(rules, {}, {}, new)
+        old_compile_rules(rules, {}, {}, old)
+        assert new == first_overlap_per_rule(old)

@@ -52,7 +52,7 @@ def compile_rules(rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts], v
     for a, b in _first_overlaps(rules):
         ra, rb = rules[a], rules[b]
         alo, ahi, blo, bhi = next((*x, *y) for x in ra.ranges for y in rb.ranges if x[0] <= y[1] and y[0] <= x[1])
-        shared = "/".join(sorted(c.name.lower() for c in ra.conduits & rb.conduits))
+        shared = _CONDUIT_NAMES[ra.conduits & rb.conduits]
         err(rb, "match", f"overlaps {ra.label} at {max(alo, blo):#010x}..{min(ahi, bhi):#010x} "
                          f"for conduit {shared}; "
                          "two rules may not match the same call")
@@ -68,6 +68,8 @@ def compile_rules(rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts], v
     return table
 
 
+_CONDUIT_NAMES = {cs: "/".join(sorted(c.name.lower() for c in cs))
+                  for cs in (frozenset({Conduit.HVC}), frozenset({Conduit.SMC}), frozenset(Conduit))}
 #: (first, last, rule position) of one range of one rule.
 _Span = tuple[int, int, int]
 
@@ -147,28 +149,41 @@ def _earliest_intersecting(members: list[_Span], queries: list[_Span]) -> list[i
     A member [ml, mh] meets [ql, qh] iff it starts inside it (ql <= ml <= qh) or
     covers its first ID (ml <= ql <= mh): a range minimum over the members in
     start order (a segment tree: O(m) to build, O(log m) per query, plus the
-    bisects), and a stabbing query (:func:`_earliest_covering`)."""
+    bisects; a short range is a slice), and a stabbing query (:func:`_earliest_covering`)."""
     firsts = [m[0] for m in members]
+    order = [m[2] for m in members]
     size = len(members)
-    tree = [0] * size + [m[2] for m in members]
-    for k in range(size - 1, 0, -1):
-        tree[k] = min(tree[2 * k], tree[2 * k + 1])
+    tree: list[int] = []
     covering = _earliest_covering(members, [q[0] for q in queries])
     out: list[int | None] = []
     for (lo, hi, _), cover in zip(queries, covering, strict=True):
-        i, j = bisect_left(firsts, lo) + size, bisect_right(firsts, hi) + size
-        least = cover
-        while i < j:  # the minimum of tree[i:j], bottom-up
-            if i & 1:
-                least = tree[i] if least is None or tree[i] < least else least
-                i += 1
-            if j & 1:
-                j -= 1
-                least = tree[j] if least is None or tree[j] < least else least
-            i >>= 1
-            j >>= 1
-        out.append(least)
+        i, j = bisect_left(firsts, lo), bisect_right(firsts, hi)
+        if i == j:
+            out.append(cover)
+            continue
+        if j - i <= _SHORT:
+            least = min(order[i:j])  # a few neighbours: one C call
+        else:
+            if not tree:
+                tree = [0] * size + order
+                for k in range(size - 1, 0, -1):
+                    tree[k] = min(tree[2 * k], tree[2 * k + 1])
+            least, i, j = order[i], i + size, j + size
+            while i < j:  # the minimum of order[i:j], bottom-up
+                if i & 1:
+                    least = min(least, tree[i])
+                    i += 1
+                if j & 1:
+                    j -= 1
+                    least = min(least, tree[j])
+                i >>= 1
+                j >>= 1
+        out.append(least if cover is None else min(cover, least))
     return out
+
+
+#: Up to this many members start inside a query: min() of the slice, else the tree.
+_SHORT = 64
 
 
 def _earliest_covering(by_start: list[_Span], points: list[int]) -> list[int | None]:
