@@ -13,7 +13,7 @@ from __future__ import annotations
 from bisect import bisect_right, insort
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Generic, Protocol, TypeAlias, TypeVar
+from typing import Generic, Protocol, TypeAlias, TypeVar
 
 from ..smccc.names import describe
 from ..wire import FilterAction, FilterRange
@@ -215,7 +215,7 @@ def _slot(active: list[int], entries: list[Entry[Target]]) -> Slot[Target]:
     return tuple(entries[pos] for pos in active)
 
 
-def describe_table(table: RuleTable[Any]) -> list[str]:
+def describe_table(table: RuleTable[T]) -> list[str]:
     """Human-readable lines for ``hvcproxyd check``."""
     lines = []
     for lo, hi, slots in table.intervals():
