@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from hvcproxyd.cli import main
 from hvcproxyd.config import ConfigError, Problem
 from hvcproxyd.core.vmconfig import VmConfig, load_config
 from hvcproxyd.rules.targets import ToHandler
+from hvcproxyd.server import daemon as daemon_mod
 from hvcproxyd.wire import FilterAction, FilterRange
 
 Make = Callable[[str], VmConfig]
@@ -229,3 +233,33 @@ def test_shipped_configs_pass_check() -> None:
     assert configs, "config/ holds the example configs"
     for path in configs:
         load_config(path)
+
+
+async def test_reload_compiles_off_the_event_loop(write_config: Callable[..., Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGHUP's load (parse + compile) runs in a worker thread while the loop keeps
+    running tasks, and the new config is swapped in whole."""
+    rules = "".join(f"  - {{match: {0x8200_1000 + i:#x}, action: hello}}\n" for i in range(200))
+    path = write_config(HEAD + rules)
+    old = load_config(path, socket=str(tmp_path / "vm.sock"))
+    daemon = daemon_mod.Daemon(old)
+    write_config(HEAD.replace("regs: [0, 1]", "regs: [0, 2]") + rules)  # same filter: live-compatible
+    loaded: list[VmConfig] = []
+    threads: list[threading.Thread] = []
+    loop_ran = trio.Event()
+
+    def load_in_worker(*args: Any, **kwargs: Any) -> VmConfig:
+        threads.append(threading.current_thread())
+        # Returns only once the event loop has run the callback: the loop is not blocked
+        # while the config loads (on the loop's own thread this raises RuntimeError).
+        trio.from_thread.run_sync(loop_ran.set)
+        loaded.append(load_config(*args, **kwargs))
+        return loaded[-1]
+
+    monkeypatch.setattr(daemon_mod, "load_config", load_in_worker)
+    assert await daemon.reload()
+    assert loop_ran.is_set()
+    assert threads and threads[0] is not threading.main_thread()
+    assert daemon.config is loaded[0] and daemon.vm.config is loaded[0] and daemon.config is not old
+    assert daemon.config.handlers["hello"].options != old.handlers["hello"].options
+    assert len(daemon.config.rules) == 200 and daemon.reloads == 1
