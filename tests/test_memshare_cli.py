@@ -12,9 +12,11 @@ import trio.testing
 
 from hvcproxyd import cli
 from hvcproxyd.cli.memshare import format_record, size_text
+from hvcproxyd.cli.registry import SUBCOMMANDS
 from hvcproxyd.core.vmconfig import VmConfig
 from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID
-from hvcproxyd.sidecars.memshare import MemshareSidecar, default_socket
+from hvcproxyd.handlers.pkvm_memshare.handler import default_socket
+from hvcproxyd.sidecars.memshare import MemshareSidecar
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
 from .conftest import Serve
@@ -24,7 +26,7 @@ from .waiting import wait_until
 def run_cli(argv: list[str]) -> int:
     """The registered ``memshare`` subcommand, parsed by the real parser (logging set-up left alone)."""
     args = cli.build_parser().parse_args(argv)
-    return cli.SUBCOMMANDS[args.command][2](args)
+    return SUBCOMMANDS[args.command][2](args)
 
 
 def memshare_config(make_config: Callable[[str], VmConfig], path: Path) -> VmConfig:

@@ -33,7 +33,7 @@ def _failure(what: str, timeout: float, log: Path | None) -> str:
     return f"timed out after {timeout:g}s waiting for {what}{tail}"
 
 
-async def wait_until(predicate: Callable[[], T], what: str, *, timeout: float = TIMEOUT,
+async def wait_until(predicate: Callable[[], T | None], what: str, *, timeout: float = TIMEOUT,
                      log: Path | None = None) -> T:
     """Await ``predicate()`` becoming truthy and return its value; fail (naming
     ``what``, with the tail of ``log``) if it does not within ``timeout``."""
@@ -44,7 +44,7 @@ async def wait_until(predicate: Callable[[], T], what: str, *, timeout: float = 
     raise AssertionError(_failure(what, timeout, log))
 
 
-def poll(predicate: Callable[[], T], what: str, *, timeout: float = TIMEOUT, log: Path | None = None) -> T:
+def poll(predicate: Callable[[], T | None], what: str, *, timeout: float = TIMEOUT, log: Path | None = None) -> T:
     """``wait_until`` for synchronous tests (a subprocess's sockets, files, logs)."""
     deadline = time.monotonic() + timeout
     while not (value := predicate()):

@@ -44,7 +44,8 @@ def _run_build(script: str, timeout: float = BUILD_TIMEOUT) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{script} did not finish in {timeout:.0f}s:\n{e.stderr or ''}")
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(f"{script} did not finish in {timeout:.0f}s:\n{stderr}")
     if proc.returncode != 0:
         pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
     lines = proc.stdout.strip().splitlines()
