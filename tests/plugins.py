@@ -10,7 +10,7 @@ import trio
 
 from hvcproxyd.config import Section
 from hvcproxyd.core.guestmem import GuestMemoryError
-from hvcproxyd.handlers import Handler, Result
+from hvcproxyd.handlers import Handler, Notes, Result
 from hvcproxyd.smccc import SmcccResult
 from hvcproxyd.wire import Call
 
@@ -70,8 +70,9 @@ class Counter(Handler):
     def snapshot(self) -> dict[str, Any]:
         return {"count": self.count}
 
-    def restore(self, data: dict[str, Any]) -> None:
+    def restore(self, data: dict[str, Any]) -> Notes:
         self.count = data["count"]
+        return ()
 
 
 class OldPsci(Handler):

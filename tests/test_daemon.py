@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from hvcproxyd import wire
 from hvcproxyd.core.service import VmService
 from hvcproxyd.core.vmconfig import VmConfig, load_config
-from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.smccc import MASK64, SmcccResult
 from hvcproxyd.vmm.simulator import RAM_BASE, DaemonRefused, Simulator, SimVcpu
 
-from .conftest import REPO
+from .conftest import Serve
+from .process import DaemonProcess
+from .waiting import wait_until
 
 NOT_SUPPORTED = SmcccResult.NOT_SUPPORTED & MASK64
 INVALID = SmcccResult.INVALID_PARAMETER & MASK64
@@ -43,15 +43,14 @@ rules:
   - {{match: 0x82000006, conduit: smc, action: deny}}
   - {{match: 0x82000006, conduit: hvc, action: hello}}
 """
-Serve = Callable[[VmConfig], Awaitable[Daemon]]
 
 
 def config_text(timeout: int = 2000, hello: int = 1) -> str:
     return CONFIG.format(timeout=timeout, hello=hello)
 
 
-async def run_sim(config: VmConfig, boot: Callable[[SimVcpu, int], Awaitable[None]], **kw: object) -> Simulator:
-    sim = Simulator(config.socket, boot=boot, **kw)  # type: ignore[arg-type]
+async def run_sim(config: VmConfig, boot: Callable[[SimVcpu, int], Awaitable[None]], **kw: Any) -> Simulator:
+    sim = Simulator(config.socket, boot=boot, **kw)
     try:
         await sim.run(timeout=30)
     finally:
@@ -118,7 +117,7 @@ async def test_a_handler_that_raises(make_config: Callable[[str], VmConfig], ser
 
 
 async def test_a_slow_handler_times_out_while_other_vcpus_are_served(
-        make_config: Callable[[str], VmConfig], serve: Serve) -> None:
+        make_config: Callable[[str], VmConfig], serve: Serve, autojump_clock: trio.testing.MockClock) -> None:
     config = make_config(config_text(timeout=400))
     daemon = await serve(config)
     done: list[str] = []
@@ -169,54 +168,46 @@ async def test_guest_memory_access(make_config: Callable[[str], VmConfig], serve
     assert sim.stop_reason == "idle"
 
 
-async def test_reconnect_replays_the_call_in_flight(write_config: Callable[[str], Path], tmp_path: Path) -> None:
+async def test_reconnect_replays_the_call_in_flight(write_config: Callable[[str], Path], tmp_path: Path,
+                                                    serve: Serve, autojump_clock: trio.testing.MockClock) -> None:
     path = write_config(config_text(timeout=5000))
     config = load_config(path, socket=str(tmp_path / "vm.sock"))
     got: list[tuple[int, ...]] = []
-    first_call_sent = trio.Event()
+    first_call_answered = trio.Event()
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
         got.append(await cpu.call(COUNT))
-        first_call_sent.set()
+        first_call_answered.set()
         got.append(await cpu.call(SLEEP, 700))  # the daemon dies while this one runs
         got.append(await cpu.call(COUNT))
 
     sim = Simulator(config.socket, boot=boot)
-    second = Daemon(load_config(path, socket=str(config.socket)))
-
-    async def run_then_stop() -> None:
-        await sim.run(30)
-        second.stop()
-
+    first = await serve(config)
     async with trio.open_nursery() as nursery:
-        first = Daemon(config)
-        await nursery.start(first.serve)
-        nursery.start_soon(run_then_stop)
-        await first_call_sent.wait()
-        await trio.sleep(0.2)
-        first.stop()  # like a crash: the call in flight is never answered
-        await trio.sleep(0.3)
-        await nursery.start(second.serve)
+        nursery.start_soon(sim.run, 30)
+        await first_call_answered.wait()
+        def in_handler() -> bool:
+            return first.session is not None and first.session.in_flight == 1
+        await wait_until(in_handler, "the SLEEP call to be in the first daemon's handler")
+        await serve.stop(first)  # like a crash: the call in flight is never answered
+        second = await serve(load_config(path, socket=str(config.socket)))
     sim.close()
     assert got == [(0, 1, 0, 0), (0, 0, 0, 0), (0, 1, 0, 0)]  # the new daemon's counter starts afresh
     assert [e.kind for e in sim.transcript].count("reconnect") == 1
     assert second.vm.stats.by_handler()["sleep"] == 1
 
 
-async def test_reconnect_with_a_different_filter_is_refused(write_config: Callable[[str], Path],
-                                                            tmp_path: Path) -> None:
-    path = write_config(config_text())
-    config = load_config(path, socket=str(tmp_path / "vm.sock"))
+async def test_reconnect_with_a_different_filter_is_refused(make_config: Callable[[str], VmConfig],
+                                                            serve: Serve) -> None:
+    config = make_config(config_text())
+    await serve(config)
     sim = Simulator(config.socket)
     sim.ranges = (wire.FilterRange(0x8200_0001, 2, wire.FilterAction.FORWARD),)
-    sim._ran = True
-    async with trio.open_nursery() as nursery:
-        daemon = Daemon(config)
-        await nursery.start(daemon.serve)
+    try:
         with pytest.raises(DaemonRefused, match=r"FILTER_MISMATCH.*entry 0"):
-            await sim._connect(reconnect=True)
-        daemon.stop()
-    sim.close()
+            await sim.connect(reconnect=True)
+    finally:
+        sim.close()
 
 
 async def test_replayed_call_is_answered_without_running_the_handler_again(
@@ -262,7 +253,7 @@ async def test_second_vmm_is_refused_while_one_is_connected(make_config: Callabl
     async def boot(cpu: SimVcpu, x0: int) -> None:
         other = Simulator(config.socket, reconnect_timeout=0)
         try:
-            await other._connect(reconnect=False)
+            await other.connect()
         except DaemonRefused as err:
             refused.append(str(err))
         finally:
@@ -278,80 +269,57 @@ async def test_filter_rejected_by_the_vmm_is_logged_and_closed(make_config: Call
     config = make_config(config_text())
     await serve(config)
     sim = Simulator(config.socket, filter_status=-17)
-    with pytest.raises(DaemonRefused, match="FILTER_REJECTED"):
-        await sim._connect(reconnect=False)
-    sim.close()
+    try:
+        with pytest.raises(DaemonRefused, match="FILTER_REJECTED"):
+            await sim.connect()
+    finally:
+        sim.close()
     assert "EEXIST" in caplog.text
 
 
 # ------------------------------------------------------------ the real process
 
 
-class DaemonProcess:
-    def __init__(self, config: Path, socket: Path, tmp_path: Path) -> None:
-        self.socket = socket
-        self.log = tmp_path / "daemon.log"
-        env = dict(os.environ, PYTHONPATH=str(REPO))
-        self.proc = subprocess.Popen([sys.executable, "-m", "hvcproxyd", "run", str(config), "--socket",
-                                      str(socket)], stderr=self.log.open("w"), env=env, cwd=REPO)
-
-    async def ready(self) -> None:
-        with trio.fail_after(20):
-            while not self.socket.is_socket():
-                assert self.proc.poll() is None, self.log.read_text()
-                await trio.sleep(0.05)
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    async def wait(self) -> int:
-        with trio.fail_after(20):
-            while self.proc.poll() is None:
-                await trio.sleep(0.05)
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
 @pytest.fixture
-def daemon_process(tmp_path: Path) -> Callable[[Path], DaemonProcess]:
-    procs: list[DaemonProcess] = []
+def daemon_process(tmp_path: Path) -> Iterator[Callable[[Path], DaemonProcess]]:
+    """``hvcproxyd run CONFIG --socket tmp/vm.sock``, listening; stopped at the end."""
+    started: list[DaemonProcess] = []
 
     def start(config: Path) -> DaemonProcess:
-        p = DaemonProcess(config, tmp_path / "vm.sock", tmp_path)
-        procs.append(p)
-        return p
+        daemon = DaemonProcess(config, socket=tmp_path / "vm.sock").start()
+        started.append(daemon)
+        daemon.wait_listening()
+        return daemon
 
-    yield start  # type: ignore[misc]
-    for p in procs:
-        p.kill()
+    yield start
+    for daemon in started:
+        daemon.stop()
 
 
 async def test_sigterm_drains_calls_in_flight_and_exits_0(write_config: Callable[[str], Path],
                                                           daemon_process: Callable[[Path], DaemonProcess]) -> None:
     daemon = daemon_process(write_config(config_text(timeout=5000)))
-    await daemon.ready()
+    assert daemon.socket is not None
     got: list[tuple[int, ...]] = []
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
         async with trio.open_nursery() as n:
             async def slow() -> None:
-                got.append(await cpu.call(SLEEP, 800))
+                got.append(await cpu.call(SLEEP, 500))
             n.start_soon(slow)
-            with trio.fail_after(20):  # SIGTERM only once the call is in the handler
-                while "vcpu 0 sleeps 800 ms" not in daemon.log.read_text():
-                    await trio.sleep(0.02)
+            # SIGTERM only once the call is in the handler.
+            await wait_until(lambda: "vcpu 0 sleeps 500 ms" in daemon.log, "the SLEEP call to reach its handler",
+                             log=daemon.log_path)
             daemon.signal(signal.SIGTERM)
 
     sim = Simulator(daemon.socket, boot=boot, reconnect_timeout=0.5)
-    await sim.run(timeout=20)
-    sim.close()
+    try:
+        await sim.run(timeout=20)
+    finally:
+        sim.close()
     assert got == [(0, 0, 0, 0)]  # the call in flight was answered, not dropped
-    assert await daemon.wait() == 0
-    log = daemon.log.read_text()
+    assert await trio.to_thread.run_sync(daemon.wait) == 0
+    log = daemon.log
     assert "draining 1 call(s)" in log and not daemon.socket.exists()
 
 
@@ -359,36 +327,40 @@ async def test_sighup_applies_a_good_config_and_keeps_the_running_one_on_a_bad_o
         write_config: Callable[[str], Path], daemon_process: Callable[[Path], DaemonProcess]) -> None:
     path = write_config(config_text(hello=1))
     daemon = daemon_process(path)
-    await daemon.ready()
+    assert daemon.socket is not None
     seen: list[int] = []
 
-    async def poll_until(cpu: SimVcpu, want: int) -> None:
-        with trio.fail_after(10):
-            while (value := (await cpu.call(HELLO))[1]) != want:
-                await trio.sleep(0.05)
-        seen.append(value)
+    def reloads(outcome: str) -> int:
+        return daemon.log.count(outcome)
+
+    async def reload(outcome: str, count: int, what: str) -> None:
+        daemon.signal(signal.SIGHUP)
+        await wait_until(lambda: reloads(outcome) == count, what, log=daemon.log_path)
+
+    applied, refused = ": reloaded ", "reload refused, keeping the running config"
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
-        await poll_until(cpu, 1)
+        seen.append((await cpu.call(HELLO))[1])
         assert (await cpu.call(COUNT))[1] == 1
         path.write_text(config_text(hello=2))
-        daemon.signal(signal.SIGHUP)
-        await poll_until(cpu, 2)
+        await reload(applied, 1, "the good config to be applied")
+        seen.append((await cpu.call(HELLO))[1])
         assert (await cpu.call(COUNT))[1] == 2  # handler state carried across the reload
         path.write_text(config_text(hello=3).replace("rules:", "rules: [oops"))
-        daemon.signal(signal.SIGHUP)
+        await reload(refused, 1, "the broken config to be refused")
         path.write_text(config_text(hello=4).replace("0x82000006, conduit: smc", "0x82000008, conduit: smc"))
-        daemon.signal(signal.SIGHUP)
-        await trio.sleep(0.5)
+        await reload(refused, 2, "the incompatible config to be refused")
         seen.append((await cpu.call(HELLO))[1])
 
     sim = Simulator(daemon.socket, boot=boot)
-    await sim.run(timeout=30)
-    sim.close()
+    try:
+        await sim.run(timeout=60)
+    finally:
+        sim.close()
     daemon.signal(signal.SIGTERM)
-    assert await daemon.wait() == 0
+    assert await trio.to_thread.run_sync(daemon.wait) == 0
     assert seen == [1, 2, 2]
-    log = daemon.log.read_text()
+    log = daemon.log
     assert "reload refused, keeping the running config" in log and "vm.yaml:" in log
     assert "changes the forwarded/denied ranges" in log
 
@@ -398,11 +370,13 @@ async def test_protocol_error_while_running_closes_only_that_connection(
     config = make_config(config_text())
     daemon = await serve(config)
     sim = Simulator(config.socket)
-    await sim._connect(reconnect=False)
-    await sim._send(wire.Call(1, 99, HELLO, (0,) * 17))  # the VM has 4 vCPUs
-    with trio.fail_after(10):
-        err = await sim._next_event()
-    sim.close()
+    try:
+        await sim.connect()
+        await sim.send(wire.Call(1, 99, HELLO, (0,) * 17))  # the VM has 4 vCPUs
+        with trio.fail_after(10):
+            err = await sim.next_event()
+    finally:
+        sim.close()
     assert isinstance(err, wire.Error) and err.code is wire.ErrorCode.PROTOCOL and "vCPU 99" in err.reason
     assert daemon.links.protocol_errors == 1
 

@@ -36,7 +36,7 @@ def assert_canonical(rs: RangeSet, model: set[int]) -> None:
 
 
 @given(ops, st.lists(page_runs, max_size=20))
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 def test_rangeset_matches_a_set_of_pages(operations: list[tuple[str, tuple[int, int]]],
                                          queries: list[tuple[int, int]]) -> None:
     rs, model = RangeSet(), set[int]()
@@ -65,7 +65,7 @@ def test_rangeset_empty_intervals() -> None:
 
 
 @given(st.lists(st.tuples(st.sampled_from(["share", "unshare"]), page_runs, st.integers(0, 3)), max_size=60))
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 def test_ledger_is_all_or_nothing_like_pkvm(operations: list[tuple[str, tuple[int, int], int]]) -> None:
     ledger, model = Ledger(G), set[int]()
     seq = 0

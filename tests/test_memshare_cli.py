@@ -12,17 +12,21 @@ import trio.testing
 
 from hvcproxyd import cli
 from hvcproxyd.cli.memshare import format_record, size_text
+from hvcproxyd.cli.registry import SUBCOMMANDS
 from hvcproxyd.core.vmconfig import VmConfig
 from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID
-from hvcproxyd.server.daemon import Daemon
-from hvcproxyd.sidecars.memshare import MemshareSidecar, default_socket
+from hvcproxyd.handlers.pkvm_memshare.handler import default_socket
+from hvcproxyd.sidecars.memshare import MemshareSidecar
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
+
+from .conftest import Serve
+from .waiting import wait_until
 
 
 def run_cli(argv: list[str]) -> int:
     """The registered ``memshare`` subcommand, parsed by the real parser (logging set-up left alone)."""
     args = cli.build_parser().parse_args(argv)
-    return cli.SUBCOMMANDS[args.command][2](args)
+    return SUBCOMMANDS[args.command][2](args)
 
 
 def memshare_config(make_config: Callable[[str], VmConfig], path: Path) -> VmConfig:
@@ -41,13 +45,12 @@ async def guest(cpu: SimVcpu, x0: int) -> None:
     assert (await cpu.call(MEM_UNSHARE_ID, RAM_BASE + 4096))[0] == 0
 
 
-async def test_ls_and_watch(make_config: Callable[[str], VmConfig], tmp_path: Path,
+async def test_ls_and_watch(make_config: Callable[[str], VmConfig], tmp_path: Path, serve: Serve,
                             capsys: pytest.CaptureFixture[str]) -> None:
     path = tmp_path / "ms.sock"
     config = memshare_config(make_config, path)
-    daemon = Daemon(config)
+    daemon = await serve(config)
     async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.serve)
         side = daemon.vm.sidecars["ms"][0]
         assert isinstance(side, MemshareSidecar) and side.stream is not None
         watch_status: list[int] = []
@@ -57,8 +60,8 @@ async def test_ls_and_watch(make_config: Callable[[str], VmConfig], tmp_path: Pa
                 run_cli, ["memshare", "watch", "--socket", str(path), "--json"]))
 
         nursery.start_soon(watch)
-        while not side.stream.subscribers:
-            await trio.sleep(0.01)
+        stream = side.stream
+        await wait_until(lambda: stream.subscribers, "`memshare watch` to subscribe")
         sim = Simulator(config.socket, n_vcpus=1, name="clivm", boot=guest)
         try:
             await sim.run(timeout=60)

@@ -17,12 +17,16 @@ import trio.testing
 from hvcproxyd.core.vmconfig import VmConfig
 from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID
 from hvcproxyd.handlers.pkvm_memshare.ledger import Replica
-from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.sidecars.memshare import MemshareSidecar
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
+from .conftest import Serve
+from .waiting import wait_until
+
 N_VCPUS = 4
-CALLS_PER_VCPU = 1500
+# Enough changes to overflow the stalled subscriber's socket (net.core.wmem_default, ~208 KiB on
+# Debian) and then its queue: about 2.5x what that takes here.
+CALLS_PER_VCPU = 600
 POOL = 48  # pages all vCPUs contend for, so shares collide and get refused too
 QUEUE = 32
 INVALID = (1 << 64) - 3
@@ -37,14 +41,8 @@ async def follow(stream: trio.SocketStream, replica: Replica) -> None:
             replica.apply(json.loads(line))
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    with trio.fail_after(60):  # a hang guard, not a latency bound
-        while not condition():
-            await trio.sleep(0.01)
-
-
 async def test_concurrent_guest_with_live_and_stalled_subscribers(
-        make_config: Callable[[str], VmConfig], tmp_path: Path) -> None:
+        make_config: Callable[[str], VmConfig], tmp_path: Path, serve: Serve) -> None:
     stream_path = tmp_path / "ms.sock"
     config = make_config(f"""
         vm: e2e
@@ -58,7 +56,7 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
           - match: kvm-vendor
             action: ms
         """)
-    daemon = Daemon(config)
+    daemon = await serve(config)
     results: list[tuple[int, int, int]] = []  # (vcpu, fid, x0) as the guest saw them
 
     async def worker(cpu: SimVcpu) -> None:
@@ -75,7 +73,6 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
                 nursery.start_soon(worker, vcpu)
 
     async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.serve)
         side = daemon.vm.sidecars["ms"][0]
         assert isinstance(side, MemshareSidecar) and side.stream is not None
         # The stalled subscriber: a plain socket nobody reads until the guest is done.
@@ -107,7 +104,7 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
         assert ledger.shared_bytes == (shares_ok - unshares_ok) * 4096
 
         # The live subscriber kept up with every change and rebuilt the ledger exactly.
-        await until(lambda: live.seq == ledger.seq)
+        await wait_until(lambda: live.seq == ledger.seq, "the live subscriber to catch up")
         assert live.shared == ledger.shared
         assert live.lost == 0 and live.snapshots == 1 and live.changes == ledger.seq
 
@@ -117,7 +114,7 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
         stalled_stream = trio.SocketStream(trio.socket.from_stdlib_socket(stalled))
         late = Replica()
         nursery.start_soon(follow, stalled_stream, late)
-        await until(lambda: late.seq == ledger.seq and late.snapshots >= 2)
+        await wait_until(lambda: late.seq == ledger.seq and late.snapshots >= 2, "the stalled subscriber to resync")
         assert late.lost > 0 and late.lost == side.stream.stats.lost
         assert late.changes + late.lost == ledger.seq  # every change either seen or counted as lost
         assert late.shared == ledger.shared
@@ -126,7 +123,8 @@ async def test_concurrent_guest_with_live_and_stalled_subscribers(
 
 
 async def test_guest_is_served_when_the_stream_cannot_listen(
-        make_config: Callable[[str], VmConfig], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        make_config: Callable[[str], VmConfig], tmp_path: Path, serve: Serve,
+        caplog: pytest.LogCaptureFixture) -> None:
     (tmp_path / "file").write_text("")
     config = make_config(f"""
         vm: e2e
@@ -137,19 +135,17 @@ async def test_guest_is_served_when_the_stream_cannot_listen(
         rules:
           - {{match: kvm-vendor, action: ms}}
         """)
-    daemon = Daemon(config)
+    daemon = await serve(config)
     answers: list[int] = []
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
         answers.append((await cpu.call(MEM_SHARE_ID, RAM_BASE))[0])
 
-    async with trio.open_nursery() as nursery:
-        await nursery.start(daemon.serve)
-        sim = Simulator(config.socket, n_vcpus=1, name="e2e", boot=boot)
-        try:
-            await sim.run(timeout=60)
-        finally:
-            sim.close()
-        daemon.stop()
+    sim = Simulator(config.socket, n_vcpus=1, name="e2e", boot=boot)
+    try:
+        await sim.run(timeout=60)
+    finally:
+        sim.close()
+    await serve.stop(daemon)
     assert answers == [0]
     assert any("no memshare subscribers" in r.getMessage() for r in caplog.records)

@@ -8,28 +8,29 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from prometheus_client.parser import text_string_to_metric_families
 
+from hvcproxyd import cli as cli_main
+from hvcproxyd.cli.registry import SUBCOMMANDS
 from hvcproxyd.core.stats import LATENCY_BUCKETS, MAX_FUNCTIONS, OTHER, CallStats, Histogram
 from hvcproxyd.core.vmconfig import VmConfig, load_config
 from hvcproxyd.ops import logsetup
 from hvcproxyd.ops.control import TraceFilter, request_status, trace_calls
 from hvcproxyd.ops.journal import JournalHandler
 from hvcproxyd.ops.metrics import scrape_unix
-from hvcproxyd.ops.sdnotify import Notifier
-from hvcproxyd.ops.service import Service
 from hvcproxyd.smccc.results import ResultClass
 from hvcproxyd.vmm.simulator import Simulator, SimVcpu
 from hvcproxyd.wire import Call, Reply
 
+from .conftest import Serve
 from .ops_support import CPU_OFF, CPU_ON64, HELLO, MINUS3, REPO, SIP_UID, UNRULED, ops_config
+from .waiting import wait_until
 
 ENTRY1, ENTRY2 = 0x4008_0000, 0x4009_0000
 
@@ -45,14 +46,6 @@ def control(config: VmConfig) -> Path:
     return config.control_socket
 
 
-@asynccontextmanager
-async def managed(config: VmConfig) -> AsyncIterator[Service]:
-    async with trio.open_nursery() as nursery:
-        service: Service = await nursery.start(Service(config, Notifier({})).run)
-        yield service
-        service.stop()
-
-
 async def run_sim(config: VmConfig, boot: Any, **kw: Any) -> Simulator:
     sim = Simulator(config.socket, name=config.name, boot=boot, **kw)
     try:
@@ -62,19 +55,14 @@ async def run_sim(config: VmConfig, boot: Any, **kw: Any) -> Simulator:
     return sim
 
 
-async def until(predicate: Any, timeout: float = 10.0) -> None:
-    with trio.fail_after(timeout):
-        while not predicate():
-            await trio.sleep(0.01)
-
-
 def hvcproxyd(*args: str) -> list[str]:
     return [sys.executable, "-m", "hvcproxyd", *args]
 
 
 # ----------------------------------------------------------------- trace and status
 
-async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path) -> None:
+async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path, serve: Serve,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     config = load(tmp_path)
     ctl = str(config.control_socket)
     outputs: dict[str, bytes] = {}
@@ -100,10 +88,15 @@ async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path) -> None:
         await cpu.call(UNRULED)
         await cpu.call(CPU_ON64, 1, ENTRY1, 0x11)
         await cpu.call(CPU_ON64, 2, ENTRY2, 0x22)
-        calls = daemon.daemon.vm.stats.by_handler
-        await until(lambda: calls()["hello"] == 4 and calls()["power"] == 3)
+        vm = daemon.daemon.vm
+        # The secondaries' calls answered, and vCPU 2's CPU_OFF confirmed by the VMM (EFFECT_DONE).
+        await wait_until(lambda: vm.stats.by_handler()["hello"] == 4 and vm.stats.by_handler()["power"] == 3
+                         and vm.vmm_power == {0: True, 1: True, 2: False, 3: False}, "the secondaries' calls")
         status_seen.append(await trio.to_thread.run_sync(request_status, control(config)))
-        await cli("status", "status", "--control-socket", ctl, "opsvm")
+        # `hvcproxyd status` in-process (the real parser and command); the traces are real processes.
+        parsed = cli_main.build_parser().parse_args(["status", "--control-socket", ctl, "opsvm"])
+        assert await trio.to_thread.run_sync(SUBCOMMANDS["status"][2], parsed) == 0
+        outputs["status"] = capsys.readouterr().out.encode()
 
     def read_all() -> None:
         for obj in trace_calls(control(config), TraceFilter()):
@@ -111,14 +104,16 @@ async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path) -> None:
             if len(library_trace) == 11:  # the header and ten calls
                 return
 
-    async with managed(config) as daemon, trio.open_nursery() as nursery:
+    daemon = await serve.service(config)
+    async with trio.open_nursery() as nursery:
         nursery.start_soon(cli, "json", "trace", "--control-socket", ctl, "--json", "--handler", "hello", "-n", "4",
                            "opsvm")
         nursery.start_soon(cli, "text", "trace", "--control-socket", ctl, "--func", "PSCI_CPU_ON64", "--vcpu", "0",
                            "-n", "2", "opsvm")
         nursery.start_soon(trio.to_thread.run_sync, read_all)
-        await until(lambda: len(daemon.hub.subscribers) == 3)
+        await wait_until(lambda: len(daemon.hub.subscribers) == 3, "three trace subscribers")
         await run_sim(config, boot, programs={ENTRY1: secondary1, ENTRY2: secondary2})
+    await serve.stop(daemon.daemon)
 
     # The JSON trace: exactly the calls hello answered, decoded.
     lines = [trio_json(line) for line in outputs["json"].decode().splitlines()]
@@ -164,7 +159,7 @@ def trio_json(line: str) -> dict[str, Any]:
     return json.loads(line)  # type: ignore[no-any-return]
 
 
-async def test_trace_filter_parsing_and_refusals(tmp_path: Path) -> None:
+async def test_trace_filter_parsing_and_refusals(tmp_path: Path, serve: Serve) -> None:
     flt = TraceFilter.parse(["PSCI_CPU_ON", "0x8200ff01"], ["psci", "0x82000000-0x820000ff"], [1], ["hello"])
     assert flt.funcs == {0x84000003, 0x8200FF01}
     assert (0x82000000, 0x820000FF) in flt.ranges and (0xC4000000, 0xC400001F) in flt.ranges
@@ -174,25 +169,27 @@ async def test_trace_filter_parsing_and_refusals(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="FIRST-LAST"):
         TraceFilter.parse([], ["0x9-0x1"], [], [])
     config = load(tmp_path)
-    async with managed(config) as daemon:
-        def ask(request: bytes) -> bytes:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(config.control_socket))
-                s.sendall(request)
-                return s.makefile("rb").read()
-        assert b"unknown op" in await trio.to_thread.run_sync(ask, b'{"op": "reboot"}\n')
-        assert b"filter" in await trio.to_thread.run_sync(ask, b'{"op": "trace", "filter": {"vcpus": [-1]}}\n')
-        assert b"one JSON object" in await trio.to_thread.run_sync(ask, b"status\n")
-        assert daemon.hub.subscribers == []
+    daemon = await serve.service(config)
 
-        def hang_up(path: Path) -> None:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.connect(str(path))
-        # Clients that leave at once cost the daemon nothing (a broken reply once crashed it).
-        for path in (control(config), tmp_path / "opsvm.metrics", config.socket):
-            await trio.to_thread.run_sync(hang_up, path)
-        await trio.sleep(0.1)
-        assert (await trio.to_thread.run_sync(request_status, control(config)))["state"] == "waiting"
+    def ask(request: bytes) -> bytes:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(config.control_socket))
+            s.sendall(request)
+            return s.makefile("rb").read()
+    assert b"unknown op" in await trio.to_thread.run_sync(ask, b'{"op": "reboot"}\n')
+    assert b"filter" in await trio.to_thread.run_sync(ask, b'{"op": "trace", "filter": {"vcpus": [-1]}}\n')
+    assert b"one JSON object" in await trio.to_thread.run_sync(ask, b"status\n")
+    assert daemon.hub.subscribers == []
+
+    def hang_up(path: Path) -> None:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+    # Clients that leave at once cost the daemon nothing (a broken reply once crashed it).
+    for path in (control(config), tmp_path / "opsvm.metrics", config.socket):
+        await trio.to_thread.run_sync(hang_up, path)
+    await trio.testing.wait_all_tasks_blocked()  # the daemon has seen every hang-up
+    assert (await trio.to_thread.run_sync(request_status, control(config)))["state"] == "waiting"
+    await serve.stop(daemon.daemon)
 
 
 # ----------------------------------------------------------------- metrics
@@ -209,7 +206,7 @@ def sample(found: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str
     return found[name, frozenset(labels.items())]
 
 
-async def test_metrics_count_a_known_call_sequence(tmp_path: Path) -> None:
+async def test_metrics_count_a_known_call_sequence(tmp_path: Path, serve: Serve) -> None:
     config = load(tmp_path)
     assert config.metrics is not None and config.metrics.socket == tmp_path / "opsvm.metrics"
     scraped: list[str] = []
@@ -224,8 +221,9 @@ async def test_metrics_count_a_known_call_sequence(tmp_path: Path) -> None:
         body = await trio.to_thread.run_sync(scrape_unix, str(config.metrics.socket))  # type: ignore[union-attr]
         scraped.append(body.decode())
 
-    async with managed(config):
-        await run_sim(config, boot)
+    service = await serve.service(config)
+    await run_sim(config, boot)
+    await serve.stop(service.daemon)
 
     m = samples(scraped[0])
     calls = "hvcproxyd_calls_total"
@@ -246,7 +244,7 @@ async def test_metrics_count_a_known_call_sequence(tmp_path: Path) -> None:
     assert sample(m, "hvcproxyd_process_open_fds") > 0
 
 
-async def test_metrics_on_loopback_tcp(tmp_path: Path) -> None:
+async def test_metrics_on_loopback_tcp(tmp_path: Path, serve: Serve) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -258,10 +256,11 @@ async def test_metrics_on_loopback_tcp(tmp_path: Path) -> None:
             s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             return s.makefile("rb").read()
 
-    async with managed(config) as daemon:
-        assert daemon.metrics_address == ("127.0.0.1", port)
-        ok = await trio.to_thread.run_sync(get, "/metrics")
-        missing = await trio.to_thread.run_sync(get, "/nothing")
+    daemon = await serve.service(config)
+    assert daemon.metrics_address == ("127.0.0.1", port)
+    ok = await trio.to_thread.run_sync(get, "/metrics")
+    missing = await trio.to_thread.run_sync(get, "/nothing")
+    await serve.stop(daemon.daemon)
     head, _, body = ok.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 200") and b"text/plain; version=" in head
     assert sample(samples(body.decode()), "hvcproxyd_vmm_connected") == 0
@@ -289,7 +288,7 @@ def parse_journal(data: bytes) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("log_calls", [True, False])
-async def test_per_call_journal_records_only_when_asked(tmp_path: Path, log_calls: bool) -> None:
+async def test_per_call_journal_records_only_when_asked(tmp_path: Path, serve: Serve, log_calls: bool) -> None:
     journal = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     journal.bind(str(tmp_path / "journal"))
     journal.setblocking(False)
@@ -303,9 +302,10 @@ async def test_per_call_journal_records_only_when_asked(tmp_path: Path, log_call
         async def boot(cpu: SimVcpu, x0: int) -> None:
             await cpu.call(CPU_ON64, 5, ENTRY1, 0)  # no such MPIDR: INVALID_PARAMETERS
 
-        async with managed(config) as daemon:
-            assert (daemon._call_logger is not None) == log_calls
-            await run_sim(config, boot)
+        daemon = await serve.service(config)
+        assert (daemon._call_logger is not None) == log_calls
+        await run_sim(config, boot)
+        await serve.stop(daemon.daemon)
     finally:
         calls_log.removeHandler(handler)
         calls_log.setLevel(logging.NOTSET)
@@ -338,24 +338,25 @@ async def connect_raw(path: Path) -> bytes:
             return await sock.recv(100)  # b"" when the daemon closes without a word
 
 
-async def test_a_vmm_with_other_credentials_is_refused_and_logged(tmp_path: Path,
+async def test_a_vmm_with_other_credentials_is_refused_and_logged(tmp_path: Path, serve: Serve,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     other = os.getuid() + 1
     path = tmp_path / "opsvm.yaml"
     path.write_text(ops_config(tmp_path).replace(f"vmm: {{uid: {os.getuid()}}}", f"vmm: {{uid: {other}}}"))
     config = load_config(path)
-    async with managed(config) as daemon:
-        assert await connect_raw(config.socket) == b""
-        links = daemon.daemon.links
-        assert links.refused_peers == 1 and daemon.daemon.session is None and links.accepted == 0
-        body = await trio.to_thread.run_sync(scrape_unix, str(tmp_path / "opsvm.metrics"))
+    daemon = await serve.service(config)
+    assert await connect_raw(config.socket) == b""
+    links = daemon.daemon.links
+    assert links.refused_peers == 1 and daemon.daemon.session is None and links.accepted == 0
+    body = await trio.to_thread.run_sync(scrape_unix, str(tmp_path / "opsvm.metrics"))
+    await serve.stop(daemon.daemon)
     assert sample(samples(body.decode()), "hvcproxyd_vmm_refused_total") == 1
     (msg,) = [r.getMessage() for r in caplog.records if "refused VMM" in r.getMessage()]
     assert f"refused VMM pid {os.getpid()} uid {os.getuid()} gid {os.getgid()}" in msg
     assert f"matches neither vmm.uid {other}" in msg
 
 
-async def test_a_vmm_in_the_configured_group_is_let_in(tmp_path: Path) -> None:
+async def test_a_vmm_in_the_configured_group_is_let_in(tmp_path: Path, serve: Serve) -> None:
     import grp
 
     path = tmp_path / "opsvm.yaml"
@@ -367,11 +368,12 @@ async def test_a_vmm_in_the_configured_group_is_let_in(tmp_path: Path) -> None:
     async def boot(cpu: SimVcpu, x0: int) -> None:
         assert (await cpu.call(HELLO))[:2] == (0, 1)
 
-    async with managed(config) as daemon:
-        assert os.stat(config.socket).st_gid == os.getgid() and os.stat(config.socket).st_mode & 0o777 == 0o660
-        assert os.stat(config.control_socket).st_mode & 0o777 == 0o600  # type: ignore[arg-type]
-        await run_sim(config, boot)
-        assert daemon.daemon.links.refused_peers == 0 and daemon.daemon.vm.stats.by_handler()["hello"] == 1
+    daemon = await serve.service(config)
+    assert os.stat(config.socket).st_gid == os.getgid() and os.stat(config.socket).st_mode & 0o777 == 0o660
+    assert os.stat(config.control_socket).st_mode & 0o777 == 0o600  # type: ignore[arg-type]
+    await run_sim(config, boot)
+    assert daemon.daemon.links.refused_peers == 0 and daemon.daemon.vm.stats.by_handler()["hello"] == 1
+    await serve.stop(daemon.daemon)
 
 
 def test_stats_cap_functions_and_interpolate_percentiles() -> None:

@@ -6,26 +6,48 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 from hvcproxyd.ops.control import request_status
 from hvcproxyd.ops.sdnotify import Notifier
 
-from .ops_support import DaemonProcess, ops_config, wait_for
+from .ops_support import ops_config
+from .process import DaemonProcess
+from .waiting import poll
 
 
-def notify_messages(sock: socket.socket, until: float) -> list[dict[str, str]]:
-    """Datagrams received before ``until``, each as its KEY=VALUE fields."""
-    out = []
-    while time.monotonic() < until:
-        sock.settimeout(max(until - time.monotonic(), 0.01))
+class NotifyListener:
+    """The NOTIFY_SOCKET end systemd would hold: datagrams as KEY=VALUE dicts."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+
+    def receive(self, timeout: float = 30.0) -> dict[str, str]:
+        """The next message; fails after ``timeout`` (a hang guard)."""
+        self.sock.settimeout(timeout)
         try:
-            data = sock.recv(4096)
+            data = self.sock.recv(4096)
         except TimeoutError:
-            break
-        out.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
-    return out
+            raise AssertionError(f"no sd_notify message within {timeout:g}s") from None
+        return dict(line.split("=", 1) for line in data.decode().splitlines())
+
+    def queued(self) -> list[dict[str, str]]:
+        """Every message already waiting, without waiting for more."""
+        out = []
+        self.sock.setblocking(False)
+        try:
+            while True:
+                data = self.sock.recv(4096)
+                out.append(dict(line.split("=", 1) for line in data.decode().splitlines()))
+        except BlockingIOError:
+            return out
+        finally:
+            self.sock.setblocking(True)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 def accepts(path: Path) -> bool:
@@ -40,34 +62,28 @@ def accepts(path: Path) -> bool:
 def test_notify_ready_only_once_listening_then_watchdog_and_stopping(tmp_path: Path) -> None:
     config = tmp_path / "opsvm.yaml"
     config.write_text(ops_config(tmp_path))
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(tmp_path / "notify"))
-    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
-    with notify, DaemonProcess(config, env) as daemon:
-        before_ready: list[dict[str, str]] = []
-        deadline = time.monotonic() + 15
-        ready = None
-        while ready is None and time.monotonic() < deadline:
-            notify.settimeout(deadline - time.monotonic())
-            msg = dict(line.split("=", 1) for line in notify.recv(4096).decode().splitlines())
-            if msg.get("READY") == "1":
-                # Checked the moment READY arrives: every socket must already accept.
-                ready = (msg, accepts(tmp_path / "opsvm.sock"), accepts(tmp_path / "opsvm.ctl"),
-                         accepts(tmp_path / "opsvm.metrics"))
-            else:
+    notify = NotifyListener(tmp_path / "notify")
+    env = {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "200000"}
+    try:
+        with DaemonProcess(config, env=env) as daemon:
+            before_ready: list[dict[str, str]] = []
+            while (msg := notify.receive()).get("READY") != "1":
                 before_ready.append(msg)
-        assert ready is not None, f"no READY=1 within 15s; log:\n{daemon.log}"
-        msg, vmm_ok, control_ok, metrics_ok = ready
-        assert vmm_ok and control_ok and metrics_ok
-        assert msg["STATUS"] == f"opsvm: waiting for the VMM on {tmp_path}/opsvm.sock (5 rules)"
-        assert not any("WATCHDOG" in m for m in before_ready)
-        later = notify_messages(notify, time.monotonic() + 1.0)
-        pings = [m for m in later if m.get("WATCHDOG") == "1"]
-        assert len(pings) >= 3, later  # every 0.1s for a 0.2s WatchdogSec
-        daemon.signal(signal.SIGTERM)
-        assert daemon.wait() == 0
-        stopping = notify_messages(notify, time.monotonic() + 0.2)  # already queued: the daemon has exited
-        assert any(m.get("STOPPING") == "1" for m in stopping), stopping
+            # Checked the moment READY arrives: every socket must already accept.
+            assert accepts(tmp_path / "opsvm.sock") and accepts(tmp_path / "opsvm.ctl")
+            assert accepts(tmp_path / "opsvm.metrics")
+            assert msg["STATUS"] == f"opsvm: waiting for the VMM on {tmp_path}/opsvm.sock (5 rules)"
+            assert not any("WATCHDOG" in m for m in before_ready)
+            # Pings keep coming (every 0.1s for a 0.2s WatchdogSec): wait for three.
+            later = [notify.receive()]
+            while sum(m.get("WATCHDOG") == "1" for m in later) < 3:
+                later.append(notify.receive())
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait() == 0, daemon.log
+            stopping = notify.queued()  # already sent: the daemon has exited
+            assert any(m.get("STOPPING") == "1" for m in stopping), stopping
+    finally:
+        notify.close()
 
 
 def test_sighup_applies_a_good_config_and_refuses_bad_ones(tmp_path: Path) -> None:
@@ -82,7 +98,7 @@ def test_sighup_applies_a_good_config_and_refuses_bad_ones(tmp_path: Path) -> No
             def check() -> dict[str, object] | None:
                 st = request_status(control)
                 return st if st["reloads"]["applied"] + st["reloads"]["refused"] == n else None
-            return wait_for(check, what=f"reload {n}")  # type: ignore[no-any-return]
+            return poll(check, f"reload {n}")
 
         # A valid change: one more handler, and per-call logging on.
         config.write_text(ops_config(tmp_path, more_handlers="probe: {type: log}\n", extra="log_calls: true\n"))

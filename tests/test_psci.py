@@ -891,6 +891,6 @@ class PsciStateMachine(RuleBasedStateMachine):
         assert {i: self.h.power[i] for i in range(N_VCPUS)} == {i: self.vmm.expected(i) for i in range(N_VCPUS)}
 
 
-PsciStateMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=40, deadline=None,
+PsciStateMachine.TestCase.settings = settings(stateful_step_count=40, deadline=None,  # examples: the profile
                                               suppress_health_check=[HealthCheck.too_slow])
 test_psci_state_machine = PsciStateMachine.TestCase

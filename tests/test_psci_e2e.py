@@ -8,17 +8,18 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from hvcproxyd.cli.demo import _demo
 from hvcproxyd.core.vmconfig import VmConfig, load_config
 from hvcproxyd.handlers.psci import PsciHandler
 from hvcproxyd.handlers.psci_defs import Power
-from hvcproxyd.server.daemon import Daemon
 from hvcproxyd.smccc import reg_to_signed
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 from hvcproxyd.wire import Call, FilterAction, FilterRange, Reply
 
-REPO = Path(__file__).resolve().parent.parent
+from .conftest import REPO, Serve
+
 PSCI_VERSION, CPU_OFF, SYSTEM_OFF = 0x8400_0000, 0x8400_0002, 0x8400_0008
 CPU_ON, CPU_ON64, AFFINITY_INFO, AFFINITY_INFO64 = 0x8400_0003, 0xC400_0003, 0x8400_0004, 0xC400_0004
 SUCCESS, ALREADY_ON, ON_PENDING = 0, -4, -5
@@ -90,10 +91,10 @@ class SmpGuest:
 
 
 @pytest.mark.parametrize("smc", [False, True], ids=["hvc", "smc"])
-async def test_smp_boot(make_config: Callable[[str], VmConfig], serve: Callable[[VmConfig], trio.lowlevel.Task],
-                        smc: bool) -> None:
+async def test_smp_boot(make_config: Callable[[str], VmConfig], serve: Serve, smc: bool,
+                        autojump_clock: trio.testing.MockClock) -> None:
     config = make_config(PSCI_VM)
-    daemon: Daemon = await serve(config)  # type: ignore[assignment, misc]
+    daemon = await serve(config)
     seen: list[tuple[Call, Reply]] = []
     daemon.vm.observers.append(lambda c, r, name, s: seen.append((c, r)))
     guest = SmpGuest()

@@ -237,7 +237,7 @@ def test_version_negotiation() -> None:
     assert wire.negotiate_version(2, 5) is None
 
 
-@settings(max_examples=400, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 @given(st.binary(max_size=600), st.sampled_from(list(State)[:4]), st.sampled_from(list(Role)))
 def test_fuzz_any_bytes_give_events_or_protocol_errors(data: bytes, state: State, role: Role) -> None:
     conn = Connection(role)
@@ -251,7 +251,7 @@ def test_fuzz_any_bytes_give_events_or_protocol_errors(data: bytes, state: State
         pass
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 @given(st.lists(st.integers(0, 255), min_size=1, max_size=8), st.binary(min_size=1, max_size=200))
 def test_fuzz_valid_header_random_payload(types: list[int], payload: bytes) -> None:
     conn = Connection(Role.DAEMON)

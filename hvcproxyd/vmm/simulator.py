@@ -8,6 +8,11 @@ vCPU runs the program registered for its entry address with x0 = context ID),
 reconnects with call replay, and a transcript tests can assert against.
 
 A vCPU's program is an ``async def prog(cpu: SimVcpu, x0: int)``.
+
+Most users call :meth:`Simulator.run`.  Tests that speak the protocol frame by
+frame use the public low-level API instead: :meth:`Simulator.connect` (connect
+and handshake), :meth:`Simulator.send` (one frame), :meth:`Simulator.next_event`
+(the next frame from the daemon) and :meth:`Simulator.close`.
 """
 
 from __future__ import annotations
@@ -121,6 +126,8 @@ class Simulator:
         self._nursery: trio.Nursery | None = None
         self._vcpu_scopes: dict[int, trio.CancelScope] = {}
         self._stopped = trio.Event()
+        self._programs_running = 0
+        self._programs_done = trio.Event()
         self.stop_reason: str | None = None
         self.vcpus[0].powered_on = True
 
@@ -145,9 +152,22 @@ class Simulator:
             wire.PsciConduit.SMC if self.conduit_smc else wire.PsciConduit.HVC,
             fds=(self.ram_fd,) if self.pass_memfd else ())
 
+    async def connect(self, reconnect: bool = False) -> wire.Welcome:
+        """Connect to the daemon and run the handshake (HELLO, WELCOME, FILTER_STATUS).
+
+        Transport failures are retried until ``reconnect_timeout`` (a daemon that is
+        restarting may accept and then drop us); a daemon's ERROR frame is final and
+        raises :class:`DaemonRefused`, as does a nonzero ``filter_status``.
+        ``reconnect=True`` sends HELLO(RECONNECT) with :attr:`ranges` as the filter
+        in force and replays every call still waiting for a reply.
+
+        :meth:`run` calls this itself; call it directly to drive the protocol frame
+        by frame with :meth:`send` and :meth:`next_event`.  Returns the WELCOME."""
+        await self._connect(reconnect)
+        assert self.welcome is not None
+        return self.welcome
+
     async def _connect(self, reconnect: bool) -> None:
-        """Connect and handshake, retrying transport failures until reconnect_timeout
-        (a daemon restarting may accept and then drop us); a daemon's ERROR is final."""
         deadline = trio.current_time() + self.reconnect_timeout
         while True:
             try:
@@ -170,7 +190,7 @@ class Simulator:
         fds = list(hello.fds)
         await sock.sendmsg([data], fds_ancdata(fds))
         self._sock, self._conn = sock, conn
-        welcome = await self._next_event()
+        welcome = await self.next_event()
         if isinstance(welcome, wire.Error):
             raise DaemonRefused(f"daemon refused: {welcome.code.name}: {welcome.reason}")
         if welcome is None:
@@ -180,19 +200,25 @@ class Simulator:
         self.welcome = welcome
         if not reconnect:
             self.ranges = welcome.ranges
-        await self._send(wire.FilterStatus(self.filter_status, 0 if self.filter_status else wire.NO_INDEX))
+        await self.send(wire.FilterStatus(self.filter_status, 0 if self.filter_status else wire.NO_INDEX))
         if self.filter_status:
-            err = await self._next_event()
+            err = await self.next_event()
             raise DaemonRefused(f"daemon refused: {err}")
         self._ran = True
         if reconnect:
             self._record("reconnect", 0)
             for _seq, (_ev, _box, call) in sorted(self._waiting.items()):
-                await self._send(call)  # replay with the same seq (protocol §5)
+                await self.send(call)  # replay with the same seq (protocol §5)
         self._connected.set()
 
-    async def _send(self, event: wire.Event) -> None:
-        assert self._conn is not None and self._sock is not None
+    async def send(self, event: wire.Event) -> None:
+        """Encode ``event`` as one frame and send it, as the VMM's next frame.
+
+        The codec checks only what a frame may carry, not whether the daemon will
+        like it (a CALL for a vCPU the VM does not have is sent as it is), so tests
+        can provoke the daemon's protocol errors.  Needs :meth:`connect` first."""
+        if self._conn is None or self._sock is None:
+            raise RuntimeError("Simulator.send: not connected (call connect() first)")
         data = self._conn.send(event)
         async with self._send_lock:
             view = memoryview(data)
@@ -200,8 +226,13 @@ class Simulator:
                 n = await self._sock.send(view)
                 view = view[n:]
 
-    async def _next_event(self) -> wire.Event | None:
-        assert self._conn is not None and self._sock is not None
+    async def next_event(self) -> wire.Event | None:
+        """The next frame from the daemon, decoded; None once the daemon has closed
+        the connection.  Needs :meth:`connect` first, and must not be used while
+        :meth:`run` is reading the same connection.  No timeout of its own: wrap
+        it in ``trio.fail_after``."""
+        if self._conn is None or self._sock is None:
+            raise RuntimeError("Simulator.next_event: not connected (call connect() first)")
         while True:
             ev = self._conn.next_event()
             if ev is not wire.NEED_DATA:
@@ -214,7 +245,7 @@ class Simulator:
     async def _reader(self) -> None:
         while True:
             try:
-                ev = await self._next_event()
+                ev = await self.next_event()
             except (OSError, wire.ProtocolError) as err:
                 log.info("simulator: connection lost: %s", err)
                 ev = None
@@ -234,16 +265,16 @@ class Simulator:
             elif isinstance(ev, wire.MemRead):
                 if ev.gpa >= RAM_BASE and ev.gpa + ev.length <= RAM_BASE + self.ram_size:
                     off = ev.gpa - RAM_BASE
-                    await self._send(wire.MemReadResp(ev.seq, 0, self.ram[off:off + ev.length]))
+                    await self.send(wire.MemReadResp(ev.seq, 0, self.ram[off:off + ev.length]))
                 else:
-                    await self._send(wire.MemReadResp(ev.seq, -14))  # EFAULT
+                    await self.send(wire.MemReadResp(ev.seq, -14))  # EFAULT
             elif isinstance(ev, wire.MemWrite):
                 if ev.gpa >= RAM_BASE and ev.gpa + len(ev.data) <= RAM_BASE + self.ram_size:
                     off = ev.gpa - RAM_BASE
                     self.ram[off:off + len(ev.data)] = ev.data
-                    await self._send(wire.MemWriteResp(ev.seq, 0))
+                    await self.send(wire.MemWriteResp(ev.seq, 0))
                 else:
-                    await self._send(wire.MemWriteResp(ev.seq, -14))
+                    await self.send(wire.MemWriteResp(ev.seq, -14))
 
     # -- calls, as the VMM's vCPU thread would make them
     def _filter_action(self, func_id: int) -> wire.FilterAction:
@@ -270,7 +301,7 @@ class Simulator:
         self._waiting[call.seq] = (done, box, call)
         await self._connected.wait()
         try:
-            await self._send(call)
+            await self.send(call)
         except OSError:
             pass  # the reader reconnects and replays everything still waiting
         with trio.fail_after(self.call_timeout):
@@ -314,7 +345,7 @@ class Simulator:
             raise PoweredOff(cpu.index)
 
     async def _confirm(self, seq: int, index: int) -> None:
-        await self._send(wire.EffectDone(seq, index, 0))
+        await self.send(wire.EffectDone(seq, index, 0))
 
     def _start(self, cpu: SimVcpu, entry: int, context: int, restart: bool = False) -> None:
         program = self.programs.get(entry)
@@ -322,18 +353,27 @@ class Simulator:
         if program is None:
             cpu.print(f"no program at entry {entry:#x}; vCPU idles")
             return
+        self._spawn(cpu, program, context)
+
+    def _spawn(self, cpu: SimVcpu, program: Program, x0: int) -> None:
+        """Run ``program`` on ``cpu``; counted from now, so the machine is never
+        idle between starting a program and its first step."""
         assert self._nursery is not None
-        self._nursery.start_soon(self._run_vcpu, cpu, program, context)
+        self._programs_running += 1
+        self._nursery.start_soon(self._run_vcpu, cpu, program, x0)
 
     async def _run_vcpu(self, cpu: SimVcpu, program: Program, x0: int) -> None:
-        with trio.CancelScope() as scope:
-            self._vcpu_scopes[cpu.index] = scope
-            try:
-                await program(cpu, x0)
-            except PoweredOff:
-                pass
-            except SystemStopped:
-                return
+        try:
+            with trio.CancelScope() as scope:
+                self._vcpu_scopes[cpu.index] = scope
+                try:
+                    await program(cpu, x0)
+                except (PoweredOff, SystemStopped):
+                    pass
+        finally:
+            self._programs_running -= 1
+            if self._programs_running == 0:
+                self._programs_done.set()
 
     async def _reboot(self) -> None:
         for i, scope in list(self._vcpu_scopes.items()):
@@ -341,10 +381,9 @@ class Simulator:
                 scope.cancel()
         for v in self.vcpus:
             v.powered_on = v.index == 0
-        await self._send(wire.VmEvent(wire.EventKind.VM_RESET))
+        await self.send(wire.VmEvent(wire.EventKind.VM_RESET))
         if self.boot is not None:
-            assert self._nursery is not None
-            self._nursery.start_soon(self._run_vcpu, self.vcpus[0], self.boot, 0)
+            self._spawn(self.vcpus[0], self.boot, 0)
 
     def _finish(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -364,15 +403,14 @@ class Simulator:
                 async with trio.open_nursery() as programs:
                     self._nursery = programs
                     if self.boot is not None:
-                        programs.start_soon(self._run_vcpu, self.vcpus[0], self.boot, 0)
+                        self._spawn(self.vcpus[0], self.boot, 0)
                     programs.start_soon(self._wait_stop, programs.cancel_scope)
-                    await trio.sleep(0)
-                    await self._until_idle(programs)
+                    await self._until_idle()
                 nursery.cancel_scope.cancel()
         if self._sock is not None:
             with trio.move_on_after(1):
                 try:
-                    await self._send(wire.VmEvent(wire.EventKind.VM_SHUTDOWN))
+                    await self.send(wire.VmEvent(wire.EventKind.VM_SHUTDOWN))
                 except (OSError, wire.ProtocolError):
                     pass
             self._sock.close()
@@ -382,15 +420,19 @@ class Simulator:
         await self._stopped.wait()
         scope.cancel()
 
-    async def _until_idle(self, programs: trio.Nursery) -> None:
-        # Every program ended (nothing but _wait_stop left): the machine is idle.
-        while len(programs.child_tasks) > 1:
-            await trio.sleep(0.01)
+    async def _until_idle(self) -> None:
+        # Every program ended: the machine is idle.
+        if self._programs_running:
+            await self._programs_done.wait()
         self._finish("idle")
 
     def close(self) -> None:
-        self.ram.close()
-        os.close(self.ram_fd)
+        """Close the connection (if any) and release the RAM; idempotent."""
+        if self._sock is not None:
+            self._sock.close()
+        if not self.ram.closed:
+            self.ram.close()
+            os.close(self.ram_fd)
 
 
 def socket_ready(path: str | Path) -> bool:

@@ -2,6 +2,9 @@
 the bare-metal guests and the Linux guest through the integration/ scripts,
 run hvcproxyd and QEMU as child processes, and clean every process up.
 
+This is the one QEMU launcher (``start_qemu``).  The daemon child is the unit
+tier's ``tests.process.DaemonProcess`` and every wait is ``tests.waiting.poll``.
+
 Nothing here skips: a missing tool or a failed build fails the test with the
 build script's output.
 """
@@ -13,14 +16,18 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from tests.process import DaemonProcess
+from tests.waiting import poll
+
+#: The daemon child; the name the integration tests know it by.
+Daemon = DaemonProcess
 
 INTEGRATION = Path(__file__).resolve().parent.parent
 REPO = INTEGRATION.parent
@@ -37,7 +44,8 @@ def _run_build(script: str, timeout: float = BUILD_TIMEOUT) -> Path:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
-        pytest.fail(f"{script} did not finish in {timeout:.0f}s:\n{e.stderr or ''}")
+        stderr = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr or ""
+        pytest.fail(f"{script} did not finish in {timeout:.0f}s:\n{stderr}")
     if proc.returncode != 0:
         pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
     lines = proc.stdout.strip().splitlines()
@@ -90,49 +98,14 @@ def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float
         proc.wait(timeout=10)
 
 
-def _wait_for(predicate: Callable[[], object], timeout: float, what: str, log: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.05)
-    tail = f"\n--- {log} ---\n{log.read_text(errors='replace')[-4000:]}" if log and log.exists() else ""
-    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}{tail}")
-
-
-@dataclass
-class Daemon:
-    proc: subprocess.Popen[bytes]
-    socket: Path
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def wait_log(self, pattern: str, timeout: float = 20.0) -> re.Match[str]:
-        found: list[re.Match[str]] = []
-
-        def check() -> bool:
-            m = re.search(pattern, self.log(), re.MULTILINE)
-            if m:
-                found.append(m)
-            return m is not None
-
-        _wait_for(check, timeout, f"daemon log /{pattern}/", self.log_path)
-        return found[0]
-
-    def stop(self) -> int:
-        _stop(self.proc)
-        return self.proc.returncode
-
-
 @pytest.fixture
-def start_daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
-    """Start `hvcproxyd run CONFIG --socket PATH`; every daemon is stopped at teardown."""
-    started: list[Daemon] = []
+def start_daemon(workdir: Path) -> Iterator[Callable[..., DaemonProcess]]:
+    """Start `hvcproxyd run CONFIG --socket PATH` and wait until it listens; every
+    daemon is stopped at teardown."""
+    started: list[DaemonProcess] = []
 
     def start(config: Path = GUESTS_CONFIG, socket: Path | None = None, extra_yaml: str = "",
-              qmp: bool = True) -> Daemon:
+              qmp: bool = True) -> DaemonProcess:
         """qmp: point the daemon at the QMP socket of the test's first QEMU (start_qemu)."""
         sock = socket or workdir / "vm.sock"
         if qmp:
@@ -141,19 +114,9 @@ def start_daemon(workdir: Path) -> Iterator[Callable[..., Daemon]]:
             cfg = workdir / f"config{len(started)}.yaml"
             cfg.write_text(config.read_text() + "\n" + extra_yaml + "\n")
             config = cfg
-        log_path = workdir / f"daemon{len(started)}.log"
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "hvcproxyd", "--log-level", "DEBUG", "--log-format", "text",
-                 "run", str(config), "--socket", str(sock)],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                cwd=REPO,
-            )
-        d = Daemon(proc, sock, log_path)
-        started.append(d)
-        _wait_for(lambda: sock.exists() or proc.poll() is not None, 30, f"the daemon to listen on {sock}", log_path)
-        if proc.poll() is not None:
-            pytest.fail(f"hvcproxyd exited with {proc.returncode}:\n{d.log()[-4000:]}")
+        d = DaemonProcess(config, socket=sock, log_path=workdir / f"daemon{len(started)}.log", log_level="DEBUG")
+        started.append(d.start())
+        d.wait_listening()
         return d
 
     yield start
@@ -166,7 +129,21 @@ class Qemu:
     proc: subprocess.Popen[bytes]
     log_path: Path  # the guest's serial port (QEMU's stdout)
     err_path: Path  # QEMU's own messages (stderr)
+    qmp_path: Path  # its QMP socket (server=on, wait=off)
     argv: list[str] = field(default_factory=list)
+
+    def wait_qmp(self, timeout: float = 30.0) -> Path:
+        """The QMP socket, once QEMU listens on it."""
+        def listening() -> bool:
+            if self.proc.poll() is not None:
+                pytest.fail(f"QEMU exited ({self.proc.returncode}) before opening QMP:\n{self.messages()[-3000:]}")
+            return self.qmp_path.is_socket()
+        poll(listening, f"QEMU's QMP socket {self.qmp_path}", timeout=timeout, log=self.err_path)
+        return self.qmp_path
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash would end it."""
+        _stop(self.proc, signal.SIGKILL)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -189,8 +166,8 @@ class Qemu:
                             f"{self.output()[-6000:]}\n--- stderr ---\n{self.messages()[-3000:]}")
             return False
 
-        _wait_for(check, timeout, f"QEMU output /{pattern}/ x{count}",
-                  self.err_path if stderr else self.log_path)
+        poll(check, f"QEMU output /{pattern}/ x{count}", timeout=timeout,
+             log=self.err_path if stderr else self.log_path)
         return found
 
     def send(self, text: str) -> None:
@@ -215,16 +192,17 @@ def start_qemu(qemu_bin: Path, workdir: Path) -> Iterator[Callable[..., Qemu]]:
     """Start qemu-system-aarch64 with the guest's serial port on stdio, logged to a file.
 
     `forwarder` names the hvcproxyd socket to connect with an hvc-forwarder object;
-    None runs QEMU without one (stock behaviour).
+    None runs QEMU without one (stock behaviour).  The n-th QEMU of a test listens
+    for QMP on workdir/qmp<n>.sock (Qemu.qmp_path).
     """
     started: list[Qemu] = []
 
     def start(*args: str, forwarder: Path | None = None, machine: str = "virt", smp: int = 1,
               cpu: str = "max", memory: str = "256M", forwarder_opts: str = ",vm-name=guests") -> Qemu:
+        qmp = workdir / f"qmp{len(started)}.sock"
         argv = [str(qemu_bin), "-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", memory,
                 "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
-                "-serial", "stdio", "-nic", "none",
-                "-qmp", f"unix:{workdir / f'qmp{len(started)}.sock'},server=on,wait=off"]
+                "-serial", "stdio", "-nic", "none", "-qmp", f"unix:{qmp},server=on,wait=off"]
         if forwarder is not None:
             argv += ["-chardev", f"socket,id=hvc0,path={forwarder},reconnect-ms=200",
                      "-object", f"hvc-forwarder,id=hf0,chardev=hvc0{forwarder_opts}"]
@@ -233,7 +211,7 @@ def start_qemu(qemu_bin: Path, workdir: Path) -> Iterator[Callable[..., Qemu]]:
         err_path = workdir / f"qemu{len(started)}.err"
         with log_path.open("wb") as log, err_path.open("wb") as err:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=err, start_new_session=True)
-        q = Qemu(proc, log_path, err_path, argv)
+        q = Qemu(proc, log_path, err_path, qmp, argv)
         started.append(q)
         return q
 

@@ -12,7 +12,7 @@ import array
 import os
 import socket
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from hvcproxyd import wire
 from hvcproxyd.unixsock import fds_from_ancdata
@@ -53,10 +53,10 @@ class Session:
         self.sock.settimeout(timeout)
         while True:
             ev = self.conn.next_event()
-            if not isinstance(ev, type(wire.NEED_DATA)):
+            if ev is not wire.NEED_DATA:
                 if isinstance(ev, wire.Hello):
                     self.fds.extend(ev.fds)
-                return ev
+                return cast("wire.Event", ev)  # NEED_DATA is a sentinel object mypy cannot narrow away
             if self.conn.state is wire.State.CLOSED:
                 return None
             data, anc, _flags, _addr = self.sock.recvmsg(65536, FD_SPACE)

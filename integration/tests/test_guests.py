@@ -55,9 +55,9 @@ def _assert_forwarded_transcript(out: str, el: int, conduit: str) -> None:
 
 
 def _assert_daemon_saw(daemon: Daemon, *func_ids: int) -> None:
-    log = daemon.log().lower()
+    log = daemon.log.lower()
     for fid in func_ids:
-        assert f"{fid:#010x}" in log, f"daemon log has no call {fid:#010x}:\n{daemon.log()[-4000:]}"
+        assert f"{fid:#010x}" in log, f"daemon log has no call {fid:#010x}:\n{daemon.log[-4000:]}"
 
 
 def test_hvc_from_el1_forwarded(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path) -> None:
@@ -68,7 +68,7 @@ def test_hvc_from_el1_forwarded(start_daemon: StartDaemon, start_qemu: StartQemu
     daemon.wait_log(r"VMM attached")
     _assert_daemon_saw(daemon, 0x84000000, 0xC2000001, 0xC2010001, 0xC20000FF, 0xC4000004, 0x84000008)
     # Denied calls and the Arm architecture calls never reach the daemon.
-    log = daemon.log().lower()
+    log = daemon.log.lower()
     assert "0xc3000001" not in log
     assert "0x95c1ba5e" not in log
     assert "0x80000000" not in log
@@ -125,7 +125,7 @@ def test_smc_is_undefined_off_the_conduit(start_daemon: StartDaemon, start_qemu:
         q.stop()
         # EC 0 (unknown reason): the instruction is undefined at EL1.
         assert re.search(r"EXCEPTION vector=0x0*4 esr=0x0*2000000 ", q.output()), q.output()
-    assert "0x84000000" not in daemon.log().lower()
+    assert "0x84000000" not in daemon.log.lower()
 
 
 def test_qemu_waits_for_the_daemon_at_startup(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path,

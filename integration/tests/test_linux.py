@@ -40,9 +40,9 @@ def test_linux_smp_hotplug_and_poweroff(start_daemon: StartDaemon, start_qemu: S
     assert rc == 0, f"QEMU exited with {rc}:\n{out[-6000:]}"
     _assert_boot_ok(out)
     assert "HVCTEST: poweroff -f" in out
-    log = daemon.log().lower()
+    log = daemon.log.lower()
     for fid in (0xC4000003, 0x84000002, 0x84000008):  # CPU_ON, CPU_OFF, SYSTEM_OFF
-        assert f"{fid:#010x}" in log, f"no {fid:#010x} in the daemon log:\n{daemon.log()[-4000:]}"
+        assert f"{fid:#010x}" in log, f"no {fid:#010x} in the daemon log:\n{daemon.log[-4000:]}"
 
 
 def test_linux_reboot_resets_vm(start_daemon: StartDaemon, start_qemu: StartQemu, linux_guest: Path) -> None:
@@ -58,8 +58,8 @@ def test_linux_reboot_resets_vm(start_daemon: StartDaemon, start_qemu: StartQemu
     q.send("poweroff\n")
     rc = q.wait(60)
     assert rc == 0, q.output()[-4000:]
-    log = daemon.log().lower()
-    assert "0x84000009" in log, f"the daemon did not see SYSTEM_RESET:\n{daemon.log()[-4000:]}"
+    log = daemon.log.lower()
+    assert "0x84000009" in log, f"the daemon did not see SYSTEM_RESET:\n{daemon.log[-4000:]}"
     daemon.wait_log(r"VMM event VM_RESET", timeout=5)
 
 
@@ -78,5 +78,5 @@ def test_daemon_restart_while_guest_waits(start_daemon: StartDaemon, start_qemu:
     q.send("poweroff\n")
     rc = q.wait(60)
     assert rc == 0, q.output()[-4000:]
-    log = daemon2.log().lower()
-    assert "0x84000008" in log, f"the new daemon did not see SYSTEM_OFF:\n{daemon2.log()[-4000:]}"
+    log = daemon2.log.lower()
+    assert "0x84000008" in log, f"the new daemon did not see SYSTEM_OFF:\n{daemon2.log[-4000:]}"

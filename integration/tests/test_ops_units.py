@@ -1,8 +1,9 @@
 """The systemd units: `systemd-analyze verify` and the hardening score.
 
-systemd-analyze must be installed (scripts/install-system-deps.sh); a missing
-one fails these tests rather than skipping them, so CI cannot go green
-without having checked the units."""
+systemd-analyze must be installed (scripts/install-system-deps.sh, which
+`./dev test` runs); a missing one fails these tests rather than skipping them,
+so CI cannot go green without having checked the units.  A host tool: this is
+the integration tier."""
 
 from __future__ import annotations
 
@@ -13,8 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from .ops_support import REPO
+from qemu_harness import REPO
 
 UNIT = REPO / "systemd" / "hvcproxyd@.service"
 DROP_INS = sorted((REPO / "systemd").glob("*.conf"))
