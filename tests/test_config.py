@@ -217,7 +217,7 @@ def test_missing_file(tmp_path: Path) -> None:
         load_config(tmp_path / "absent.yaml")
 
 
-def test_check_command(write_config: Callable[[str], Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_command(write_config: Callable[..., Path], capsys: pytest.CaptureFixture[str]) -> None:
     good = write_config(HEAD + "  - {match: 0x82000001, action: hello}\n", "good.yaml")
     bad = write_config(HEAD + "  - {match: 0x80000000, action: hello}\n  - {match: 0x1, action: x}\n", "bad.yaml")
     assert main(["check", str(good)]) == 0

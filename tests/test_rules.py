@@ -15,7 +15,7 @@ from hvcproxyd.config.source import Mark
 from hvcproxyd.rules import checks
 from hvcproxyd.rules.checks import HandlerFacts, compile_rules
 from hvcproxyd.rules.parse import RuleSpec
-from hvcproxyd.rules.table import Entry, RuleTable, Slot, build_table
+from hvcproxyd.rules.table import Entry, RuleTable, Slot, build_table, slot_targets
 from hvcproxyd.rules.targets import DENY, KVM, Target, ToHandler
 from hvcproxyd.smccc import Conduit
 from hvcproxyd.wire import FilterAction
@@ -263,7 +263,7 @@ def old_compile_rules(rules: list[RuleSpec], handlers: Mapping[str, HandlerFacts
         return None
     table = old_build_table(rules)
     for lo, _hi, slots in table.intervals():
-        names = {t.name for s in slots for _, t in checks.slot_targets(s)}
+        names = {t.name for s in slots for _, t in slot_targets(s)}
         if KVM.name in names and len(names) > 1:
             culprits = [r for r in rules if any(rlo <= lo <= rhi for rlo, rhi in r.ranges)]
             kvm_rule = next(r for r in culprits if r.action == KVM)

@@ -16,13 +16,14 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 from qemu_harness import CONFIGS, REPO, Qemu, _run_build
+
+from tests.waiting import poll
 
 # A cold build: download + unpack ~2.5 min, kernel ~3.5-6 min on 2 busy cores.
 KERNEL_BUILD_TIMEOUT = 40 * 60
@@ -35,14 +36,14 @@ def client_kernel() -> Path:
     return _run_build("linux/build-kernel.sh", timeout=KERNEL_BUILD_TIMEOUT)
 
 
-def write_config(template: Path, workdir: Path, memshare_socket: Path, name: str = "vm.yaml",
-                 **memshare_options: object) -> Path:
+def write_config(template: Path, workdir: Path, memshare_socket: Path,
+                 memshare_options: dict[str, object] | None = None, name: str = "vm.yaml") -> Path:
     """``template`` with the memshare stream socket moved into the test's work directory
     (and any other memshare handler options overridden)."""
     data = yaml.safe_load(template.read_text())
     for h in data["handlers"].values():
         if h.get("type") == "pkvm-memshare":
-            h.setdefault("options", {}).update(memshare_options, socket=str(memshare_socket))
+            h.setdefault("options", {}).update(memshare_options or {}, socket=str(memshare_socket))
     out = workdir / name
     out.write_text(yaml.safe_dump(data, sort_keys=False))
     return out
@@ -60,18 +61,18 @@ class Console:
         self.q = q
 
     def wait(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str]:
-        deadline = time.monotonic() + timeout
         rx = re.compile(pattern, re.MULTILINE)
-        while True:
+
+        def found() -> re.Match[str] | None:
             out = self.q.output()
-            m = rx.search(out, start)
-            if m:
-                return m
-            if self.q.proc.poll() is not None:
+            if self.q.proc.poll() is not None and not rx.search(out, start):
                 pytest.fail(f"QEMU exited ({self.q.proc.returncode}) before /{pattern}/:\n{out[-6000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"timed out after {timeout:.0f}s waiting for /{pattern}/:\n{out[-6000:]}")
-            time.sleep(0.05)
+            return rx.search(out, start)
+
+        try:
+            return poll(found, f"/{pattern}/ on the console", timeout=timeout)
+        except AssertionError as err:
+            pytest.fail(f"{err}:\n{self.q.output()[-6000:]}")
 
     def run(self, cmd: str, timeout: float = 60, ok: bool = True) -> tuple[int, list[str]]:
         """Run one command; returns its status and the "HVCTEST: " lines it printed."""
@@ -130,14 +131,18 @@ class Watcher:
             return list(self.records)
 
     def wait_for(self, pred: Any, timeout: float, what: str) -> list[dict[str, Any]]:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        def ready() -> list[dict[str, Any]] | None:
             recs = self.snapshot()
             if pred(recs):
                 return recs
             if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
+                raise AssertionError("the watcher exited")
+            return None
+
+        try:
+            return poll(ready, f"memshare watcher: {what}", timeout=timeout)
+        except AssertionError:
+            pass
         pytest.fail(f"memshare watcher: no {what} within {timeout:.0f}s (exit {self.proc.poll()}); "
                     f"{len(self.snapshot())} records, stderr:\n{self.log.read_text(errors='replace')[-2000:]}")
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,6 +42,8 @@ from linux_clients import (  # noqa: F401  (client_kernel is a fixture)
 )
 from linux_dt import RestrictedPool, build_dtb, decompile, dump_dtb, first_device_transport, optee_node
 from qemu_harness import Daemon, Qemu
+
+from tests.waiting import poll
 
 pytestmark = pytest.mark.integration
 
@@ -97,12 +98,8 @@ def _boot(start_qemu: StartQemu, kernel: Path, daemon: Daemon, dtb: Path | None,
 def _start(start_daemon: StartDaemon, workdir: Path, template: Path = PKVM_GUEST_CONFIG,
            **memshare_options: object) -> tuple[Daemon, Path]:
     ms_sock = workdir / "memshare.sock"
-    daemon = start_daemon(config=write_config(template, workdir, ms_sock, **memshare_options))
-    deadline = time.monotonic() + 20
-    while not ms_sock.exists():
-        if time.monotonic() > deadline:
-            pytest.fail(f"the memshare stream {ms_sock} did not appear:\n{daemon.log()[-3000:]}")
-        time.sleep(0.05)
+    daemon = start_daemon(config=write_config(template, workdir, ms_sock, memshare_options))
+    poll(ms_sock.exists, f"the memshare stream {ms_sock}", timeout=20, log=daemon.log_path)
     return daemon, ms_sock
 
 
@@ -212,9 +209,9 @@ def test_pkvm_guest_shares_its_dma_pool(qemu_bin: Path, client_kernel: Path, sta
         assert disk.read_bytes().startswith(b"HVCPROXYD-LINUX-WAS-HERE")
     finally:
         watcher.stop()
-    daemon_log = daemon.log().lower()
+    daemon_log = daemon.log.lower()
     for fid in (0x8600FF01, 0x86000000, 0xC6000002, 0xC6000003, 0xC6000004):  # UID, FEATURES, MEMINFO, SHARE, UNSHARE
-        assert f"{fid:#010x}" in daemon_log, f"no {fid:#010x} in the daemon log:\n{daemon.log()[-3000:]}"
+        assert f"{fid:#010x}" in daemon_log, f"no {fid:#010x} in the daemon log:\n{daemon.log[-3000:]}"
 
 
 def test_pkvm_guest_reboot_empties_the_ledger(qemu_bin: Path, client_kernel: Path,  # noqa: F811
@@ -279,8 +276,8 @@ def test_pkvm_guest_mmio_guard(client_kernel: Path, start_daemon: StartDaemon,  
     assert KVM_SERVICES.replace("0x0000001d", "0x0000009d") in out, out
     assert PKVM_PROBE in out and "pkvm-guest: MMIO guard enabled" in out, out
     assert "WARNING:" not in out, out
-    guards = [line for line in daemon.log().splitlines() if re.search(r"(?i)\b0xc6000007\b", line)]
-    assert guards, daemon.log()[-3000:]
+    guards = [line for line in daemon.log.splitlines() if re.search(r"(?i)\b0xc6000007\b", line)]
+    assert guards, daemon.log[-3000:]
     assert not [line for line in guards if "INVALID" in line], guards
     assert any("ipa=0x9000000)" in line and "SUCCESS" in line for line in guards), guards  # the PL011
 
