@@ -58,7 +58,7 @@ def brute(rules: list[RuleSpec], fid: int, conduit: Conduit, vcpu: int) -> Targe
     return hits[0] if hits else None
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 @given(rule_sets())
 def test_lookup_matches_brute_force(rules: list[RuleSpec]) -> None:
     problems: list[Problem] = []
@@ -105,7 +105,7 @@ def test_lookup_is_logarithmic_in_structure() -> None:
     assert table.lookup(0x8200_0000 + 3999, Conduit.SMC, 0) is None
 
 
-@settings(max_examples=150, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 @given(rule_sets(max_rules=30, blocks=BLOCKS[:2] + IDENTITY_BLOCKS[:2], span=24, vcpus=5))
 def test_compile_matches_quadratic_reference(rules: list[RuleSpec]) -> None:
     """Dense rule sets (many overlaps): every problem, in order, is what the old
@@ -121,7 +121,7 @@ def test_compile_matches_quadratic_reference(rules: list[RuleSpec]) -> None:
         assert (table.starts, table.slots) == (old_table.starts, old_table.slots)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)  # examples: the profile (tests/conftest.py)
 @given(rule_sets(max_rules=10, blocks=IDENTITY_BLOCKS, span=0xFFFF, vcpus=2))
 def test_identity_owner_checks_match_quadratic_reference(rules: list[RuleSpec]) -> None:
     new: list[Problem] = []

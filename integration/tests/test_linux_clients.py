@@ -282,15 +282,12 @@ def test_pkvm_guest_mmio_guard(client_kernel: Path, start_daemon: StartDaemon,  
     assert any("ipa=0x9000000)" in line and "SUCCESS" in line for line in guards), guards  # the PL011
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "with only the vendor-hyp range forwarded, QEMU's own PSCI answers PSCI_FEATURES(SMCCC_VERSION) "
-    "with NOT_SUPPORTED, so Linux never asks SMCCC_VERSION (psci_init_smccc), stays at SMCCC 1.0 and "
-    "kvm_init_hyp_services() returns before the KVM UID query; needs the QEMU series to answer that "
-    "PSCI_FEATURES query when the forwarder answers SMCCC_VERSION"))
 def test_pkvm_guest_with_only_vendor_hyp_forwarded(qemu_bin: Path, client_kernel: Path,  # noqa: F811
                                                     start_daemon: StartDaemon, start_qemu: StartQemu,
                                                     workdir: Path) -> None:
-    """config/memshare.yaml as users write it: PSCI stays QEMU's, owner 6 goes to hvcproxyd."""
+    """config/memshare.yaml as users write it: PSCI stays QEMU's, owner 6 goes to hvcproxyd.
+    Linux asks PSCI_FEATURES(SMCCC_VERSION) before SMCCC_VERSION (psci_init_smccc); QEMU's own
+    PSCI does not know it, so the forwarder answers it as KVM does, and SMCCC 1.2 is seen."""
     daemon, ms_sock = _start(start_daemon, workdir, VENDOR_ONLY_CONFIG)
     dtb, _ = _pool_dtb(qemu_bin, workdir)
     disk, md5 = _disk(workdir)
@@ -303,7 +300,6 @@ def test_pkvm_guest_with_only_vendor_hyp_forwarded(qemu_bin: Path, client_kernel
     assert f"md5 {md5}" in lines, lines
     smccc = re.search(r"SMC Calling Convention v(\d+\.\d+)", out)
     try:
-        # The known gap: this is where it fails today (v1.0).
         assert smccc and smccc[1] == "1.2", smccc and smccc[0]
         _assert_probe(out)
         _assert_boot_shares(out, _ledger_pages(ms_sock))
