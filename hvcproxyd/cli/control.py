@@ -14,6 +14,7 @@ from ..config import DEFAULT_RUNTIME_DIR, ConfigError
 from ..core.vmconfig import load_config
 from ..ops.callview import line_of
 from ..ops.control import ControlError, TraceFilter, request_status, trace_calls
+from ..ops.status import flat_report
 from ..smccc.services import SERVICE_NAMES
 from .registry import subcommand
 
@@ -113,28 +114,11 @@ def format_status(st: dict[str, Any]) -> str:
             out.append(f"  {name:24} {h['type']:16} {h['calls']:>10} {h['errors']:>7} {h['timeouts']:>8} "
                        f"{_us(h['p50_us']):>8} {_us(h['p99_us']):>8}")
         for name, h in calls["handlers"].items():
-            words = _report_words(h.get("report") or {})
+            words = ", ".join(f"{key}={value}" for key, value in flat_report(h.get("report") or {}))
             if words:
                 out.append(f"  {name}: {words}")
     out.append(f"  metrics    {st['metrics'] or 'off'}; trace clients {st['trace_clients']}")
     return "\n".join(out)
-
-
-def _report_words(report: dict[str, Any], prefix: str = "") -> str:
-    """A handler's report in one line: ``key=value`` for its scalars (nested
-    reports, e.g. a sidecar's, as ``sidecar.key=value``); power states are
-    shown on the vCPU line instead."""
-    parts = []
-    for key, value in report.items():
-        if key == "vcpu_power":
-            continue
-        if isinstance(value, dict):
-            inner = _report_words(value, f"{prefix}{key}.")
-            if inner:
-                parts.append(inner)
-        else:
-            parts.append(f"{prefix}{key}={value}")
-    return ", ".join(parts)
 
 
 def _status_args(p: argparse.ArgumentParser) -> None:

@@ -26,6 +26,7 @@ from ..core.stats import OTHER, CallStats
 from ..errors import HvcproxydError
 from ..smccc.names import function_name
 from ..unixsock import UnixListener
+from .status import flat_report
 
 log = logging.getLogger("hvcproxyd.metrics")
 
@@ -104,20 +105,10 @@ class DaemonCollector(Collector):
         report = GaugeMetricFamily("hvcproxyd_handler_state", "Numbers a handler reports about the state it "
                                    "holds (e.g. memshare shared_bytes, ranges)", labels=["vm", "handler", "key"])
         for handler, h in sorted(handlers.items()):
-            for key, value in sorted(_numbers(h["report"])):
-                report.add_metric([vm, handler, key], value)
+            for key, value in sorted(flat_report(h["report"])):
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    report.add_metric([vm, handler, key], float(value))
         yield report
-
-
-def _numbers(values: dict[str, object], prefix: str = "") -> Iterator[tuple[str, float]]:
-    """The numeric leaves of a handler report, as dotted keys (bounded: reports are small)."""
-    for key, value in values.items():
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int | float):
-            yield f"{prefix}{key}", float(value)
-        elif isinstance(value, dict):
-            yield from _numbers(value, f"{prefix}{key}.")
 
 
 def registry_for(status: Callable[[], dict[str, Any]], stats: CallStats) -> CollectorRegistry:

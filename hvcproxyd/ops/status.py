@@ -34,6 +34,20 @@ def vcpu_power(d: Daemon, reports: dict[str, dict[str, Any]]) -> tuple[dict[int,
     return {i: "on" if on else "off" for i, on in d.vm.vmm_power.items()}, "the VMM"
 
 
+def flat_report(report: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """A handler's report as (dotted key, scalar) pairs: a nested report (a sidecar's)
+    becomes ``Sidecar.key``; the power states, shown per vCPU, are left out."""
+    out: list[tuple[str, Any]] = []
+    for key, value in report.items():
+        if key == "vcpu_power":
+            continue
+        if isinstance(value, dict):
+            out.extend(flat_report(value, f"{prefix}{key}."))
+        else:
+            out.append((f"{prefix}{key}", value))
+    return out
+
+
 def _address(addr: Any) -> str | None:
     if addr is None:
         return None
@@ -98,4 +112,4 @@ def status_of(d: Daemon, *, config_loaded: float, last_reload: dict[str, Any] | 
     }
 
 
-__all__ = ["status_line", "status_of", "vcpu_power"]
+__all__ = ["flat_report", "status_line", "status_of", "vcpu_power"]
