@@ -370,6 +370,19 @@ async def test_reload_keeps_the_ledger_and_the_sidecar(svc: VmService) -> None:
     assert before.handler is handler(svc)
 
 
+async def test_reload_with_new_options_replaces_the_sidecar(make_config: Callable[[str], VmConfig],
+                                                             tmp_path: Path, svc: VmService) -> None:
+    await caller(svc)(SHARE_ID, RAM)
+    before = sidecar(svc)
+    changed = make_service(make_config, tmp_path, opts(subscriber_queue=7)).config
+    change = svc.reload(changed)
+    after = sidecar(svc)
+    # Other options: the old sidecar is stopped, a new one serves the new instance, state carried over.
+    assert change.stopped == [before] and change.started == [after] and after is not before
+    assert after.handler is handler(svc) and after.stream is not None and after.stream.queue_limit == 7
+    assert handler(svc).ledger.ranges() == [(RAM, 4096)]
+
+
 async def test_query_api_for_other_handlers(svc: VmService) -> None:
     await caller(svc)(SHARE_ID, RAM + 0x1000)
     ledger = svc.ctx.interface(Ledger)
