@@ -37,7 +37,12 @@ from .callview import CallView
 log = logging.getLogger("hvcproxyd.control")
 
 MAX_REQUEST = 4096
+#: A client that has not sent its request line within this is closed (idle timeout).
 REQUEST_TIMEOUT = 5.0
+#: Clients served at once (status requests and traces); more are refused, not queued.
+MAX_CLIENTS = 16
+#: A client that does not read what it is sent within this is closed (a stalled trace).
+SEND_TIMEOUT = 30.0
 TRACE_QUEUE = 1024
 
 
@@ -169,6 +174,9 @@ class ControlServer:
         self.vm_name = vm_name
         self.status = status
         self.hub = hub
+        self.max_clients = MAX_CLIENTS
+        self.clients = 0
+        self.refused = 0
 
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with UnixListener(self.path, 0o600, key="control_socket") as listener:
@@ -177,28 +185,42 @@ class ControlServer:
 
     async def _client(self, stream: trio.SocketStream) -> None:
         async with stream:
-            pid, uid, _gid = peer_credentials(stream.socket)
-            if uid not in (0, os.getuid()):
-                log.warning("%s: control socket: refused pid %d uid %d (only root and uid %d may connect)",
-                            self.vm_name, pid, uid, os.getuid())
-                return
-            try:
-                request = await self._request(stream)
-                op = request.get("op")
-                if op == "status":
-                    await stream.send_all(_line(self.status()))
-                elif op == "trace":
-                    await self._trace(stream, TraceFilter.from_json(request.get("filter", {})))
-                else:
-                    raise ValueError(f"unknown op {op!r}; valid: status, trace")
-            except ValueError as err:
+            if self.clients >= self.max_clients:
+                self.refused += 1
+                log.warning("%s: control socket: refused a client, %d already connected", self.vm_name, self.clients)
                 with trio.move_on_after(1), suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await stream.send_all(_line({"error": str(err)}))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the client left
-            except Exception:
-                # A bug here must cost one operator's request, never the VM's daemon.
-                log.exception("%s: control socket request failed", self.vm_name)
+                    await stream.send_all(_line({"error": f"the control socket already has {self.clients} clients"}))
+                return
+            self.clients += 1
+            try:
+                await self._serve_client(stream)
+            finally:
+                self.clients -= 1
+
+    async def _serve_client(self, stream: trio.SocketStream) -> None:
+        pid, uid, _gid = peer_credentials(stream.socket)
+        if uid not in (0, os.getuid()):
+            log.warning("%s: control socket: refused pid %d uid %d (only root and uid %d may connect)",
+                        self.vm_name, pid, uid, os.getuid())
+            return
+        try:
+            request = await self._request(stream)
+            op = request.get("op")
+            if op == "status":
+                with trio.move_on_after(SEND_TIMEOUT):
+                    await stream.send_all(_line(self.status()))
+            elif op == "trace":
+                await self._trace(stream, TraceFilter.from_json(request.get("filter", {})))
+            else:
+                raise ValueError(f"unknown op {op!r}; valid: status, trace")
+        except ValueError as err:
+            with trio.move_on_after(1), suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                await stream.send_all(_line({"error": str(err)}))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client left
+        except Exception:
+            # A bug here must cost one operator's request, never the VM's daemon.
+            log.exception("%s: control socket request failed", self.vm_name)
 
     @staticmethod
     async def _request(stream: trio.SocketStream) -> dict[str, Any]:
@@ -226,10 +248,16 @@ class ControlServer:
                 nursery.start_soon(self._watch_close, stream, nursery.cancel_scope)
                 reported = 0
                 async for view in receive:
-                    if sub.dropped != reported:
-                        await stream.send_all(_line({"dropped": sub.dropped - reported}))
-                        reported = sub.dropped
-                    await stream.send_all(_line(view.to_json()))
+                    with trio.move_on_after(SEND_TIMEOUT) as stalled:
+                        if sub.dropped != reported:
+                            await stream.send_all(_line({"dropped": sub.dropped - reported}))
+                            reported = sub.dropped
+                        await stream.send_all(_line(view.to_json()))
+                    if stalled.cancelled_caught:
+                        log.warning("%s: control socket: a trace client read nothing for %.0fs; closed",
+                                    self.vm_name, SEND_TIMEOUT)
+                        nursery.cancel_scope.cancel()
+                        return
         finally:
             self.hub.unsubscribe(sub)
 

@@ -14,6 +14,7 @@ import errno
 import logging
 import socket as stdsocket
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from typing import Any
 
 import trio
@@ -31,8 +32,12 @@ from .status import flat_report
 log = logging.getLogger("hvcproxyd.metrics")
 
 MAX_HEAD = 8192
+#: A scraper that has not sent its request head within this is closed (idle timeout).
 REQUEST_TIMEOUT = 5.0
+#: Scrapes served at once; more are answered 503 and closed, never queued.
 MAX_CLIENTS = 8
+#: A scraper that does not read its response within this is closed.
+SEND_TIMEOUT = 10.0
 
 
 class DaemonCollector(Collector):
@@ -142,28 +147,43 @@ async def _handle(stream: trio.abc.Stream, render: Callable[[], bytes]) -> None:
             reply = _response("404 Not Found", b"metrics are at /metrics\n")
         else:
             reply = _response("200 OK", render(), CONTENT_TYPE_LATEST)
-        try:
+        with trio.move_on_after(SEND_TIMEOUT), suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(reply)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
+
+
+async def _refuse(stream: trio.abc.Stream) -> None:
+    async with stream:
+        with trio.move_on_after(1), suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            # Read the request first: closing with it unread would reset the connection
+            # before the scraper reads why.
+            await stream.receive_some(MAX_HEAD)
+            await stream.send_all(_response("503 Service Unavailable",
+                                            f"more than {MAX_CLIENTS} scrapes at once\n".encode()))
 
 
 async def serve_metrics(config: MetricsConfig, registry: CollectorRegistry, *,
                         task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve until cancelled; ``task_status.started`` gets the socket path or (host, port)."""
-    limiter = trio.CapacityLimiter(MAX_CLIENTS)
+    active = 0
 
     def render() -> bytes:
         return generate_latest(registry)
 
     async def handler(stream: trio.abc.Stream) -> None:
-        async with limiter:
-            try:
-                await _handle(stream, render)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the scraper left
-            except Exception:
-                log.exception("metrics request failed")  # never worth the VM's daemon
+        nonlocal active
+        if active >= MAX_CLIENTS:
+            log.warning("metrics: refused a scrape, %d in progress", active)
+            await _refuse(stream)
+            return
+        active += 1
+        try:
+            await _handle(stream, render)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the scraper left
+        except Exception:
+            log.exception("metrics request failed")  # never worth the VM's daemon
+        finally:
+            active -= 1
 
     if config.listen is not None:
         host, port = config.listen

@@ -15,6 +15,7 @@ the daemon class is used as it is.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from typing import Any
 
@@ -39,6 +40,24 @@ calls_log = logging.getLogger("hvcproxyd.calls")
 
 #: How often STATUS= is refreshed when there is no watchdog to piggy-back on.
 STATUS_INTERVAL = 5.0
+
+
+def raise_fd_limit() -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE to the hard limit (the unit's LimitNOFILE=), so
+    connections exhaust the caps of our listeners long before the process's fds.
+    Returns the (soft, hard) limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (OSError, ValueError) as err:
+            log.debug("cannot raise the fd limit from %d to %d: %s", soft, hard, err)
+            return soft, hard
+        log.debug("fd limit raised from %d to %d", soft, hard)
+        soft = hard
+    else:
+        log.debug("fd limit is %d", soft)
+    return soft, hard
 
 
 class Service:
@@ -127,6 +146,7 @@ class Service:
         """Serve until SIGTERM/SIGINT or :meth:`stop`.  READY=1 goes out only once the
         VMM, control and metrics sockets all accept."""
         cfg = self.config
+        raise_fd_limit()
         control = ControlServer(cfg.control_socket, cfg.name, self.status, self.hub)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.daemon.run)
@@ -167,4 +187,4 @@ def run_service(config: VmConfig) -> int:
     return 0
 
 
-__all__ = ["Service", "run_service"]
+__all__ = ["Service", "raise_fd_limit", "run_service"]

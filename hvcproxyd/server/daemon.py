@@ -29,12 +29,16 @@ from ..core.vmconfig import VmConfig, load_config
 from ..errors import TransportError
 from ..unixsock import UnixListener, peer_credentials
 from ..vmm.qmp import QmpWatcher
-from .session import HANDSHAKE_TIMEOUT, LinkStats, Session
+from .session import CLEANUP_TIMEOUT, HANDSHAKE_TIMEOUT, LinkStats, Session
 from .transport import Transport
 
 log = logging.getLogger("hvcproxyd.daemon")
 
 DRAIN_TIMEOUT = 10.0
+#: How long a VMM whose HELLO arrived waits for the slot of a session that is
+#: closing (its peer has gone) before it is told BUSY: that session's teardown
+#: (cancelling its handlers, unmapping guest RAM) plus a margin.
+SLOT_WAIT = CLEANUP_TIMEOUT + 1.0
 
 #: (pid, uid, gid) -> None if the peer may act as the VMM, else why not.
 PeerCheck = Callable[[int, int, int], str | None]
@@ -85,6 +89,9 @@ class Daemon:
         self._stop = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._sidecar_scopes: dict[int, trio.CancelScope] = {}
+        #: Set whenever no session holds the VMM slot.
+        self._slot_free = trio.Event()
+        self._slot_free.set()
 
     # -- serving
     async def serve(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
@@ -137,6 +144,10 @@ class Daemon:
                 self._nursery.start_soon(self._start_sidecar, sidecar)
 
     async def _connection(self, stream: trio.SocketStream) -> None:
+        """One peer on the VM's socket.  Several may be handshaking at once (each
+        under the handshake timeout); the VMM slot goes only to a peer that passed
+        the credential check and sent a HELLO, so a silent connection cannot lock
+        QEMU out."""
         transport = Transport(stream.socket)
         name = self.config.name
         try:
@@ -149,27 +160,43 @@ class Daemon:
                     log.warning("%s: refused VMM pid %d uid %d gid %d: %s", name, pid, uid, gid, why)
                     return
             session = Session(self.vm, transport, links=self.links, qmp=self.qmp, draining=lambda: self.draining)
-            if self.session is not None:
-                await session.refuse(wire.ErrorCode.BUSY, "another VMM is connected to this VM's socket")
-                return
             if self.draining:
                 await session.refuse(wire.ErrorCode.SHUTDOWN, "the daemon is shutting down")
                 return
-            self.session = session
-            self.links.accepted += 1
             try:
                 await self._serve_session(session)
             finally:
-                self.session = None
-                self.vm.detach()
+                if self.session is session:
+                    self.vm.detach()
+                    self.session = None
+                    self._slot_free.set()
         finally:
             transport.close()
+
+    async def _claim_slot(self, session: Session) -> tuple[wire.ErrorCode, str] | None:
+        """Give ``session`` (whose HELLO has arrived) the VMM slot, or say why not.
+        A session whose reader has already seen its peer go is only tearing down:
+        a VMM reconnecting after a clean close waits for it (bounded), never BUSY."""
+        held = self.session
+        if held is not None and held.closing.is_set():
+            with trio.move_on_after(SLOT_WAIT):
+                while self.session is not None and self.session.closing.is_set():
+                    await self._slot_free.wait()
+            held = self.session
+        if self.draining:
+            return wire.ErrorCode.SHUTDOWN, "the daemon is shutting down"
+        if held is not None:
+            return wire.ErrorCode.BUSY, "another VMM is connected to this VM's socket"
+        self.session = session
+        self._slot_free = trio.Event()
+        self.links.accepted += 1
+        return None
 
     async def _serve_session(self, session: Session) -> None:
         name = self.config.name
         try:
             with trio.move_on_after(HANDSHAKE_TIMEOUT) as scope:
-                ok = await session.handshake()
+                ok = await session.handshake(lambda: self._claim_slot(session))
             if scope.cancelled_caught:
                 await session.refuse(wire.ErrorCode.PROTOCOL, f"no handshake within {HANDSHAKE_TIMEOUT:.0f}s")
                 return
@@ -265,4 +292,4 @@ class Daemon:
             nursery.cancel_scope.cancel()
 
 
-__all__ = ["DRAIN_TIMEOUT", "Daemon", "DaemonHooks", "PeerCheck", "ReloadOutcome"]
+__all__ = ["DRAIN_TIMEOUT", "SLOT_WAIT", "Daemon", "DaemonHooks", "PeerCheck", "ReloadOutcome"]

@@ -12,7 +12,7 @@ import errno
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -69,6 +69,9 @@ class Session:
         self.in_flight = 0
         self.idle = trio.Event()
         self.idle.set()
+        #: Set once the reader has stopped (peer closed, error, cancel): the session is
+        #: only tearing down, and a reconnecting VMM may wait for its slot.
+        self.closing = trio.Event()
         self.connected_at = time.time()
         # Frames for the writer task while the session runs: the vCPU workers and the
         # reader only append, and one task writes whatever is ready in one syscall.
@@ -110,14 +113,29 @@ class Session:
         await self._out_empty.wait()
 
     async def next_event(self) -> wire.Event | None:
-        """The next frame, or None when the peer closed."""
+        """The next frame, or None when the peer closed.
+
+        File descriptors are accepted only with the HELLO of the handshake: any
+        that come with another frame are closed at once and the frame is a
+        protocol error; those of a HELLO that fails to decode are closed too."""
+        conn = self.conn
         while True:
-            event = self.conn.next_event()
+            try:
+                event = conn.next_event()
+            except wire.ProtocolError:
+                _close_fds(conn.take_fds())
+                raise
             if event is not wire.NEED_DATA:
                 return event  # type: ignore[return-value]
             data, fds = await self.transport.receive()
-            self.conn.receive_data(data, fds)
-            if self.conn.state is wire.State.CLOSED:
+            if fds and conn.state is not wire.State.AWAIT_HELLO:
+                _close_fds(fds)
+                _close_fds(conn.take_fds())
+                raise wire.RemoteProtocolError(
+                    f"{len(fds)} file descriptor(s) sent outside HELLO; only HELLO may carry them")
+            conn.receive_data(data, fds)
+            if conn.state is wire.State.CLOSED:
+                _close_fds(conn.take_fds())
                 return None
 
     async def refuse(self, code: wire.ErrorCode, reason: str) -> None:
@@ -128,20 +146,34 @@ class Session:
                 await self.flush()
 
     # -- handshake
-    async def handshake(self) -> bool:
-        hello = await self.next_event()
+    async def handshake(self, admit: Callable[[], Awaitable[tuple[wire.ErrorCode, str] | None]] | None = None
+                        ) -> bool:
+        """HELLO, WELCOME, FILTER_STATUS.  ``admit`` runs once a HELLO has arrived
+        and before anything is answered: it returns None to go on, or the
+        (code, reason) of the ERROR that refuses the VMM (BUSY, SHUTDOWN).  Every
+        fd the HELLO carried is closed when the handshake ends, whatever it did
+        (mapped guest RAM keeps its own references)."""
+        try:
+            hello = await self.next_event()
+        except BaseException:
+            _close_fds(self.conn.take_fds())
+            raise
         if hello is None:
             return False
         if not isinstance(hello, wire.Hello):
+            _close_fds(self.conn.take_fds())
             raise wire.RemoteProtocolError(f"expected HELLO, got {type(hello).__name__}")
-        self.hello = hello
         fds = list(hello.fds) + self.conn.take_fds()
         try:
+            if admit is not None:
+                refusal = await admit()
+                if refusal is not None:
+                    await self.refuse(*refusal)
+                    return False
+            self.hello = hello
             return await self._handshake(hello, fds)
         finally:
-            for fd in fds:
-                with suppress(OSError):
-                    os.close(fd)
+            _close_fds(fds)
 
     async def _handshake(self, hello: wire.Hello, fds: list[int]) -> bool:
         name = self.vm.config.name
@@ -172,8 +204,12 @@ class Session:
             memory = GuestMemory(hello.regions, hello.ipa_bits, remote_read=self.mem_read,
                                  remote_write=self.mem_write)
         timeout_ms = int(max(self.vm.timeouts.values(), default=self.vm.config.timeout_s) * 1000)
-        await self.send(wire.Welcome(version, ranges, timeout_ms))
-        status = await self.next_event()
+        try:
+            await self.send(wire.Welcome(version, ranges, timeout_ms))
+            status = await self.next_event()
+        except BaseException:
+            memory.close()  # a timeout or a broken peer before FILTER_STATUS: never attached
+            raise
         if status is None:
             memory.close()
             return False
@@ -251,6 +287,7 @@ class Session:
             try:
                 await self._read_loop()
             finally:
+                self.closing.set()
                 nursery.cancel_scope.cancel()
                 for p in self._pending.values():
                     p.done.set()
@@ -306,6 +343,12 @@ class Session:
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self.idle.set()
+
+
+def _close_fds(fds: list[int] | tuple[int, ...]) -> None:
+    for fd in fds:
+        with suppress(OSError):
+            os.close(fd)
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

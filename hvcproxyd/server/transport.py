@@ -29,7 +29,7 @@ class Transport:
     async def receive(self) -> tuple[bytes, tuple[int, ...]]:
         try:
             data, ancdata, _flags, _addr = await self.sock.recvmsg(
-                RECV_SIZE, stdsocket.CMSG_SPACE(MAX_FDS * 4))
+                RECV_SIZE, stdsocket.CMSG_SPACE(MAX_FDS * 4), stdsocket.MSG_CMSG_CLOEXEC)
         except OSError as err:
             raise TransportError(f"receive failed: {err.strerror}") from err
         return data, tuple(fds_from_ancdata(ancdata))

@@ -17,6 +17,7 @@ time, and the producer mutates its state without awaiting).
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -26,8 +27,13 @@ import trio
 
 from ..unixsock import UnixListener
 
+log = logging.getLogger("hvcproxyd.eventstream")
+
 #: The subscriber's own bytes are ignored; this only bounds what one read takes.
 _DISCARD_READ = 4096
+#: A subscriber that has not read what it was sent within this is closed: a
+#: client that connects and never reads cannot hold a slot (and its socket) for ever.
+SEND_TIMEOUT = 30.0
 
 
 class Subscriber:
@@ -49,6 +55,7 @@ class StreamStats:
     resyncs: int = 0  # overflows that cost a subscriber events
     lost: int = 0  # events dropped over all subscribers
     writes: int = 0  # socket writes, each carrying one or more lines
+    stalled: int = 0  # subscribers closed for not reading within send_timeout
 
 
 def lost_line(count: int) -> bytes:
@@ -62,7 +69,8 @@ class EventStream:
     first to every new subscriber and after every overflow."""
 
     def __init__(self, path: Path, snapshot: Callable[[], bytes], *, queue_limit: int = 1024,
-                 max_subscribers: int = 16, coalesce_s: float = 0.0, name: str = "events") -> None:
+                 max_subscribers: int = 16, coalesce_s: float = 0.0, name: str = "events",
+                 send_timeout: float = SEND_TIMEOUT) -> None:
         if queue_limit < 1 or max_subscribers < 1:
             raise ValueError("queue_limit and max_subscribers must be at least 1")
         self.path = path
@@ -73,6 +81,7 @@ class EventStream:
         #: per burst instead of one per line, for a little latency.
         self.coalesce_s = coalesce_s
         self.name = name
+        self.send_timeout = send_timeout
         self.subscribers: list[Subscriber] = []
         self.stats = StreamStats()
 
@@ -131,7 +140,12 @@ class EventStream:
     async def _pump(self, sub: Subscriber, stream: trio.SocketStream, data: bytes) -> None:
         while True:
             self.stats.writes += 1
-            await stream.send_all(data)
+            with trio.move_on_after(self.send_timeout) as stalled:
+                await stream.send_all(data)
+            if stalled.cancelled_caught:
+                self.stats.stalled += 1
+                log.warning("%s stream: a subscriber read nothing for %.0fs; closed", self.name, self.send_timeout)
+                return
             while not (sub.resync or sub.queue):
                 sub.wake = trio.Event()
                 await sub.wake.wait()
