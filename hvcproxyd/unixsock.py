@@ -30,6 +30,8 @@ def resolve_id(value: int | str, kind: str) -> int | None:
         return pwd.getpwnam(value).pw_uid if kind == "user" else grp.getgrnam(value).gr_gid
     except KeyError:
         return None
+    except ValueError:  # an embedded NUL, or a name the C library cannot take: no such account
+        return None
 
 
 def set_group(path: Path, group: int | str, key: str, shown: Path | None = None) -> None:

@@ -51,6 +51,13 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"  {p}")
             status = 1
             continue
+        except Exception as err:
+            # A bug of ours, not a problem in the file: one line, the traceback only when asked for.
+            print(f"{path}: internal error in hvcproxyd while loading it (a bug, please report it): "
+                  f"{type(err).__name__}: {err}")
+            logging.getLogger("hvcproxyd").debug("traceback of the internal error", exc_info=True)
+            status = 1
+            continue
         for w in config.warnings:
             print(f"  {w}")
         if args.quiet:

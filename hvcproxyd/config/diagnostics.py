@@ -17,6 +17,18 @@ from ..smccc import uuid_to_regs
 from .source import LocMap, Mark
 
 _MISSING: Any = object()
+#: How much of a wrong value a message quotes.
+SHOWN_CHARS = 60
+
+
+def shown(value: Any) -> str:
+    """``repr(value)`` for a message, cut to SHOWN_CHARS; never raises, even for an
+    int too long to print in decimal (Python refuses past 4300 digits)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<an integer of {value.bit_length()} bits>" if isinstance(value, int) else f"<a {type(value).__name__}>"
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS - 5] + " ...>"
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +99,10 @@ class Section:
         if isinstance(value, float) and math.isfinite(value):
             value = repr(value)  # an unquoted version such as 1.1
         if not isinstance(value, str) or not value:
-            self.problem(key, f"must be a non-empty string, not {value!r}")
+            self.problem(key, f"must be a non-empty string, not {shown(value)}")
             return default if default is not _MISSING else None
         if choices is not None and value not in choices:
-            self.problem(key, f"{value!r} is not valid; one of: {', '.join(choices)}")
+            self.problem(key, f"{shown(value)} is not valid; one of: {', '.join(choices)}")
             return default if default is not _MISSING else None
         return value
 
@@ -103,14 +115,14 @@ class Section:
             return default
         if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
             span = f"{lo}..{hi}" if hi < 1 << 24 else f"{lo:#x}..{hi:#x}"
-            self.problem(key, f"must be an integer in {span}, not {value!r}")
+            self.problem(key, f"must be an integer in {span}, not {shown(value)}")
             return default if default is not _MISSING else None
         return value
 
     def flag(self, key: str, default: bool) -> bool:
         value = self.data.get(key, default)
         if not isinstance(value, bool):
-            self.problem(key, f"must be true or false, not {value!r}")
+            self.problem(key, f"must be true or false, not {shown(value)}")
             return default
         return value
 
@@ -163,4 +175,4 @@ def empty_map(mark: Mark) -> LocMap:
     return m
 
 
-__all__ = ["ConfigError", "Problem", "Section", "empty_map"]
+__all__ = ["ConfigError", "Problem", "Section", "empty_map", "shown"]

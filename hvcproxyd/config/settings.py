@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+import yaml.reader
 
 from ..smccc.services import SERVICE_NAMES
 from ..unixsock import resolve_id
 from . import source
-from .diagnostics import ConfigError, Problem, Section
+from .diagnostics import ConfigError, Problem, Section, shown
 from .source import LocMap, Mark
 
 DEFAULT_RUNTIME_DIR = Path("/run/hvcproxyd")
@@ -84,7 +85,11 @@ def _ident(s: Section, key: str, kind: str) -> int | str | None:
     if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 0xFFFF_FFFF:
         return value
     if not isinstance(value, str) or not value:
-        s.problem(key, f"must be a {kind} name or a number 0..{0xFFFF_FFFE}, not {value!r}")
+        s.problem(key, f"must be a {kind} name or a number 0..{0xFFFF_FFFE}, not {shown(value)}")
+        return None
+    if not value.isprintable():
+        # pwd/grp would refuse a NUL (ValueError), and no account name has control characters.
+        s.problem(key, f"{value!r} has a control character (such as NUL); a {kind} name never does")
         return None
     if resolve_id(value, kind) is None:
         s.problem(key, f"there is no {kind} {value!r} on this host; connections are refused until it exists",
@@ -155,16 +160,47 @@ def _parse_ops(s: Section, socket_path: Path) -> _Ops:
 
 
 
+def _text_mark(file_name: str, text: str, offset: int) -> Mark:
+    """The 1-based line and column of character ``offset`` of ``text``."""
+    offset = max(0, min(offset, len(text)))
+    line_start = text.rfind("\n", 0, offset) + 1
+    return Mark(file_name, text.count("\n", 0, offset) + 1, offset - line_start + 1)
+
+
+def _byte_mark(file_name: str, data: bytes, offset: int) -> Mark:
+    """Where byte ``offset`` is, counting columns in characters: the bytes before
+    the first undecodable one are valid UTF-8."""
+    line_start = data.rfind(b"\n", 0, offset) + 1
+    column = len(data[line_start:offset].decode("utf-8", errors="replace")) + 1
+    return Mark(file_name, data.count(b"\n", 0, offset) + 1, column)
+
+
 def read_document(path: Path, top_keys: tuple[str, ...]) -> LocMap:
     """The file as a positioned YAML mapping, or ConfigError naming where it is not one."""
     file_name = str(path)
     top = Mark(file_name, 1, 1)
     try:
-        text = path.read_text()
+        data = path.read_bytes()
     except OSError as err:
         raise ConfigError([Problem(top, "file", f"cannot read: {err.strerror}")]) from err
     try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError([Problem(_byte_mark(file_name, data, err.start), "file",
+                                   f"is not UTF-8 text: byte {data[err.start]:#04x} cannot start or continue "
+                                   "a character")]) from err
+    try:
         doc = source.load(text, file_name)
+    except yaml.reader.ReaderError as err:
+        # A character YAML does not allow (a control character such as NUL); it has a
+        # position in the text, not a line/column mark.
+        # libyaml counts the offset in UTF-8 bytes, pyyaml's own reader in characters.
+        where = (_byte_mark(file_name, data, err.position) if source.C_PARSER
+                 else _text_mark(file_name, text, err.position))
+        char = err.character if isinstance(err.character, int) else ord(err.character)
+        raise ConfigError([Problem(where, "yaml", f"character U+{char:04X} is not allowed in YAML (write it as "
+                                                  "an escape such as \\x01 in a double-quoted string)")]
+                          ) from err
     except yaml.YAMLError as err:
         pm = getattr(err, "problem_mark", None) or getattr(err, "mark", None)
         mark = Mark(file_name, pm.line + 1, pm.column + 1) if pm is not None else top

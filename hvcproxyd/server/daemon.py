@@ -252,6 +252,12 @@ class Daemon:
             new = await trio.to_thread.run_sync(lambda: load_config(path, socket=str(old.socket)))
         except ConfigError as err:
             error = f"{path} has errors:\n{err}"
+        except Exception as err:
+            # Any file must load or raise ConfigError; anything else is a bug of ours,
+            # which must cost this reload, never the running daemon.
+            log.exception("%s: internal error loading %s", old.name, path)
+            error = (f"{path}: internal error in hvcproxyd while loading it (a bug; the log has the traceback): "
+                     f"{type(err).__name__}: {err}")
         else:
             try:
                 self._apply_sidecars(self.vm.reload(new))
