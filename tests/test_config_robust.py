@@ -11,6 +11,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,7 @@ from hvcproxyd.config import ConfigError
 from hvcproxyd.config.diagnostics import Section, shown
 from hvcproxyd.config.source import MAX_DEPTH, LocMap, Mark
 from hvcproxyd.core.vmconfig import VmConfig, load_config
+from hvcproxyd.handlers import Handler, Notes
 from hvcproxyd.plugins import load_plugin
 from hvcproxyd.server import daemon as daemon_mod
 from hvcproxyd.unixsock import resolve_id
@@ -160,6 +162,28 @@ async def test_reload_survives_an_internal_error(tmp_path: Path, monkeypatch: py
     assert "internal error" in outcomes[0].error and "RuntimeError: boom" in outcomes[0].error
     traced = [r for r in caplog.records if r.levelno == logging.ERROR and r.exc_info]
     assert traced and "internal error loading" in traced[0].getMessage()
+
+
+class Fragile(Handler):
+    """Refuses every snapshot it is given: a plugin that fails while a reload builds
+    its new instance (loaded as ``tests.test_config_robust:Fragile``)."""
+
+    def restore(self, data: dict[str, Any]) -> Notes:
+        raise ValueError("this snapshot is not mine")
+
+
+async def test_reload_survives_a_plugin_that_fails_to_start(tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    path = write(tmp_path, b"vm: fr\nhandlers:\n  f: {type: 'tests.test_config_robust:Fragile'}\n"
+                           b"rules:\n  - {match: 0x82000001, action: f}\n")
+    running = load_config(path, socket=str(tmp_path / "vm.sock"))
+    daemon = daemon_mod.Daemon(running)
+    serving = daemon.vm.instances["f"]
+    with caplog.at_level(logging.ERROR, logger="hvcproxyd.daemon"):
+        assert await daemon.reload() is False
+    # The new instance could not take the old one's state: nothing was swapped.
+    assert daemon.config is running and daemon.vm.instances["f"] is serving and daemon.reloads_refused == 1
+    assert any("failed to start" in r.getMessage() and "not mine" in r.getMessage() for r in caplog.records)
 
 
 def test_check_reports_an_internal_error_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,

@@ -66,9 +66,8 @@ async def test_fds_with_a_call_after_the_handshake_are_closed_and_a_protocol_err
     os.set_blocking(r, False)
     try:
         await sim.connect()
-        frame = sim._conn.send(wire.Call(1, 0, HELLO, (0,) * 17))  # type: ignore[union-attr]
         memfd = os.memfd_create("stray", 0)
-        await sim._sock.sendmsg([frame], fds_ancdata([w, memfd]))  # type: ignore[union-attr]
+        await sim.send(wire.Call(1, 0, HELLO, (0,) * 17), fds=[w, memfd])
         os.close(w)
         os.close(memfd)
         with trio.fail_after(10):

@@ -27,6 +27,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as err:
         print(f"hvcproxyd: {args.config} has errors, not starting:\n{err}", file=sys.stderr)
         return 1
+    except Exception as err:  # a bug of ours: one line, the traceback at DEBUG
+        logging.getLogger("hvcproxyd").debug("loading %s", args.config, exc_info=True)
+        print(f"hvcproxyd: internal error loading {args.config}, not starting: {type(err).__name__}: {err}",
+              file=sys.stderr)
+        return 1
     for w in config.warnings:
         logging.getLogger("hvcproxyd").warning("%s", w)
     return run_service(config)

@@ -119,18 +119,20 @@ class VmService:
             raise ReloadRefused(f"it renames the VM ({self.config.name!r} -> {config.name!r})")
         if config.socket != self.config.socket:
             raise ReloadRefused("it moves the VMM socket, which the running VMM is connected to")
+        # Build everything new before touching anything running, so a failure here
+        # (a plugin's constructor, a snapshot it refuses) leaves the old service whole.
         old_specs = self.config.handlers
         instances = self._instantiate(config, self.instances)
         change = SidecarChange()
         sidecars: dict[str, list[Sidecar]] = {}
+        rebound: list[tuple[Sidecar, Handler]] = []
         for name, inst in instances.items():
             old = self.sidecars.get(name, [])
             old_spec = old_specs.get(name)
             same = (old_spec is not None and old_spec.cls is config.handlers[name].cls
                     and old_spec.options == config.handlers[name].options)
             if same and old:
-                for sidecar in old:
-                    sidecar.rebind(inst)
+                rebound.extend((sidecar, inst) for sidecar in old)
                 sidecars[name] = old
             else:
                 change.stopped.extend(old)
@@ -139,6 +141,8 @@ class VmService:
         for name, old in self.sidecars.items():
             if name not in instances:
                 change.stopped.extend(old)
+        for sidecar, inst in rebound:
+            sidecar.rebind(inst)
         self.table = self._bind(config, instances)
         self.instances = instances
         self.sidecars = sidecars

@@ -263,6 +263,12 @@ class Daemon:
                 self._apply_sidecars(self.vm.reload(new))
             except ReloadRefused as err:
                 error = str(err)
+            except Exception as err:
+                # A handler or sidecar plugin failed to start on the new config; the
+                # VM service builds the new set before it swaps, so the old one runs on.
+                log.exception("%s: internal error applying %s", old.name, path)
+                error = (f"{path}: a handler or sidecar failed to start on it (the log has the traceback): "
+                         f"{type(err).__name__}: {err}")
             else:
                 error = None
         if error is None and new is not None:

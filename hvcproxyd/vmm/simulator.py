@@ -211,17 +211,22 @@ class Simulator:
                 await self.send(call)  # replay with the same seq (protocol §5)
         self._connected.set()
 
-    async def send(self, event: wire.Event) -> None:
-        """Encode ``event`` as one frame and send it, as the VMM's next frame.
+    async def send(self, event: wire.Event, fds: list[int] | None = None) -> None:
+        """Encode ``event`` as one frame and send it, as the VMM's next frame, with
+        ``fds`` attached (SCM_RIGHTS) if given.
 
         The codec checks only what a frame may carry, not whether the daemon will
-        like it (a CALL for a vCPU the VM does not have is sent as it is), so tests
-        can provoke the daemon's protocol errors.  Needs :meth:`connect` first."""
+        like it (a CALL for a vCPU the VM does not have is sent as it is, fds are
+        attached to any frame), so tests can provoke the daemon's protocol errors.
+        Needs :meth:`connect` first."""
         if self._conn is None or self._sock is None:
             raise RuntimeError("Simulator.send: not connected (call connect() first)")
         data = self._conn.send(event)
         async with self._send_lock:
             view = memoryview(data)
+            if fds:
+                n = await self._sock.sendmsg([view], fds_ancdata(fds))
+                view = view[n:]
             while view:
                 n = await self._sock.send(view)
                 view = view[n:]
