@@ -144,14 +144,21 @@ async def test_a_slow_handler_times_out_while_other_vcpus_are_served(
     assert daemon.vm.stats.failures["sleep", "timeout"] == 1
 
 
-@pytest.mark.parametrize("by_fd", [True, False], ids=["memfd", "mem-frames"])
-async def test_guest_memory_access(make_config: Callable[[str], VmConfig], serve: Serve, by_fd: bool) -> None:
+@pytest.mark.parametrize(("by_fd", "sealed"), [(True, True), (False, True), (True, False)],
+                         ids=["memfd", "mem-frames", "unsealed-memfd"])
+async def test_guest_memory_access(make_config: Callable[[str], VmConfig], serve: Serve, by_fd: bool,
+                                   sealed: bool, caplog: pytest.LogCaptureFixture) -> None:
+    """RAM by a sealed memfd is mapped; by frames, or by a memfd the VMM could shrink
+    under us (SIGBUS), it is reached through MEM_READ/MEM_WRITE, with the same answers."""
     config = make_config(config_text())
-    await serve(config)
+    daemon = await serve(config)
+    mapped: list[bool] = []
     got: list[tuple[int, ...]] = []
     size = 0x18000  # larger than one MEM_READ frame
 
     async def boot(cpu: SimVcpu, x0: int) -> None:
+        memory = daemon.vm.ctx.memory
+        mapped.append(memory is not None and memory.mapped)
         cpu.sim.ram[0x100:0x108] = b"hvcproxy"
         got.append(await cpu.call(MEM, RAM_BASE + 0x100, 8, 0))
         got.append(await cpu.call(MEM, RAM_BASE + 0x2000, size, 1, 0xA5))
@@ -160,7 +167,9 @@ async def test_guest_memory_access(make_config: Callable[[str], VmConfig], serve
         got.append(await cpu.call(MEM, RAM_BASE + cpu.sim.ram_size - 4, 8, 1, 1))  # runs off the end
         got.append(await cpu.call(MEM, (1 << 40) - 4, 8, 0))  # beyond the IPA size
 
-    sim = await run_sim(config, boot, pass_memfd=by_fd)
+    sim = await run_sim(config, boot, pass_memfd=by_fd, seal_memfd=sealed)
+    assert mapped == [by_fd and sealed]
+    assert ("not sealed against shrinking" in caplog.text) == (by_fd and not sealed)
     assert got[0][:2] == (0, int.from_bytes(b"hvcproxy", "little"))
     assert got[1][0] == 0
     assert got[2][1] == int.from_bytes(b"\xa5" * 8, "little")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 
 import pytest
@@ -13,9 +14,12 @@ REGIONS = (RamRegion(0x4000_0000, 0x10000, 0, 0), RamRegion(0x4001_0000, 0x10000
            RamRegion(0x8000_0000, 0x1000))
 
 
-def memfd(size: int) -> int:
-    fd = os.memfd_create("ram")
+def memfd(size: int, *, sealed: bool = True) -> int:
+    """Guest RAM as QEMU's memory-backend-memfd makes it: sealed against resizing."""
+    fd = os.memfd_create("ram", os.MFD_ALLOW_SEALING)
     os.ftruncate(fd, size)
+    if sealed:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
 
 
@@ -39,6 +43,19 @@ async def test_mapped_access_spans_adjacent_regions() -> None:
     assert mem.contains(0x4000_0000, 0x20000)
     with pytest.raises(GuestMemoryError, match="no VMM connected"):
         await mem.read(0x8000_0000, 4)  # the region without an fd needs the VMM
+    mem.close()
+
+
+async def test_an_fd_that_could_shrink_is_not_mapped() -> None:
+    """A mapping the VMM can truncate under us would SIGBUS the daemon: such a region
+    goes through the VMM, and says so."""
+    fd = memfd(0x20000, sealed=False)
+    mem = GuestMemory.from_fds(REGIONS, 40, [fd])
+    os.ftruncate(fd, 0)  # what a hostile VMM could do: harmless, nothing is mapped
+    os.close(fd)
+    assert not mem.mapped and mem.unsealed == (0x4000_0000, 0x4001_0000)
+    with pytest.raises(GuestMemoryError, match="no VMM connected"):
+        await mem.read(0x4000_0000, 4)
     mem.close()
 
 

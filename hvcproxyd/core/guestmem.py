@@ -7,6 +7,7 @@ mapped memfds (the fast way) or MEM_READ/MEM_WRITE frames (the portable way).
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 from bisect import bisect_right
@@ -24,6 +25,17 @@ RemoteRead = Callable[[int, int], Awaitable[bytes]]
 RemoteWrite = Callable[[int, bytes], Awaitable[None]]
 
 
+def cannot_shrink(fd: int) -> bool:
+    """Is ``fd`` a memfd sealed against shrinking (F_SEAL_SHRINK), as QEMU's memfd
+    backend seals guest RAM by default?  Anything else (no seals, not a memfd) could
+    be truncated by the VMM while we have it mapped."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        return False
+    return bool(seals & fcntl.F_SEAL_SHRINK)
+
+
 class GuestMemory:
     """One VM's RAM.  Regions with a mapping are accessed directly; the rest go
     through the VMM in chunks of at most 64 KiB."""
@@ -37,17 +49,26 @@ class GuestMemory:
         self._maps = maps or {}
         self._remote_read = remote_read
         self._remote_write = remote_write
+        #: Regions (by guest address) whose fd was passed but not mapped: not sealed.
+        self.unsealed: tuple[int, ...] = ()
 
     @classmethod
     def from_fds(cls, regions: Sequence[RamRegion], ipa_bits: int, fds: Sequence[int],
                  **remote: RemoteRead | RemoteWrite) -> GuestMemory:
-        """Map every region that names an fd (MAP_SHARED, as vhost-user does)."""
+        """Map every region that names an fd sealed against shrinking (MAP_SHARED, as
+        vhost-user does).  A region whose fd could shrink under us is reached through
+        the VMM instead (MEM_READ/MEM_WRITE): a shrunk mapping would kill the daemon
+        with SIGBUS on the next access.  ``unsealed`` lists those regions' addresses."""
         maps: dict[int, mmap.mmap] = {}
+        unsealed: list[int] = []
         for i, r in enumerate(regions):
             if r.fd_index < 0:
                 continue
             if r.fd_index >= len(fds):
                 raise GuestMemoryError(f"region {r.gpa:#x} names fd {r.fd_index}, only {len(fds)} attached")
+            if not cannot_shrink(fds[r.fd_index]):
+                unsealed.append(r.gpa)
+                continue
             size = os.fstat(fds[r.fd_index]).st_size
             if r.fd_offset + r.size > size:
                 raise GuestMemoryError(f"region {r.gpa:#x}+{r.size:#x} is beyond its fd ({size:#x} bytes)")
@@ -56,7 +77,9 @@ class GuestMemory:
             m = mmap.mmap(fds[r.fd_index], r.size + page_off, mmap.MAP_SHARED,
                           mmap.PROT_READ | mmap.PROT_WRITE, offset=r.fd_offset - page_off)
             maps[i] = m if not page_off else _Offset(m, page_off)  # type: ignore[assignment]
-        return cls(regions, ipa_bits, maps=maps, **remote)  # type: ignore[arg-type]
+        memory = cls(regions, ipa_bits, maps=maps, **remote)  # type: ignore[arg-type]
+        memory.unsealed = tuple(unsealed)
+        return memory
 
     @property
     def mapped(self) -> bool:

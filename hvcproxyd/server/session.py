@@ -200,6 +200,11 @@ class Session:
             except (GuestMemoryError, OSError, ValueError) as err:
                 await self.refuse(wire.ErrorCode.REFUSED, f"cannot map guest RAM: {err}")
                 return False
+            if memory.unsealed:
+                log.warning("%s: guest RAM at %s is not sealed against shrinking (F_SEAL_SHRINK), so it is not "
+                            "mapped: the daemon reaches it through the VMM (MEM_READ/MEM_WRITE), which is slower; "
+                            "QEMU's memory-backend-memfd seals by default (seal=on)", self.vm.config.name,
+                            ", ".join(f"{gpa:#x}" for gpa in memory.unsealed))
         else:
             memory = GuestMemory(hello.regions, hello.ipa_bits, remote_read=self.mem_read,
                                  remote_write=self.mem_write)

@@ -17,6 +17,7 @@ and handshake), :meth:`Simulator.send` (one frame), :meth:`Simulator.next_event`
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import logging
 import mmap
@@ -93,7 +94,10 @@ class Simulator:
                  conduit_smc: bool = False, accel: wire.Accel = wire.Accel.TCG,
                  programs: dict[int, Program] | None = None, boot: Program | None = None,
                  reconnect_timeout: float = 10.0, call_timeout: float = 30.0,
-                 filter_status: int = 0, on_reset: str = "stop") -> None:
+                 filter_status: int = 0, on_reset: str = "stop", seal_memfd: bool = True) -> None:
+        """``seal_memfd`` seals the RAM memfd against shrinking and growing, as QEMU's
+        memory-backend-memfd does by default (seal=on); without it the daemon must
+        not map it."""
         self.socket_path = str(socket_path)
         self.name = name
         self.ipa_bits = ipa_bits
@@ -107,8 +111,10 @@ class Simulator:
         self.filter_status = filter_status
         self.on_reset = on_reset
         self.vcpus = [SimVcpu(self, i) for i in range(n_vcpus)]
-        self.ram_fd = os.memfd_create(f"{name}-ram", 0)
+        self.ram_fd = os.memfd_create(f"{name}-ram", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.ram_fd, ram_size)
+        if seal_memfd:
+            fcntl.fcntl(self.ram_fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.ram = mmap.mmap(self.ram_fd, ram_size)
         self.ram_size = ram_size
         self.transcript: list[TranscriptEntry] = []
