@@ -34,6 +34,22 @@ def resolve_id(value: int | str, kind: str) -> int | None:
         return None
 
 
+def group_name(gid: int) -> str | None:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return None
+
+
+def group_members(group: int | str) -> list[str]:
+    """The users listed as members of ``group`` (its supplementary members)."""
+    try:
+        entry = grp.getgrgid(group) if isinstance(group, int) else grp.getgrnam(group)
+    except (KeyError, ValueError):
+        return []
+    return list(entry.gr_mem)
+
+
 def set_group(path: Path, group: int | str, key: str, shown: Path | None = None) -> None:
     """Hand a socket to ``group`` (e.g. QEMU's), so that group may connect; errors
     name ``shown`` (the path a socket bound under a temporary name will have)."""
@@ -49,7 +65,35 @@ def set_group(path: Path, group: int | str, key: str, shown: Path | None = None)
             f"of that group (in the unit: SupplementaryGroups={group})") from err
 
 
-def peer_credentials(sock: trio.socket.SocketType) -> tuple[int, int, int]:
+#: SO_PEERGROUPS (Linux 4.13): the peer's supplementary groups; not in Python's socket module.
+SO_PEERGROUPS = getattr(stdsocket, "SO_PEERGROUPS", 59)
+
+
+def peer_groups(sock: trio.socket.SocketType | stdsocket.socket) -> frozenset[int]:
+    """The peer's primary and supplementary groups (SO_PEERCRED + SO_PEERGROUPS)."""
+    _pid, _uid, gid = peer_credentials(sock)
+    try:
+        raw = sock.getsockopt(stdsocket.SOL_SOCKET, SO_PEERGROUPS, 4 * 1024)
+    except OSError:
+        return frozenset({gid})
+    return frozenset({gid, *struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4])})
+
+
+def local_peer_problem(sock: trio.socket.SocketType | stdsocket.socket, group: int | str | None) -> str | None:
+    """None if the peer is root, the daemon's own user, or (with ``group``) a member
+    of it: who may read an operations socket; else why not."""
+    _pid, uid, _gid = peer_credentials(sock)
+    if uid in (0, os.getuid()):
+        return None
+    if group is not None:
+        gid = resolve_id(group, "group")
+        if gid is not None and gid in peer_groups(sock):
+            return None
+        return f"uid {uid} is neither root, nor uid {os.getuid()}, nor in group {group!r}"
+    return f"uid {uid} is neither root nor uid {os.getuid()}"
+
+
+def peer_credentials(sock: trio.socket.SocketType | stdsocket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end (SO_PEERCRED)."""
     raw = sock.getsockopt(stdsocket.SOL_SOCKET, stdsocket.SO_PEERCRED, struct.calcsize("3i"))
     pid, uid, gid = struct.unpack("3i", raw)
@@ -135,5 +179,5 @@ def fds_ancdata(fds: list[int]) -> list[tuple[int, int, bytes]]:
     return [(stdsocket.SOL_SOCKET, stdsocket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
 
 
-__all__ = ["LISTEN_BACKLOG", "UnixListener", "fds_ancdata", "fds_from_ancdata", "peer_credentials", "resolve_id",
-           "set_group"]
+__all__ = ["LISTEN_BACKLOG", "UnixListener", "fds_ancdata", "fds_from_ancdata", "group_members", "group_name",
+           "local_peer_problem", "peer_credentials", "peer_groups", "resolve_id", "set_group"]

@@ -57,7 +57,7 @@ def test_defaults_sit_beside_the_vmm_socket(cfg: Callable[[str], Path], tmp_path
 def test_operations_keys_parse(cfg: Callable[[str], Path], tmp_path: Path) -> None:
     config = load_config(cfg("vmm: {uid: 64055, gid: root, timeout_ms: 5000}\ncontrol_socket: /run/x/c\n"
                              "metrics: {socket: /run/x/m, group: root}\n"))
-    assert config.vmm == VmmAuth(64055, "root", 5000)
+    assert config.vmm == VmmAuth((64055,), "root", 5000)
     assert config.control_socket == Path("/run/x/c")
     assert config.metrics == MetricsConfig(Path("/run/x/m"), None, "root")
     assert load_config(cfg("metrics: false\n")).metrics is None

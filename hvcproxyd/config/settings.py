@@ -14,7 +14,7 @@ import yaml
 import yaml.reader
 
 from ..smccc.services import SERVICE_NAMES
-from ..unixsock import resolve_id
+from ..unixsock import group_members, group_name, resolve_id
 from . import source
 from .diagnostics import ConfigError, Problem, Section, shown
 from .source import LocMap, Mark
@@ -37,10 +37,11 @@ SETTINGS_KEYS = ("vm", "socket", "qmp", "handler_timeout_ms", "versions", *OPS_K
 class VmmAuth:
     """Who may connect as the VMM (SO_PEERCRED) and the VMM's own call timeout.
 
-    A name stays a name and is resolved at each connection, so a user created
-    after the daemon started is honoured and a deleted one is not."""
+    ``uids`` is the recommended form: QEMU runs as its own user.  A name stays a
+    name and is resolved at each connection, so a user created after the daemon
+    started is honoured and a deleted one is not."""
 
-    uid: int | str | None = None
+    uids: tuple[int | str, ...] = ()
     gid: int | str | None = None
     timeout_ms: int | None = None
 
@@ -97,6 +98,46 @@ def _ident(s: Section, key: str, kind: str) -> int | str | None:
     return value
 
 
+def _uids(s: Section) -> tuple[int | str, ...]:
+    """``uid``: one user, or a list of users, allowed to connect as the VMM."""
+    raw = s.raw("uid")
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        one = _ident(s, "uid", "user")
+        return () if one is None else (one,)
+    if not raw:
+        s.problem("uid", "must name at least one user (or leave uid out)")
+        return ()
+    out: list[int | str] = []
+    for value in raw:
+        one = _ident(Section(_single("uid", value, s), s.path, s.problems), "uid", "user")
+        if one is not None:
+            out.append(one)
+    return tuple(out)
+
+
+def _single(key: str, value: object, s: Section) -> LocMap:
+    """A one-key mapping at ``key``'s place, so a list item is checked like a scalar."""
+    m = LocMap({key: value})
+    m.mark, m.key_marks, m.value_marks = s.data.mark, dict(s.data.key_marks), dict(s.data.value_marks)
+    return m
+
+
+#: Groups whose members are many users and services: a VMM check by primary gid
+#: admits every one of them (``sg GROUP`` makes it the primary group).
+BROAD_GROUPS = frozenset({"kvm", "users", "staff", "libvirt", "adm", "sudo", "wheel", "disk", "video"})
+
+
+def _warn_broad_group(s: Section, gid: int | str) -> None:
+    name = gid if isinstance(gid, str) else group_name(gid)
+    members = group_members(gid)
+    if name in BROAD_GROUPS or len(members) > 1:
+        s.problem("gid", f"admits any process whose primary group is {name or gid!r}, which every member of it "
+                         f"can arrange (sg {name or gid}){': ' + ', '.join(members[:5]) if members else ''}; "
+                         "prefer vmm.uid with QEMU's own user", warning=True)
+
+
 def _loopback(s: Section, key: str) -> tuple[str, int] | None:
     text = s.string(key)
     if text is None:
@@ -119,8 +160,9 @@ def _parse_ops(s: Section, socket_path: Path) -> _Ops:
     v = s.section("vmm")
     if v is not None:
         v.allow_keys(("uid", "gid", "timeout_ms"))
-        vmm = VmmAuth(_ident(v, "uid", "user"), _ident(v, "gid", "group"),
-                      v.integer("timeout_ms", default=None, lo=1, hi=3_600_000))
+        vmm = VmmAuth(_uids(v), _ident(v, "gid", "group"), v.integer("timeout_ms", default=None, lo=1, hi=3_600_000))
+        if vmm.gid is not None:
+            _warn_broad_group(v, vmm.gid)
 
     control = Path(s.string("control_socket", default=str(socket_path.with_suffix(".ctl"))))
     if control == socket_path:

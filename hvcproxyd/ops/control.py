@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 from collections.abc import Callable, Iterator
 from contextlib import suppress
@@ -30,7 +29,7 @@ from ..errors import HvcproxydError
 from ..smccc import MASK32, routing_id
 from ..smccc.names import function_id
 from ..smccc.services import SERVICES
-from ..unixsock import UnixListener, peer_credentials
+from ..unixsock import UnixListener, local_peer_problem, peer_credentials
 from ..wire import Call, Reply
 from .callview import CallView
 
@@ -198,10 +197,10 @@ class ControlServer:
                 self.clients -= 1
 
     async def _serve_client(self, stream: trio.SocketStream) -> None:
-        pid, uid, _gid = peer_credentials(stream.socket)
-        if uid not in (0, os.getuid()):
-            log.warning("%s: control socket: refused pid %d uid %d (only root and uid %d may connect)",
-                        self.vm_name, pid, uid, os.getuid())
+        why = local_peer_problem(stream.socket, None)
+        if why:
+            pid, _uid, _gid = peer_credentials(stream.socket)
+            log.warning("%s: control socket: refused pid %d: %s", self.vm_name, pid, why)
             return
         try:
             request = await self._request(stream)

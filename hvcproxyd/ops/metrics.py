@@ -26,7 +26,7 @@ from ..config.settings import MetricsConfig
 from ..core.stats import OTHER, CallStats
 from ..errors import HvcproxydError
 from ..smccc.names import function_name
-from ..unixsock import UnixListener
+from ..unixsock import UnixListener, local_peer_problem
 from .status import flat_report
 
 log = logging.getLogger("hvcproxyd.metrics")
@@ -171,6 +171,12 @@ async def serve_metrics(config: MetricsConfig, registry: CollectorRegistry, *,
 
     async def handler(stream: trio.abc.Stream) -> None:
         nonlocal active
+        if isinstance(stream, trio.SocketStream) and stream.socket.family == stdsocket.AF_UNIX:
+            why = local_peer_problem(stream.socket, config.group)
+            if why:
+                log.warning("metrics: refused a scrape: %s", why)
+                await stream.aclose()
+                return
         if active >= MAX_CLIENTS:
             log.warning("metrics: refused a scrape, %d in progress", active)
             await _refuse(stream)

@@ -8,12 +8,13 @@ from ..unixsock import resolve_id
 
 def vmm_peer_problem(auth: VmmAuth, uid: int, gid: int) -> str | None:
     """None if a peer with ``uid``/``gid`` may act as the VMM, else why not."""
-    if auth.uid is None and auth.gid is None:
+    if not auth.uids and auth.gid is None:
         return None
     wanted = []
-    for value, kind, have in ((auth.uid, "user", uid), (auth.gid, "group", gid)):
-        if value is None:
-            continue
+    checks = [(value, "user", uid) for value in auth.uids]
+    if auth.gid is not None:
+        checks.append((auth.gid, "group", gid))
+    for value, kind, have in checks:
         want = resolve_id(value, kind)
         if want == have:
             return None

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import trio
 
-from ..unixsock import UnixListener
+from ..unixsock import UnixListener, local_peer_problem
 
 log = logging.getLogger("hvcproxyd.eventstream")
 
@@ -117,6 +117,11 @@ class EventStream:
 
     async def _session(self, stream: trio.SocketStream) -> None:
         async with stream:
+            why = local_peer_problem(stream.socket, None)
+            if why:
+                self.stats.refused += 1
+                log.warning("%s: refused a subscriber: %s", self.name, why)
+                return
             if len(self.subscribers) >= self.max_subscribers:
                 self.stats.refused += 1
                 with trio.move_on_after(1), suppress(trio.BrokenResourceError, trio.ClosedResourceError):
