@@ -76,3 +76,10 @@ def test_the_daemons_own_user_is_admitted() -> None:
     a, b = socket.socketpair()
     with a, b:
         assert local_peer_problem(a, None) is None
+
+
+def test_with_vmm_uid_the_group_only_opens_the_file(make_config: Callable[[str], VmConfig]) -> None:
+    config = make_config(HEAD + "vmm: {uid: nobody, gid: users}\n")
+    assert not [w for w in config.warnings if w.key == "vmm.gid"]  # the group is not the check here
+    assert vmm_peer_problem(config.vmm, 1000, 100) is not None  # in the group, not the user: refused
+    assert vmm_peer_problem(config.vmm, NOBODY, NOBODY) is None

@@ -161,7 +161,7 @@ def _parse_ops(s: Section, socket_path: Path) -> _Ops:
     if v is not None:
         v.allow_keys(("uid", "gid", "timeout_ms"))
         vmm = VmmAuth(_uids(v), _ident(v, "gid", "group"), v.integer("timeout_ms", default=None, lo=1, hi=3_600_000))
-        if vmm.gid is not None:
+        if vmm.gid is not None and not vmm.uids:  # with uid, the gid is only the socket file's group
             _warn_broad_group(v, vmm.gid)
 
     control = Path(s.string("control_socket", default=str(socket_path.with_suffix(".ctl"))))
