@@ -130,3 +130,5 @@ rules:
     assert report["MemshareSidecar"]["stream"] == str(tmp_path / "ms.sock")
     assert 'hvcproxyd_handler_state{handler="ms",key="shared_bytes",vm="rep"} 12288.0' in text
     assert 'hvcproxyd_handler_state{handler="ms",key="MemshareSidecar.connected",vm="rep"} 0.0' in text
+    assert 'hvcproxyd_handler_state{handler="ms",key="MemshareSidecar.stalled",vm="rep"} 0.0' in text
+    assert st["control_refused"] == 0 and 'hvcproxyd_control_refused_total{vm="rep"} 0.0' in text

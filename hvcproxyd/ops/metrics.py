@@ -96,6 +96,8 @@ class DaemonCollector(Collector):
         yield counter("hvcproxyd_vmm_refused", "Connections refused by the SO_PEERCRED check", links["refused_peers"])
         yield counter("hvcproxyd_trace_dropped", "Calls not shown to a trace client that read too slowly",
                       st["trace_dropped"])
+        yield counter("hvcproxyd_control_refused", "Control-socket clients refused at the connection cap",
+                      st["control_refused"])
         reloads = CounterMetricFamily("hvcproxyd_config_reloads", "SIGHUP reloads", labels=["vm", "result"])
         reloads.add_metric([vm, "applied"], st["reloads"]["applied"])
         reloads.add_metric([vm, "refused"], st["reloads"]["refused"])

@@ -74,6 +74,7 @@ class Service:
         self.last_reload: dict[str, Any] | None = None
         self.config_loaded = time.time()
         self.metrics_address: Any = None
+        self.control: ControlServer | None = None
         self._call_logger: Observer | None = None
         self._set_call_logging()
         set_vm(config.name)
@@ -126,7 +127,8 @@ class Service:
     # -- what it is doing
     def status(self) -> dict[str, Any]:
         return status_of(self.daemon, config_loaded=self.config_loaded, last_reload=self.last_reload,
-                         metrics_address=self.metrics_address, hub=self.hub)
+                         metrics_address=self.metrics_address, hub=self.hub,
+                         control_refused=self.control.refused if self.control is not None else 0)
 
     async def heartbeat(self) -> None:
         """WATCHDOG=1 from the event loop itself, and STATUS= when it changed."""
@@ -147,7 +149,7 @@ class Service:
         VMM, control and metrics sockets all accept."""
         cfg = self.config
         raise_fd_limit()
-        control = ControlServer(cfg.control_socket, cfg.name, self.status, self.hub)
+        control = self.control = ControlServer(cfg.control_socket, cfg.name, self.status, self.hub)
         async with trio.open_nursery() as nursery:
             await nursery.start(self.daemon.run)
             await nursery.start(control.serve)

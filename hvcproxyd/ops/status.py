@@ -57,7 +57,7 @@ def _address(addr: Any) -> str | None:
 
 
 def status_of(d: Daemon, *, config_loaded: float, last_reload: dict[str, Any] | None, metrics_address: Any,
-              hub: TraceHub) -> dict[str, Any]:
+              hub: TraceHub, control_refused: int = 0) -> dict[str, Any]:
     cfg, vm, now = d.config, d.vm, time.time()
     stats = vm.stats
     session = d.session
@@ -108,7 +108,7 @@ def status_of(d: Daemon, *, config_loaded: float, last_reload: dict[str, Any] | 
         "vcpu_power_source": power_source,
         "calls": {"total": stats.total(), "replays": stats.replays, "results": dict(stats.by_result()),
                   "handlers": handlers},
-        "trace_clients": len(hub.subscribers), "trace_dropped": hub.dropped,
+        "trace_clients": len(hub.subscribers), "trace_dropped": hub.dropped, "control_refused": control_refused,
     }
 
 

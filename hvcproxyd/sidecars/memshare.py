@@ -137,7 +137,8 @@ class MemshareSidecar(Sidecar):
             return {"stream": None, "plugins": len(self.plugins)}
         st = self.stream.stats
         return {"stream": str(self.socket_path), "subscribers": len(self.stream.subscribers),
-                "connected": st.connected, "refused": st.refused, "resyncs": st.resyncs, "lost": st.lost,
+                "connected": st.connected, "refused": st.refused, "stalled": st.stalled, "resyncs": st.resyncs,
+                "lost": st.lost,
                 "plugins": len(self.plugins)}
 
 
