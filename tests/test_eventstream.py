@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from hvcproxyd.errors import HvcproxydError
+from hvcproxyd.handlers.pkvm_memshare.ledger import Ledger, RangeSet, Replica, SnapshotView
 from hvcproxyd.sidecars.eventstream import EventStream
 
 
@@ -154,3 +155,41 @@ async def test_socket_file_lifecycle(tmp_path: Path) -> None:
     with pytest.raises(HvcproxydError, match="cannot listen"):
         await es.serve()
     assert path.read_text() == "not ours"  # never removes what is not a socket
+
+
+async def test_a_chunked_snapshot_lets_the_producer_run_and_stays_consistent(tmp_path: Path) -> None:
+    """A ledger snapshot of many chunks is sent a chunk at a time: the producer
+    keeps publishing while it goes out, and what the reader rebuilds from the
+    snapshot plus the changes after it equals the ledger at the end."""
+    ledger = Ledger(4096)
+    ranges = 20 * SnapshotView.CHUNK
+    ledger.shared = RangeSet.from_sorted((2 * i * 4096, (2 * i + 1) * 4096) for i in range(ranges))
+    es = EventStream(tmp_path / "ev.sock", lambda: ledger.view("vm", 0.0), queue_limit=1 << 16)
+    published = 0
+
+    async def producer() -> None:
+        nonlocal published
+        for i in range(200):
+            change = ledger.share((2 * (ranges + i)) * 4096, 4096, vcpu=0)
+            assert change is not None
+            es.publish(change.json_line(0.0))
+            published += 1
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(es.serve)
+        stream = await trio.open_unix_socket(str(es.path))
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(producer)
+        reader = LineReader(stream)
+        replica = Replica()
+        snap = await reader.line()
+        assert snap["type"] == "snapshot" and len(snap["ranges"]) == ranges
+        # The producer ran while the snapshot was on its way (its writes were chunks, each an await).
+        assert published > 0
+        replica.apply(snap)
+        while replica.seq != 200:
+            replica.apply(await reader.line())
+        assert replica.shared == ledger.shared
+        assert es.stats.writes > 20  # the snapshot alone took one write per chunk
+        nursery.cancel_scope.cancel()

@@ -9,7 +9,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcproxyd.handlers.pkvm_memshare.ledger import Change, Ledger, RangeSet, Replica, StreamError
+from hvcproxyd.handlers.pkvm_memshare.ledger import (
+    Change,
+    Ledger,
+    LedgerFull,
+    RangeSet,
+    Replica,
+    SnapshotView,
+    StreamError,
+)
 
 G = 4096
 PAGES = 64  # a small universe makes overlaps, touches and splits common
@@ -23,8 +31,21 @@ def pages_of(rs: RangeSet) -> set[int]:
     return {p for lo, hi in rs.ranges() for p in range(lo // G, hi // G)}
 
 
+def assert_blocks_consistent(rs: RangeSet) -> None:
+    """The block structure behind the ranges: no empty or oversized block, each
+    block's last end indexed, and (with more than one block) none below a quarter full."""
+    starts, ends, lasts = rs._starts, rs._ends, rs._lasts
+    assert len(starts) == len(ends) == len(lasts)
+    assert all(0 < len(s) == len(e) <= rs._block for s, e in zip(starts, ends, strict=True))
+    assert lasts == [e[-1] for e in ends]
+    assert sum(map(len, starts)) == len(rs)
+    if len(starts) > 1:
+        assert all(len(s) >= rs._block // 4 for s in starts)
+
+
 def assert_canonical(rs: RangeSet, model: set[int]) -> None:
     """Members match, and ranges are sorted, non-empty and neither overlap nor touch."""
+    assert_blocks_consistent(rs)
     assert pages_of(rs) == model
     ranges = rs.ranges()
     assert all(lo < hi for lo, hi in ranges)
@@ -35,11 +56,12 @@ def assert_canonical(rs: RangeSet, model: set[int]) -> None:
     assert len(rs) == runs
 
 
-@given(ops, st.lists(page_runs, max_size=20))
+@given(ops, st.lists(page_runs, max_size=20), st.sampled_from([2, 3, 4, 8, RangeSet.BLOCK]))
 @settings(deadline=None)  # examples: the profile (tests/conftest.py)
 def test_rangeset_matches_a_set_of_pages(operations: list[tuple[str, tuple[int, int]]],
-                                         queries: list[tuple[int, int]]) -> None:
-    rs, model = RangeSet(), set[int]()
+                                         queries: list[tuple[int, int]], block: int) -> None:
+    # Tiny blocks make every update split, merge or span blocks.
+    rs, model = RangeSet(block=block), set[int]()
     for op, (first, n) in operations:
         span = set(range(first, first + n))
         if op == "add":
@@ -53,6 +75,47 @@ def test_rangeset_matches_a_set_of_pages(operations: list[tuple[str, tuple[int, 
         span = set(range(first, first + n))
         assert rs.covers(first * G, (first + n) * G) == (span <= model)
         assert rs.intersects(first * G, (first + n) * G) == bool(span & model)
+
+
+@given(ops, st.integers(1, 12), st.sampled_from([2, 4, RangeSet.BLOCK]))
+@settings(deadline=None)
+def test_rangeset_bound_refuses_growth_only(operations: list[tuple[str, tuple[int, int]]], bound: int,
+                                            block: int) -> None:
+    """With max_ranges, a refused update changes nothing, an accepted one never
+    ends above the bound unless it shrank the set, and the result still matches the model."""
+    rs, model = RangeSet(block=block), set[int]()
+    for op, (first, n) in operations:
+        before, count = rs.ranges(), len(rs)
+        span = set(range(first, first + n))
+        after = model | span if op == "add" else model - span
+        runs = sum(1 for p in after if p - 1 not in after)
+        accepted = getattr(rs, op)(first * G, (first + n) * G, max_ranges=bound)
+        assert accepted == (runs <= bound or runs <= count)
+        if accepted:
+            model = after
+        else:
+            assert rs.ranges() == before
+        assert_canonical(rs, model)
+
+
+@given(ops, st.sampled_from([2, 3, RangeSet.BLOCK]))
+@settings(deadline=None)
+def test_frozen_view_is_unaffected_by_later_changes(operations: list[tuple[str, tuple[int, int]]],
+                                                    block: int) -> None:
+    rs = RangeSet([(0, G), (4 * G, 6 * G), (10 * G, 11 * G)], block=block)
+    view = rs.frozen()
+    before = rs.ranges()
+    for op, (first, n) in operations:
+        getattr(rs, op)(first * G, (first + n) * G)
+    assert list(view) == before and view.total == 4 * G and len(view) == 3
+    assert RangeSet.from_sorted(rs.frozen(), block=block) == rs
+
+
+def test_from_sorted_refuses_anything_but_canonical_ranges() -> None:
+    assert RangeSet.from_sorted([(0, G), (2 * G, 3 * G)]).ranges() == [(0, G), (2 * G, 3 * G)]
+    for bad in ([(0, G), (G, 2 * G)], [(2 * G, 3 * G), (0, G)], [(G, G)], [(0, 1 << 64 + 1)], [(0.5, G)]):
+        with pytest.raises(ValueError):
+            RangeSet.from_sorted(bad)  # type: ignore[arg-type]
 
 
 def test_rangeset_empty_intervals() -> None:
@@ -112,6 +175,50 @@ def test_ledger_refuses_unaligned_ranges_as_caller_bugs(ipa: int, size: int) -> 
 def test_ledger_granule_must_be_an_arm_granule() -> None:
     with pytest.raises(ValueError):
         Ledger(8192)
+
+
+def test_ledger_bound_raises_and_changes_nothing() -> None:
+    ledger = Ledger(G, max_ranges=2)
+    ledger.share(0, G, vcpu=0)
+    ledger.share(2 * G, G, vcpu=0)
+    with pytest.raises(LedgerFull):
+        ledger.share(4 * G, G, vcpu=0)  # a third range
+    assert ledger.share(G, G, vcpu=0) is not None  # fills the hole: one range
+    assert ledger.share(4 * G, 2 * G, vcpu=0) is not None  # two ranges again
+    with pytest.raises(LedgerFull):
+        ledger.unshare(G, G, vcpu=0)  # would split [0, 3G) in two: three ranges
+    assert ledger.ranges() == [(0, 3 * G), (4 * G, 2 * G)] and ledger.seq == 4
+    assert ledger.counters.full == 2 and ledger.counters.refused == 0
+    assert ledger.unshare(0, 3 * G, vcpu=0) is not None  # shrinking is always allowed
+
+
+def test_restored_ledger_above_a_lowered_bound_can_only_shrink() -> None:
+    big = Ledger(G)
+    for i in range(4):
+        big.share(2 * i * G, G, vcpu=0)
+    small = Ledger.from_dict(big.to_dict(), max_ranges=2)
+    assert len(small.shared) == 4  # guest-visible state is never dropped
+    with pytest.raises(LedgerFull):
+        small.share(100 * G, G, vcpu=0)
+    assert small.share(G, G, vcpu=0) is not None  # merges two: 3 ranges, fewer than before
+    assert small.unshare(0, 2 * G, vcpu=0) is not None
+
+
+def test_snapshot_view_streams_in_chunks_and_stays_consistent() -> None:
+    ledger = Ledger(G)
+    n = 3 * SnapshotView.CHUNK + 17
+    ledger.shared = RangeSet.from_sorted((2 * i * G, (2 * i + 1) * G) for i in range(n))
+    view = ledger.view("vm", 1.5)
+    ledger.share(2 * n * G, G, vcpu=0)  # after the view: not in it
+    chunks = list(view)
+    assert len(chunks) >= 4
+    record = json.loads(b"".join(chunks))
+    assert record["type"] == "snapshot" and record["seq"] == 0 and record["shared"] == n * G
+    assert record["ranges"] == [[2 * i * G, G] for i in range(n)]
+    assert b"".join(view) == b"".join(chunks)  # iterable again: one view serves several subscribers
+    replica = Replica()
+    replica.apply(record)
+    assert len(replica.shared) == n
 
 
 def test_is_shared_takes_any_byte_range() -> None:
@@ -187,3 +294,16 @@ def test_replica_checks_gaps_totals_and_lost_counts() -> None:
     honest.apply({"type": "lost", "count": 2})
     honest.apply(json.loads(ledger.snapshot_line("vm", 0.0)))
     assert honest.shared == ledger.shared and honest.lost == 2
+
+
+def test_copy_is_independent_both_ways() -> None:
+    ledger = Ledger(G)
+    ledger.shared = RangeSet.from_sorted(((2 * i * G, (2 * i + 1) * G) for i in range(2000)), block=4)
+    twin = ledger.copy(max_ranges=5000)
+    twin.share(4001 * G * 2, G, vcpu=0)
+    ledger.unshare(0, G, vcpu=0)
+    assert len(twin.shared) == 2001 and len(ledger.shared) == 1999
+    assert twin.ranges()[0] == (0, G) and ledger.ranges()[0] == (2 * G, G)
+    assert (twin.max_ranges, ledger.max_ranges, twin.seq, ledger.seq) == (5000, None, 1, 1)
+    assert_blocks_consistent(twin.shared)
+    assert_blocks_consistent(ledger.shared)

@@ -259,7 +259,7 @@ async def test_changes_reach_stream_subscribers_with_vcpu(svc: VmService) -> Non
     sub = Subscriber()
     stream.subscribers.append(sub)
     await caller(svc)(SHARE_ID, RAM + 0x3000, vcpu=3)
-    assert len(sub.queue) == 1
+    assert len(sub.queue) == 1 and isinstance(sub.queue[0], bytes)  # a change is one whole line
     rec = json.loads(sub.queue[0])
     assert {k: rec[k] for k in ("type", "seq", "vcpu", "ipa", "size", "shared")} == {
         "type": "share", "seq": 1, "vcpu": 3, "ipa": RAM + 0x3000, "size": 4096, "shared": 4096}
@@ -319,6 +319,24 @@ async def test_mmio_guard_ranges_are_bounded(make_config: Callable[[str], VmConf
     assert (await call(MMIO_GUARD_ID, 2 * MAX_GUARD_RANGES * 4096))[0] == INVALID
     assert (await call(MMIO_GUARD_ID, 4096))[0] == 0  # fills a hole: one range fewer, so allowed
     assert len(handler(svc).guarded) == MAX_GUARD_RANGES - 1
+
+
+async def test_ledger_bound_gives_the_guest_invalid_parameter(make_config: Callable[[str], VmConfig],
+                                                               tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    svc = make_service(make_config, tmp_path, opts(max_ranges=3))
+    call, h = caller(svc), handler(svc)
+    for i in range(3):  # every other page: no two merge
+        assert (await call(SHARE_ID, RAM + 2 * i * 4096))[0] == 0
+    for _ in range(3):
+        assert (await call(SHARE_ID, RAM + 6 * 4096))[0] == INVALID
+    assert (await call(UNSHARE_ID, RAM))[0] == 0  # shrinking is always allowed
+    assert (await call(SHARE_ID, RAM + 6 * 4096))[0] == 0
+    report = h.report()
+    assert (report["ranges"], report["refused_full"], report["max_ranges"], report["refused"]) == (3, 3, 3, 0)
+    full = [r for r in caplog.records if "ledger full" in r.getMessage()]
+    assert len(full) == 2  # the first refusal and the second (powers of two), not the third
+    assert "raise max_ranges" in full[0].getMessage()
 
 
 # ----------------------------------------------------------------- lifecycle, queries, plugins
@@ -418,6 +436,7 @@ async def test_in_process_subscribers(make_config: Callable[[str], VmConfig], tm
     (opts(subscribers="['tests.nowhere:X']"), "cannot load"),
     (opts(subscribers="log"), "must be a list"),
     (opts(max_pages_per_call=0), "max_pages_per_call"),
+    (opts(max_ranges=0), "max_ranges"),
     (opts(colour="blue"), "unknown key"),
 ])
 def test_option_problems(make_config: Callable[[str], VmConfig], tmp_path: Path, options: str,

@@ -213,6 +213,14 @@ class Handler:
         """Inverse of :meth:`snapshot`."""
         return ()
 
+    def adopt(self, previous: Handler) -> Notes:
+        """Take over the state of ``previous``, an instance of the same class that
+        this one replaces on a reload.  The default goes through :meth:`snapshot`
+        and :meth:`restore`; a handler whose state is large overrides it to share
+        or cheaply copy its structures instead of walking them on the event loop.
+        ``previous`` must be left intact: a reload refused later keeps it running."""
+        return self.restore(previous.snapshot())
+
 
 def available_handlers() -> list[str]:
     return installed(ENTRY_POINT_GROUP)

@@ -90,7 +90,7 @@ class VmService:
         for name, inst in out.items():
             prev = old.get(name)
             if prev is not None and type(prev) is type(inst):
-                inst.restore(prev.snapshot())  # the old sidecars are rebound or replaced below
+                inst.adopt(prev)  # the old sidecars are rebound or replaced below
         return out
 
     def _publish_registry(self) -> None:

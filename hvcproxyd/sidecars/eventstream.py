@@ -12,13 +12,16 @@ complete.
 
 A snapshot is taken in the same synchronous step that registers or resyncs a
 subscriber, so no line is missed or repeated around it (trio runs one task at a
-time, and the producer mutates its state without awaiting).
+time, and the producer mutates its state without awaiting).  Taking it must be
+cheap (a frozen view, not the encoded state): the view is an iterable of byte
+chunks, encoded as they are sent, so a snapshot of millions of ranges never
+holds up the event loop for more than one chunk.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,13 +39,18 @@ _DISCARD_READ = 4096
 SEND_TIMEOUT = 30.0
 
 
+#: What the producer's ``snapshot`` returns: the whole JSON line, or chunks of it
+#: that can be iterated more than once (one view may go to several subscribers).
+Snapshot = bytes | Iterable[bytes]
+
+
 class Subscriber:
-    """One connected reader: its pending lines and what it is owed."""
+    """One connected reader: its pending lines (and snapshots) and what it is owed."""
 
     __slots__ = ("lost", "queue", "resync", "wake")
 
     def __init__(self) -> None:
-        self.queue: list[bytes] = []
+        self.queue: list[Snapshot] = []
         self.lost = 0
         self.resync = False
         self.wake = trio.Event()
@@ -65,10 +73,10 @@ def lost_line(count: int) -> bytes:
 class EventStream:
     """Fan-out of JSON lines to the subscribers of one UNIX socket.
 
-    ``snapshot`` returns the line that describes the current state; it is sent
+    ``snapshot`` returns the current state as a :data:`Snapshot`; it is sent
     first to every new subscriber and after every overflow."""
 
-    def __init__(self, path: Path, snapshot: Callable[[], bytes], *, queue_limit: int = 1024,
+    def __init__(self, path: Path, snapshot: Callable[[], Snapshot], *, queue_limit: int = 1024,
                  max_subscribers: int = 16, coalesce_s: float = 0.0, name: str = "events",
                  send_timeout: float = SEND_TIMEOUT) -> None:
         if queue_limit < 1 or max_subscribers < 1:
@@ -86,7 +94,8 @@ class EventStream:
         self.stats = StreamStats()
 
     # -- the producer side: synchronous, never blocks
-    def publish(self, line: bytes) -> None:
+    def publish(self, line: Snapshot) -> None:
+        """Queue a line, or a snapshot (the producer's state was replaced), for everyone."""
         limit = self.queue_limit
         for sub in self.subscribers:
             if sub.resync:
@@ -142,27 +151,45 @@ class EventStream:
             finally:
                 self.subscribers.remove(sub)
 
-    async def _pump(self, sub: Subscriber, stream: trio.SocketStream, data: bytes) -> None:
-        while True:
-            self.stats.writes += 1
-            with trio.move_on_after(self.send_timeout) as stalled:
-                await stream.send_all(data)
-            if stalled.cancelled_caught:
-                self.stats.stalled += 1
-                log.warning("%s stream: a subscriber read nothing for %.0fs; closed", self.name, self.send_timeout)
-                return
+    async def _pump(self, sub: Subscriber, stream: trio.SocketStream, first: Snapshot) -> None:
+        items: list[Snapshot] = [first]
+        while await self._send(stream, items):
             while not (sub.resync or sub.queue):
                 sub.wake = trio.Event()
                 await sub.wake.wait()
             if self.coalesce_s:
                 await trio.sleep(self.coalesce_s)
             if sub.resync:
-                data = lost_line(sub.lost) + self.snapshot()
+                items = [lost_line(sub.lost), self.snapshot()]
                 sub.lost = 0
                 sub.resync = False
             else:
-                data = b"".join(sub.queue)
-                sub.queue.clear()
+                items, sub.queue = sub.queue, []
+
+    async def _send(self, stream: trio.SocketStream, items: list[Snapshot]) -> bool:
+        """Send lines and snapshots in order, consecutive lines in one write and a
+        snapshot a chunk at a time; False if the subscriber stopped reading."""
+        pending: list[bytes] = []
+        for item in items:
+            if isinstance(item, bytes):
+                pending.append(item)
+                continue
+            for chunk in item:
+                pending.append(chunk)
+                if not await self._write(stream, b"".join(pending)):
+                    return False
+                pending.clear()
+        return not pending or await self._write(stream, b"".join(pending))
+
+    async def _write(self, stream: trio.SocketStream, data: bytes) -> bool:
+        self.stats.writes += 1
+        with trio.move_on_after(self.send_timeout) as stalled:
+            await stream.send_all(data)
+        if stalled.cancelled_caught:
+            self.stats.stalled += 1
+            log.warning("%s stream: a subscriber read nothing for %.0fs; closed", self.name, self.send_timeout)
+            return False
+        return True
 
     @staticmethod
     async def _until_closed(stream: trio.SocketStream, scope: trio.CancelScope) -> None:
@@ -173,4 +200,4 @@ class EventStream:
         scope.cancel()
 
 
-__all__ = ["EventStream", "StreamStats", "Subscriber", "lost_line"]
+__all__ = ["EventStream", "Snapshot", "StreamStats", "Subscriber", "lost_line"]

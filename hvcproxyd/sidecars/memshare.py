@@ -21,7 +21,7 @@ from ..core.handler import Handler, VmContext
 from ..core.sidecar import Sidecar
 from ..errors import HvcproxydError
 from ..handlers.pkvm_memshare.handler import MemshareHandler, MemshareOptions, default_socket
-from ..handlers.pkvm_memshare.ledger import Change, Ledger
+from ..handlers.pkvm_memshare.ledger import Change, Ledger, SnapshotView
 from ..plugins import load_plugin
 from .eventstream import EventStream
 
@@ -67,7 +67,7 @@ class MemshareSidecar(Sidecar):
         self._memshare = handler
         opts: MemshareOptions = handler.opts
         self.socket_path = opts.socket or default_socket(vm.name)
-        self.stream = (EventStream(self.socket_path, self._snapshot_line, queue_limit=opts.subscriber_queue,
+        self.stream = (EventStream(self.socket_path, self._snapshot, queue_limit=opts.subscriber_queue,
                                    max_subscribers=opts.max_subscribers, coalesce_s=opts.subscriber_flush_ms / 1000,
                                    name=f"{vm.name} memshare")
                        if opts.stream else None)
@@ -103,7 +103,7 @@ class MemshareSidecar(Sidecar):
                 self._notify(plugin.on_change, note)
         elif isinstance(note, Ledger):
             if self.stream is not None:
-                self.stream.publish(self._snapshot_line())
+                self.stream.publish(self._snapshot())
             for plugin in self.plugins:
                 self._notify(plugin.on_snapshot, note)
 
@@ -113,8 +113,8 @@ class MemshareSidecar(Sidecar):
         except Exception:
             self.log.exception("memshare subscriber %s failed", type(getattr(hook, "__self__", hook)).__name__)
 
-    def _snapshot_line(self) -> bytes:
-        return self._memshare.ledger.snapshot_line(self.vm.name, time.time())
+    def _snapshot(self) -> SnapshotView:
+        return self._memshare.ledger.view(self.vm.name, time.time())
 
     # -- the socket side
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

@@ -42,7 +42,7 @@ from ...smccc import (
 )
 from ...wire import CALL_AARCH32, Call, EventKind, VmEvent
 from .. import NOT_SUPPORTED, Handler, Notes, Result, VmContext
-from .ledger import GRANULES, Change, Ledger, RangeSet
+from .ledger import GRANULES, Change, Ledger, LedgerFull, RangeSet
 
 # Function numbers in the vendor-hyp range (include/linux/arm-smccc.h).
 KVM_FUNC_FEATURES = 0
@@ -71,6 +71,9 @@ ABIS = ("mainline", "range")
 #: Distinct guarded MMIO ranges a guest may create.  MMIO lies outside RAM, so
 #: unlike shares nothing else bounds it; pKVM is bounded by its page-table memcache.
 MAX_GUARD_RANGES = 4096
+#: Default bound on the ledger's ranges: 4 GiB of alternate 4 KiB pages, about
+#: 16 MiB of ledger.  Sharing in long runs (what guests do) needs a handful.
+DEFAULT_MAX_RANGES = 1 << 20
 
 SUCCESS = Result.of(SmcccResult.SUCCESS)
 INVALID = Result.of(SmcccResult.INVALID_PARAMETER)
@@ -98,6 +101,7 @@ class MemshareOptions:
     subscriber_queue: int = 1024
     subscriber_flush_ms: int = 1
     max_subscribers: int = 16
+    max_ranges: int = DEFAULT_MAX_RANGES
     #: In-process subscriber plugins by name; the sidecar loads them.
     subscribers: tuple[str, ...] = ()
 
@@ -115,7 +119,8 @@ class MemshareOptions:
 
 
 OPTION_KEYS = ("abi", "granule", "max_pages_per_call", "mmio_guard", "uid", "call_count", "revision", "delegate",
-               "stream", "socket", "subscriber_queue", "subscriber_flush_ms", "max_subscribers", "subscribers")
+               "stream", "socket", "subscriber_queue", "subscriber_flush_ms", "max_subscribers", "subscribers",
+               "max_ranges")
 
 
 def parse_memshare_options(s: Section) -> MemshareOptions:
@@ -164,6 +169,7 @@ def parse_memshare_options(s: Section) -> MemshareOptions:
         subscriber_queue=s.integer("subscriber_queue", default=d.subscriber_queue, lo=1, hi=1 << 20),
         subscriber_flush_ms=s.integer("subscriber_flush_ms", default=d.subscriber_flush_ms, lo=0, hi=1000),
         max_subscribers=s.integer("max_subscribers", default=d.max_subscribers, lo=1, hi=1024),
+        max_ranges=s.integer("max_ranges", default=d.max_ranges, lo=1, hi=1 << 26),
         subscribers=subscribers,
     )
 
@@ -182,7 +188,7 @@ class MemshareHandler(Handler):
     def __init__(self, name: str, options: MemshareOptions, vm: VmContext) -> None:
         super().__init__(name, options, vm)
         self.opts = options
-        self.ledger = Ledger(options.granule)
+        self.ledger = Ledger(options.granule, max_ranges=options.max_ranges)
         #: MMIO pages the guest registered with MMIO_GUARD (guest-visible state, so snapshotted too).
         self.guarded = RangeSet()
         self.range_abi = options.abi == "range"
@@ -268,12 +274,24 @@ class MemshareHandler(Handler):
         memory = self.vm.memory
         if memory is None or not memory.contains(ipa, size):
             return INVALID
-        change = apply(ipa, size, vcpu=call.vcpu)
+        try:
+            change = apply(ipa, size, vcpu=call.vcpu)
+        except LedgerFull as full:
+            self._warn_full(full)
+            return INVALID
         if change is None:  # already shared / not shared: pKVM refuses and changes nothing
             return INVALID
         if self.range_abi:
             return Result.of(SmcccResult.SUCCESS, n, notes=(change,))
         return Result(SUCCESS.regs, notes=(change,))
+
+    def _warn_full(self, full: LedgerFull) -> None:
+        # The first refusal and then each power of two: loud enough to be seen, never a flood.
+        n = self.ledger.counters.full
+        if n & (n - 1) == 0:
+            self.log.warning("memshare ledger full (%s): VM %s's call refused with INVALID_PARAMETER "
+                             "(%d so far); raise max_ranges if the guest is legitimately this fragmented",
+                             full, self.vm.name, n)
 
     def _mmio_guard(self, call: Call) -> Result:
         extent = self._extent(call)
@@ -311,6 +329,7 @@ class MemshareHandler(Handler):
         c = self.ledger.counters
         return {"shared_bytes": self.ledger.shared_bytes, "ranges": len(self.ledger.shared), "seq": self.ledger.seq,
                 "granule": self.ledger.granule, "shares": c.shares, "unshares": c.unshares, "refused": c.refused,
+                "refused_full": c.full, "max_ranges": self.opts.max_ranges,
                 "peak_bytes": c.peak_bytes, "resets": c.resets, "mmio_guard_ranges": len(self.guarded)}
 
     # -- lifecycle
@@ -336,7 +355,7 @@ class MemshareHandler(Handler):
         if self.ledger.granule != self.opts.granule:
             # A reload changed the granule; it takes effect now that the guest starts over.
             resets = self.ledger.counters.resets
-            self.ledger = Ledger(self.opts.granule)
+            self.ledger = Ledger(self.opts.granule, max_ranges=self.opts.max_ranges)
             self.ledger.counters.resets = resets
         self.guarded.clear()
         return (self.ledger.reset(),)
@@ -345,18 +364,28 @@ class MemshareHandler(Handler):
         return {"ledger": self.ledger.to_dict(), "mmio_guard": [[lo, hi - lo] for lo, hi in self.guarded.ranges()]}
 
     def restore(self, data: dict[str, Any]) -> Notes:
-        ledger = Ledger.from_dict(data["ledger"])
+        ledger = Ledger.from_dict(data["ledger"], max_ranges=self.opts.max_ranges)
         guarded = data.get("mmio_guard", [])
         if not (isinstance(guarded, list) and all(
                 isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and v >= 0 for v in r)
                 and not (r[0] | r[1]) & (ledger.granule - 1) for r in guarded)):
             raise ValueError(f"not a list of granule-aligned [ipa, size] MMIO ranges: {guarded!r}")
+        self._restored = True
+        return self._take(ledger, RangeSet((lo, lo + size) for lo, size in guarded))
+
+    def adopt(self, previous: Handler) -> Notes:
+        # A reload: copy the blocks, not the ranges, so a ledger of millions of
+        # ranges changes hands without a walk on the event loop.
+        assert isinstance(previous, MemshareHandler)
+        self._restored = previous._restored
+        return self._take(previous.ledger.copy(max_ranges=self.opts.max_ranges), previous.guarded.copy())
+
+    def _take(self, ledger: Ledger, guarded: RangeSet) -> Notes:
         if ledger.granule != self.opts.granule:
             self.log.warning("restored ledger uses granule %d, config says %d; keeping %d until the VM resets",
                              ledger.granule, self.opts.granule, ledger.granule)
         self.ledger = ledger
-        self.guarded = RangeSet((lo, lo + size) for lo, size in guarded)
-        self._restored = True
+        self.guarded = guarded
         return (ledger,)  # subscribers start again from the restored ledger
 
 
