@@ -210,7 +210,8 @@ class Handler:
         return {}
 
     def restore(self, data: dict[str, Any]) -> Notes:
-        """Inverse of :meth:`snapshot`."""
+        """Inverse of :meth:`snapshot`.  ``data`` may come from a damaged file: raise
+        ValueError, changing nothing, for anything this handler's snapshot() did not write."""
         return ()
 
     def adopt(self, previous: Handler) -> Notes:

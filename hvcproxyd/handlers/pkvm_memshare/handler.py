@@ -364,6 +364,9 @@ class MemshareHandler(Handler):
         return {"ledger": self.ledger.to_dict(), "mmio_guard": [[lo, hi - lo] for lo, hi in self.guarded.ranges()]}
 
     def restore(self, data: dict[str, Any]) -> Notes:
+        """Raises ValueError, leaving the state as it was, if ``data`` is not a snapshot."""
+        if not isinstance(data, dict) or not isinstance(data.get("ledger"), dict):
+            raise ValueError(f"not a memshare snapshot: {type(data).__name__} without a 'ledger' mapping")
         ledger = Ledger.from_dict(data["ledger"], max_ranges=self.opts.max_ranges)
         guarded = data.get("mmio_guard", [])
         if not (isinstance(guarded, list) and all(
