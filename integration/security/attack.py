@@ -22,7 +22,7 @@ from typing import Any
 
 def raise_fd_limit() -> int:
     """As far as the hard limit allows: an attacker uses all it may."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
 
