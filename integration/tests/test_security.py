@@ -11,6 +11,7 @@ state intact, and the daemon must hold no more file descriptors than before.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -137,7 +138,7 @@ async def serve_vm_through(dep: Deployment, attacks: list[tuple[str, ...]]) -> d
         async with trio.open_nursery() as nursery:
             nursery.start_soon(keep_calling)
             for args in attacks:
-                seen["results"].append(await trio.to_thread.run_sync(lambda a=args: attack(dep, *a)))
+                seen["results"].append(await trio.to_thread.run_sync(functools.partial(attack, dep, *args)))
             done.set()
         # The state the guest built before the attacks, as the guest sees it.
         seen["affinity_1"] = (await cpu.call(AFFINITY_INFO, 1, 0))[0]
