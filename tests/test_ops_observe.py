@@ -153,6 +153,42 @@ async def test_trace_and_status_follow_a_simulated_vm(tmp_path: Path, serve: Ser
     assert any(line.split()[:3] == ["hello", "static", "4"] for line in human.splitlines())
 
 
+async def test_trace_clients_that_leave_mid_stream_are_not_errors(tmp_path: Path, serve: Serve,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """A trace client may go at any moment, even while the daemon is writing to
+    it: at most a DEBUG line, never an ERROR with a traceback."""
+    config = load(tmp_path)
+    daemon = await serve.service(config)
+    leavers: list[trio.SocketStream] = []
+    for _ in range(3):  # the daemon runs in this trio loop: its clients must not block it
+        s = await trio.open_unix_socket(str(control(config)))
+        await s.send_all(b'{"op": "trace"}\n')
+        await s.receive_some(4096)  # the header
+        leavers.append(s)
+    # One leaves with a reset (the daemon sees it on its read side first); two stop
+    # reading, so the daemon's next write is what fails: the case that was an ERROR.
+    leavers[0].socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    await wait_until(lambda: len(daemon.hub.subscribers) == 3, "three trace subscribers")
+
+    async def boot(cpu: SimVcpu, x0: int) -> None:
+        await cpu.call(HELLO, 1)
+        await leavers[0].aclose()
+        for s in leavers[1:]:
+            s.socket.shutdown(socket.SHUT_RD)
+        for _ in range(50):
+            await cpu.call(HELLO, 2)
+        await wait_until(lambda: not daemon.hub.subscribers, "the subscribers gone")
+
+    with caplog.at_level(logging.DEBUG, logger="hvcproxyd"):
+        await run_sim(config, boot)
+    await serve.stop(daemon.daemon)
+    for s in leavers[1:]:
+        await s.aclose()
+    loud = [r for r in caplog.records if r.name.startswith("hvcproxyd") and r.levelno > logging.INFO]
+    assert loud == [], [r.getMessage() for r in loud]
+    assert any("trace client left" in r.getMessage() for r in caplog.records)
+
+
 def trio_json(line: str) -> dict[str, Any]:
     import json
 

@@ -51,6 +51,26 @@ def test_results_follow_the_service_convention(fid: int, regs: tuple[int, ...], 
     assert classify(fid, regs)[0] is want
 
 
+@pytest.mark.parametrize(("fid", "regs", "want"), [
+    (0xC400_0004, (0,), (ResultClass.SUCCESS, "ON")),            # AFFINITY_INFO speaks PSCI's states
+    (0x8400_0004, (1,), (ResultClass.VALUE, "OFF")),
+    (0xC400_0004, (2,), (ResultClass.VALUE, "ON_PENDING")),
+    (0x8400_0004, (neg(-2, 32),), (ResultClass.ERROR, "INVALID_PARAMETERS")),  # an error stays the error
+    (0x8400_0000, (0x1_0003,), (ResultClass.VALUE, "1.3")),     # versions as versions
+    (0x8000_0000, (0x1_0002,), (ResultClass.VALUE, "1.2")),
+    (0x8000_0000, (neg(-1, 32),), (ResultClass.NOT_SUPPORTED, "NOT_SUPPORTED")),
+    (0x8400_0063, (0x1_0001,), (ResultClass.VALUE, "1.1")),
+    (0xC600_0002, (4096,), (ResultClass.VALUE, "granule 4096")),  # memshare's HYP_MEMINFO, its handler's words
+    (0x3200_0004, (0,), (ResultClass.SUCCESS, "OK")),            # OP-TEE's own return codes
+    (0x3200_0004, (4,), (ResultClass.ERROR, "EBADADDR")),
+    (0x3200_0004, (0xFFFF_0005,), (ResultClass.VALUE, "RPC_CMD")),  # the TEE asks the guest for an RPC
+    (0xB200_0009, (0xFFFF_FFFF,), (ResultClass.NOT_SUPPORTED, "UNKNOWN_FUNCTION")),
+])
+def test_results_are_named_in_the_service_language(fid: int, regs: tuple[int, ...],
+                                                   want: tuple[ResultClass, str]) -> None:
+    assert classify(fid, regs) == want
+
+
 def test_a_call_that_does_not_return_is_a_success_whatever_x0_holds() -> None:
     call = Call(1, 2, 0x8400_0002, (0,) * 17)  # CPU_OFF
     reply = Reply(1, 2, (neg(-3), 0, 0, 0), (Effect(EffectKind.CPU_OFF, 2),))

@@ -248,10 +248,17 @@ class ControlServer:
                 reported = 0
                 async for view in receive:
                     with trio.move_on_after(SEND_TIMEOUT) as stalled:
-                        if sub.dropped != reported:
-                            await stream.send_all(_line({"dropped": sub.dropped - reported}))
-                            reported = sub.dropped
-                        await stream.send_all(_line(view.to_json()))
+                        try:
+                            if sub.dropped != reported:
+                                await stream.send_all(_line({"dropped": sub.dropped - reported}))
+                                reported = sub.dropped
+                            await stream.send_all(_line(view.to_json()))
+                        except (trio.BrokenResourceError, trio.ClosedResourceError):
+                            # Caught here, inside the nursery: outside it would arrive wrapped in
+                            # an ExceptionGroup and read as a failure.  A client may leave at any time.
+                            log.debug("%s: control socket: a trace client left", self.vm_name)
+                            nursery.cancel_scope.cancel()
+                            return
                     if stalled.cancelled_caught:
                         log.warning("%s: control socket: a trace client read nothing for %.0fs; closed",
                                     self.vm_name, SEND_TIMEOUT)

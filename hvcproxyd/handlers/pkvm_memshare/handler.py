@@ -40,6 +40,7 @@ from ...smccc import (
     func_id,
     uuid_to_regs,
 )
+from ...smccc.results import register_words
 from ...wire import CALL_AARCH32, Call, EventKind, VmEvent
 from .. import NOT_SUPPORTED, Handler, Notes, Result, VmContext
 from .ledger import GRANULES, Change, Ledger, LedgerFull, RangeSet
@@ -77,6 +78,9 @@ DEFAULT_MAX_RANGES = 1 << 20
 
 SUCCESS = Result.of(SmcccResult.SUCCESS)
 INVALID = Result.of(SmcccResult.INVALID_PARAMETER)
+
+# trace and status say what HYP_MEMINFO answered.
+register_words((HYP_MEMINFO_ID,), lambda value: f"granule {value}" if value > 0 else None)
 
 
 def default_socket(vm_name: str) -> Path:
