@@ -167,7 +167,7 @@ async def test_rx_ownership(g: Guest) -> None:
 
 # ----------------------------------------------------------------- partition info
 
-def records(data: bytes, count: int, size: int) -> list[tuple[int, ...]]:
+def records(data: bytes, count: int, size: int) -> list[tuple[object, ...]]:
     fmt = "<HHI16s" if size == 24 else "<HHI"
     return [struct.unpack_from(fmt, data, i * size) for i in range(count)]
 

@@ -4,6 +4,7 @@ rule kept is accepted), and hypothesis over random and mutated descriptors."""
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable
 from dataclasses import replace
@@ -24,7 +25,7 @@ LIMITS = Limits(borrowers=2, ranges=8, pages=64)
 
 
 def in_ram(addr: int, size: int) -> bool:
-    return RAM <= addr and addr + size <= RAM + RAM_SIZE
+    return addr >= RAM and addr + size <= RAM + RAM_SIZE
 
 
 def in_use(addr: int, size: int) -> bool:
@@ -172,7 +173,7 @@ def _check_accepted(tx: MemTransaction, limits: Limits = LIMITS) -> None:
     spans = sorted((a, a + n * PAGE) for a, n in tx.ranges)
     for a, end in spans:
         assert a % PAGE == 0 and in_ram(a, end - a) and not in_use(a, end - a)
-    for (_, end), (b, _) in zip(spans, spans[1:], strict=False):
+    for (_, end), (b, _) in itertools.pairwise(spans):
         assert end <= b
 
 
@@ -211,7 +212,7 @@ def test_structured_descriptors(desc: Desc, kind: Fn) -> None:
                 for r, acc in desc.receivers)
         and sum(n for _, n in desc.ranges) <= LIMITS.pages
         and all(in_ram(a, end - a) and not in_use(a, end - a) for a, end in spans)
-        and all(e <= b for (_, e), (b, _) in zip(spans, spans[1:], strict=False))
+        and all(e <= b for (_, e), (b, _) in itertools.pairwise(spans))
     )
     try:
         tx = parse(desc.encode(), kind)
