@@ -73,7 +73,7 @@ class EchoPartition(Partition):
     async def indirect_message(self, sender: int, payload: bytes) -> Err | int:
         return self.ctx.send_indirect(payload)
 
-    def notified(self, sender: int, bitmap: int) -> Err | int:
+    async def notified(self, sender: int, bitmap: int) -> Err | int:
         self.notified_bits |= bitmap
         return 0
 

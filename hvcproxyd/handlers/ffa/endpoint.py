@@ -14,7 +14,7 @@ import logging
 import struct
 import uuid as uuidlib
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +98,20 @@ class Fragments:
 
 
 @dataclass(slots=True)
+class PeerRequest:
+    """A direct request from another VM, waiting for this guest to take it (MSG_WAIT)
+    and answer it (DIRECT_RESP).  ``done`` is the peers sidecar's wake-up; the
+    endpoint itself has no task or clock."""
+
+    sender: int
+    args: tuple[int, ...]
+    wide: bool
+    done: Callable[[], None]
+    taken: bool = False
+    response: tuple[int, ...] | Err | None = None
+
+
+@dataclass(slots=True)
 class Bound:
     spec: PartitionSpec
     plugin: Partition
@@ -117,6 +131,8 @@ class Endpoint:
         self.notifications = Notifications()
         self.fragments: Fragments | None = None
         self.queued: deque[tuple[int, bytes]] = deque()
+        #: Peer VMs' direct requests, oldest first (transient: they die with their sockets).
+        self.inbox: deque[PeerRequest] = deque()
         self.partitions: dict[int, Bound] = {}
         for spec in opts.partitions:
             ctx = PartitionContext(self, spec, log.getChild(spec.name))
@@ -241,6 +257,8 @@ class Endpoint:
             return None
         if fn == Fn.MEM_DONATE and not self.opts.donate:
             return None
+        if fn in (Fn.MSG_WAIT, Fn.MSG_SEND_DIRECT_RESP) and not self.opts.peers:
+            return None  # only a VM that accepts peers' requests is ever asked anything
         return fn if SINCE.get(fn, V1_0) <= max(self.version, V1_0) else None
 
     def call_id_get(self) -> Regs:
@@ -348,6 +366,49 @@ class Endpoint:
             raise FfaError(out, f"partition {receiver:#x} refused")
         return (fid64(Fn.MSG_SEND_DIRECT_RESP2), receiver << 16 | sender, 0, 0, *_payload(out, 14, True))
 
+    def offer_request(self, sender: int, args: tuple[int, ...], wide: bool,
+                      done: Callable[[], None]) -> PeerRequest | Err:
+        """A peer VM's direct request for this guest (the peers sidecar checked the
+        pair policy); at most ``pending_messages`` wait."""
+        if not self.version:
+            return Err.DENIED
+        if len(self.inbox) >= self.opts.limits.pending_messages:
+            return Err.BUSY
+        req = PeerRequest(sender, args, wide, done)
+        self.inbox.append(req)
+        return req
+
+    def withdraw(self, req: PeerRequest) -> None:
+        """The peer stopped waiting (timeout): the guest can no longer answer it."""
+        if req in self.inbox:
+            self.inbox.remove(req)
+
+    def call_msg_wait(self) -> Regs:
+        """FFA_MSG_WAIT: the oldest peer request, as the direct request it is.  This
+        endpoint never blocks a vCPU: with nothing pending the guest gets RETRY."""
+        if any(r.taken for r in self.inbox):
+            raise FfaError(Err.DENIED, "answer the request you hold first")
+        if not self.inbox:
+            raise FfaError(Err.RETRY, "no message")
+        req = self.inbox[0]
+        req.taken = True
+        fid = fid64(Fn.MSG_SEND_DIRECT_REQ) if req.wide else fid32(Fn.MSG_SEND_DIRECT_REQ)
+        return (fid, req.sender << 16 | self.opts.id, 0, *req.args[:5])
+
+    def call_direct_resp(self, w1: int, w2: int, payload: Sequence[int], wide: bool) -> Regs:
+        sender, receiver = split_ids(w1)
+        if sender != self.opts.id or w2:
+            raise FfaError(Err.INVALID_PARAMETERS, "the responder must be the caller, with w2 zero")
+        req = next((r for r in self.inbox if r.taken), None)
+        if req is None:
+            raise FfaError(Err.DENIED, "no direct request is held")
+        if receiver != req.sender or wide != req.wide:
+            raise FfaError(Err.INVALID_PARAMETERS, f"the request held is from {req.sender:#x}")
+        self.inbox.remove(req)
+        req.response = _payload(payload, 5, wide)
+        req.done()
+        return ok()
+
     async def call_msg_send2(self, w1: int, flags: int) -> Regs:
         if w1:
             raise FfaError(Err.INVALID_PARAMETERS, "w1 (a hypervisor's sender VM ID) must be zero")
@@ -390,8 +451,8 @@ class Endpoint:
     def call_bind(self, w1: int, flags: int, bitmap: int, unbind: bool) -> Regs:
         sender, receiver = split_ids(w1)
         self._own(receiver)
-        if sender not in self.partitions:
-            raise FfaError(Err.INVALID_PARAMETERS, f"no partition {sender:#x}")
+        if sender not in self.partitions and sender not in self.opts.peers:
+            raise FfaError(Err.INVALID_PARAMETERS, f"no partition or peer {sender:#x}")
         if unbind:
             if flags:
                 raise FfaError(Err.INVALID_PARAMETERS, "w2 must be zero")
@@ -402,7 +463,7 @@ class Endpoint:
         self.notifications.bind(sender, bitmap)
         return ok()
 
-    def call_set(self, w1: int, flags: int, bitmap: int) -> Regs:
+    async def call_set(self, w1: int, flags: int, bitmap: int) -> Regs:
         sender, receiver = split_ids(w1)
         if sender != self.opts.id:
             raise FfaError(Err.INVALID_PARAMETERS, f"sender {sender:#x} is not the caller")
@@ -413,7 +474,7 @@ class Endpoint:
         bound = self.partitions.get(receiver)
         if bound is None:
             raise FfaError(Err.INVALID_PARAMETERS, f"no partition {receiver:#x}")
-        rc = bound.plugin.notified(sender, bitmap)
+        rc = await bound.plugin.notified(sender, bitmap)
         if isinstance(rc, Err):
             raise FfaError(rc, f"partition {receiver:#x} refused the notification")
         return ok()
@@ -518,6 +579,10 @@ class Endpoint:
         self.notifications = Notifications()
         self.fragments = None
         self.queued.clear()
+        while self.inbox:
+            req = self.inbox.popleft()
+            req.response = Err.ABORTED
+            req.done()
         for b in self.partitions.values():
             b.plugin.reset()
 
@@ -555,6 +620,7 @@ IMPLEMENTED: dict[Fn, tuple[int, ...]] = {
     Fn.VERSION: (32,), Fn.FEATURES: (32,), Fn.RX_RELEASE: (32,), Fn.RXTX_MAP: (32, 64),
     Fn.RXTX_UNMAP: (32,), Fn.PARTITION_INFO_GET: (32,), Fn.ID_GET: (32,), Fn.SPM_ID_GET: (32,),
     Fn.MSG_SEND_DIRECT_REQ: (32, 64), Fn.MSG_SEND_DIRECT_REQ2: (64,), Fn.MSG_SEND2: (32,),
+    Fn.MSG_WAIT: (32,), Fn.MSG_SEND_DIRECT_RESP: (32, 64),
     Fn.MEM_SHARE: (32, 64), Fn.MEM_LEND: (32, 64), Fn.MEM_DONATE: (32, 64), Fn.MEM_RECLAIM: (32,),
     Fn.MEM_FRAG_TX: (32,), Fn.NOTIFICATION_BITMAP_CREATE: (32,), Fn.NOTIFICATION_BITMAP_DESTROY: (32,),
     Fn.NOTIFICATION_BIND: (32,), Fn.NOTIFICATION_UNBIND: (32,), Fn.NOTIFICATION_SET: (32,),

@@ -63,6 +63,8 @@ def _table() -> dict[Fn, Op]:
         Fn.MSG_SEND_DIRECT_REQ: lambda e, x, w, c: e.call_direct_req(x[0], x[1], x[2:7], w),
         Fn.MSG_SEND_DIRECT_REQ2: lambda e, x, w, c: e.call_direct_req2(x[0], x[1], x[2], x[3:17]),
         Fn.MSG_SEND2: lambda e, x, w, c: e.call_msg_send2(x[0], x[1]),
+        Fn.MSG_WAIT: lambda e, x, w, c: e.call_msg_wait(),
+        Fn.MSG_SEND_DIRECT_RESP: lambda e, x, w, c: e.call_direct_resp(x[0], x[1], x[2:7], w),
         Fn.MEM_SHARE: lambda e, x, w, c: e.call_mem_send(Fn.MEM_SHARE, x[0] & MASK32, x[1] & MASK32, x[2], x[3]),
         Fn.MEM_LEND: lambda e, x, w, c: e.call_mem_send(Fn.MEM_LEND, x[0] & MASK32, x[1] & MASK32, x[2], x[3]),
         Fn.MEM_DONATE: lambda e, x, w, c: e.call_mem_send(Fn.MEM_DONATE, x[0] & MASK32, x[1] & MASK32, x[2],
@@ -84,6 +86,7 @@ class FfaHandler(Handler):
     (:mod:`.partition`); the handler's own state is the :class:`Endpoint`."""
 
     SERVICES: ClassVar[dict[str, tuple[str, ...]]] = {"ffa": ("1.0", "1.1", "1.2")}
+    SIDECARS: ClassVar[tuple[str, ...]] = ("ffa-peers",)
     _TABLE: ClassVar[dict[Fn, Op]] = _table()
 
     def __init__(self, name: str, options: FfaOptions, vm: VmContext) -> None:

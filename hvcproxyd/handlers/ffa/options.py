@@ -50,9 +50,17 @@ class FfaOptions:
     state_dir: Path = DEFAULT_STATE_DIR
     limits: FfaLimits = FfaLimits()
     partitions: tuple[PartitionSpec, ...] = field(default_factory=tuple)
+    #: Where this VM's daemon accepts direct requests from other VMs' daemons.
+    listen: Path | None = None
+    #: Endpoint IDs of the VMs whose direct requests this VM accepts (the receiving
+    #: half of a pair policy; the sending half is a ``socket`` partition entry).
+    peers: frozenset[int] = frozenset()
+    #: How long a peer's request waits for this guest's DIRECT_RESP.
+    peer_timeout_ms: int = 400
 
 
-OPTION_KEYS = ("id", "version", "spm_id", "donate", "state_dir", "limits", "partitions")
+OPTION_KEYS = ("id", "version", "spm_id", "donate", "state_dir", "limits", "partitions", "listen", "peers",
+               "peer_timeout_ms")
 PARTITION_KEYS = ("type", "id", "uuids", "properties", "exec_contexts", "access", "options")
 
 
@@ -148,5 +156,13 @@ def parse_ffa_options(s: Section) -> FfaOptions:
                 seen_uuid[u] = spec.name
             seen[spec.id] = spec.name
             parts.append(spec)
+    peers = s.integers("peers", default=[], lo=1, hi=0x7FFF, max_len=MAX_PARTITIONS)
+    if vid in peers:
+        s.problem("peers", f"{vid:#x} is this VM's own ID")
+    listen = s.string("listen", default=None)
+    if peers and not listen:
+        s.problem("peers", "accepting peers needs a listen socket")
     return FfaOptions(id=vid, version=version, spm_id=spm_id, donate=s.flag("donate", d.donate),
-                      state_dir=Path(state_dir), limits=limits, partitions=tuple(parts))
+                      state_dir=Path(state_dir), limits=limits, partitions=tuple(parts),
+                      listen=Path(listen) if listen else None, peers=frozenset(peers),
+                      peer_timeout_ms=s.integer("peer_timeout_ms", default=d.peer_timeout_ms, lo=1, hi=60_000))

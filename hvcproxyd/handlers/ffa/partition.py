@@ -160,7 +160,7 @@ class Partition:
         """An indirect message (MSG_SEND2) has been copied out of the guest's TX buffer."""
         return Err.NOT_SUPPORTED
 
-    def notified(self, sender: int, bitmap: int) -> Err | int:
+    async def notified(self, sender: int, bitmap: int) -> Err | int:
         """The guest set notifications for this partition (NOTIFICATION_SET)."""
         return Err.NOT_SUPPORTED
 
