@@ -71,6 +71,7 @@ class SocketPartition(Partition):
         regs = resp.get("regs")
         if not isinstance(regs, list) or len(regs) > len(args) or \
                 not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < 1 << 64 for r in regs):
+            self.failures += 1
             self.ctx.log.warning("partition %#x answered malformed registers", self.ctx.id)
             return Err.ABORTED
         return regs
