@@ -413,8 +413,17 @@ async def test_lend_reclaim_zeroes(g: Guest) -> None:
     await g.ready(0x10001)
     g.write(RAM + 0x10000, b"secret" * 10)
     handle = handle_of(await share(g, Desc(attributes=0, flags=0), MEM_LEND))
+    assert g.read(RAM + 0x10000, 6) == b"secret"  # lent as it is
     assert (await g.call(MEM_RECLAIM, handle & 0xFFFF_FFFF, handle >> 32, 1))[0] == SUCCESS32
     assert g.read(RAM + 0x10000, 2 * PAGE) == bytes(2 * PAGE)
+
+
+async def test_lend_zeroed_before_the_borrower_sees_it(g: Guest) -> None:
+    await g.ready(0x10001)
+    g.write(RAM + 0x10000, b"secret")
+    handle = handle_of(await share(g, Desc(attributes=0, flags=1), MEM_LEND))
+    mem = g.handler.endpoint.partitions[ECHO].plugin.ctx.retrieve(handle)
+    assert await mem.read(0, 6) == bytes(6)
 
 
 async def test_donate_never_comes_back(make_config: Callable[[str], VmConfig], tmp_path: Path) -> None:

@@ -523,7 +523,7 @@ class Endpoint:
             handle = self.ledger.reserve()
             self.fragments = Fragments(kind, total, data, 1, handle)
             return (fid32(Fn.MEM_FRAG_RX), handle & MASK32, handle >> 32, frag, 0)
-        return self._commit(kind, bytes(data), self.ledger.reserve())
+        return await self._commit(kind, bytes(data), self.ledger.reserve())
 
     async def call_frag_tx(self, lo: int, hi: int, frag: int, w4: int) -> Regs:
         f = self.fragments
@@ -542,14 +542,21 @@ class Endpoint:
         if len(f.data) < f.total:
             return (fid32(Fn.MEM_FRAG_RX), lo, hi, len(f.data), 0)
         self.fragments = None
-        return self._commit(f.kind, bytes(f.data), f.handle)
+        return await self._commit(f.kind, bytes(f.data), f.handle)
 
-    def _commit(self, kind: Fn, data: bytes, handle: int) -> Regs:
+    async def _commit(self, kind: Fn, data: bytes, handle: int) -> Regs:
         tx = self.parse(kind, data)
-        self.ledger.add(tx, handle)
         if tx.flags & MEM_FLAG_ZERO:
-            self.log.debug("transaction %#x asks for zeroing before the borrower maps it", handle)
+            # "Zero after unmapping from the sender, before mapping for a borrower"
+            # (§10.10.4): the sender has given the pages up, so now is that moment.
+            await self._zero(tx.ranges)
+        self.ledger.add(tx, handle)
         return ok(handle & MASK32, handle >> 32)
+
+    async def _zero(self, ranges: Sequence[tuple[int, int]]) -> None:
+        for addr, n in ranges:
+            for page in range(n):
+                await self.write_guest(addr + page * PAGE, bytes(PAGE))
 
     def parse(self, kind: Fn, data: bytes) -> MemTransaction:
         return parse_transaction(
@@ -566,9 +573,7 @@ class Endpoint:
             raise FfaError(Err.INVALID_PARAMETERS, "shared memory is never zeroed on reclaim")
         entry = self.ledger.reclaim(handle, self.opts.id)
         if flags & RECLAIM_ZERO:
-            for addr, n in entry.tx.ranges:
-                for page in range(n):
-                    await self.write_guest(addr + page * PAGE, bytes(PAGE))
+            await self._zero(entry.tx.ranges)
         return ok()
 
     # ------------------------------------------------------------ lifecycle
