@@ -132,6 +132,9 @@ async def test_unknown_and_wrong_width_calls(g: Guest) -> None:
     assert (await g.call(0xC400_0063))[:3] == err(NOT_SUPPORTED)  # no 64-bit FFA_VERSION
     assert (await g.call(DIRECT_REQ64, VM_ID << 16 | ECHO, flags=CALL_AARCH32))[:3] == err(NOT_SUPPORTED)
     assert (await g.call(MEM_RETRIEVE_REQ))[:3] == err(NOT_SUPPORTED)
+    assert (await g.call(fid32(0x8D)))[:3] == err(NOT_SUPPORTED)  # REQ2 exists only as SMC64
+    # RX_ACQUIRE is the hypervisor's call for a VM's buffer (DEN0077 1.2 §13.4), never a VM's.
+    assert (await g.call(fid32(0x84), VM_ID))[:3] == err(NOT_SUPPORTED)
     # Results carry x0..x7, so a caller never reads back its own stale x4..x7.
     assert len(await g.call(ID_GET)) == 8
 
