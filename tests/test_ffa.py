@@ -4,6 +4,7 @@ decisions Linux's arm_ffa driver makes on our answers."""
 from __future__ import annotations
 
 import struct
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -570,3 +571,23 @@ def test_option_errors_name_file_line_key(make_config: Callable[[str], VmConfig]
 def test_pinned_version_must_be_offered(make_config: Callable[[str], VmConfig]) -> None:
     with pytest.raises(ConfigError, match="ffa"):
         make_config(handler_yaml('version: "1.1"', top='versions: {ffa: "1.2"}'))
+
+
+async def test_multi_service_partition(make_config: Callable[[str], VmConfig], tmp_path: Path) -> None:
+    """A partition with two UUIDs: one 1.1 record per UUID, one 1.0 record in all."""
+    other = "5b2c0000-0000-4000-8000-000000000001"
+    parts = f"""
+          echo: {{type: echo, id: {ECHO:#x}, uuids: ["{ECHO_UUID}", "{other}"]}}"""
+    g = make_guest(make_config, tmp_path, partitions=parts)
+    await g.ready(0x10001)
+    assert (await g.call(PART_INFO))[2] == 2
+    assert [r[3] for r in records(g.read(RX, 48), 2, 24)] == [ECHO_UUID.bytes, uuid.UUID(other).bytes]
+    g10 = make_guest(make_config, tmp_path, partitions=parts)
+    await g10.ready(0x10000)
+    assert (await g10.call(PART_INFO))[2] == 1
+
+
+async def test_features_ignores_the_sve_hint(g: Guest) -> None:
+    await g.call(VERSION, 0x10002)
+    assert (await g.call(FEATURES, DIRECT_REQ64 | 1 << 16))[0] == SUCCESS32
+    assert (await g.call(FEATURES, DIRECT_REQ64 | 1 << 17))[:3] == err(NOT_SUPPORTED)  # a must-be-zero bit

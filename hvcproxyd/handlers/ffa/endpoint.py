@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ...core.guestmem import GuestMemory, GuestMemoryError
-from ...smccc import MASK32
+from ...smccc import MASK32, MBZ_MASK, SVE_HINT
 from .defs import (
     DIRECT_FRAMEWORK,
     MEM_FLAG_ZERO,
@@ -170,6 +170,8 @@ class Endpoint:
         """Every partition for the null UUID (one record per UUID a partition has, as
         DEN0077 1.2 §13.8.1 lists multi-service partitions), else those with ``u``."""
         if u.int == 0:
+            if self.version == V1_0:  # 1.0 records carry no UUID: one per partition
+                return [self._info(b.spec, None) for b in self.partitions.values()]
             return [self._info(b.spec, x) for b in self.partitions.values() for x in b.spec.uuids]
         return [self._info(b.spec, u) for b in self.partitions.values() if u in b.spec.uuids]
 
@@ -207,8 +209,16 @@ class Endpoint:
         header = self._msg_header_size()
         rx = self.mailbox.claim_rx(header + len(payload))
         head = struct.pack("<IIIII", 0, 0, header, sender << 16 | self.opts.id, len(payload))
-        await self.write_guest(rx, head.ljust(header, b"\0") + payload)
+        await self._fill_rx(rx, head.ljust(header, b"\0") + payload)
         self.notifications.rx_full()
+
+    async def _fill_rx(self, rx: int, data: bytes) -> None:
+        """Write what a claim of RX is for; a failed write hands RX back to the producer."""
+        try:
+            await self.write_guest(rx, data)
+        except FfaError:
+            self.mailbox.rx_full = False
+            raise
 
     def _msg_header_size(self) -> int:
         return MSG2_HEADER_V1_2 if self.version >= V1_2 else MSG2_HEADER_V1_1
@@ -246,7 +256,8 @@ class Endpoint:
     def offered(self, fid: int) -> Fn | None:
         """The function ``fid`` names, if this endpoint offers it to the negotiated
         version (fast call, owner 4, a width it exists in; DONATE only if configured)."""
-        if fid >> 31 != 1 or (fid >> 24) & 0x3F != 4 or fid & 0x00FF_0000:
+        fid &= ~SVE_HINT  # not part of the function's identity (DEN0028 §2.5.1)
+        if fid >> 31 != 1 or (fid >> 24) & 0x3F != 4 or fid & MBZ_MASK:
             return None
         try:
             fn = Fn(fid & 0xFFFF)
@@ -314,12 +325,7 @@ class Endpoint:
         if flags & PARTINFO_COUNT_ONLY:
             return ok(len(infos), size)
         data = encode_partition_info(infos, self.version)
-        rx = self.mailbox.claim_rx(len(data))
-        try:
-            await self.write_guest(rx, data)
-        except FfaError:
-            self.mailbox.rx_full = False
-            raise
+        await self._fill_rx(self.mailbox.claim_rx(len(data)), data)
         return ok(len(infos), size)
 
     def call_partition_info_get_regs(self, lo: int, hi: int, x3: int) -> Regs:
