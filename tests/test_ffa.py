@@ -591,3 +591,14 @@ async def test_features_ignores_the_sve_hint(g: Guest) -> None:
     await g.call(VERSION, 0x10002)
     assert (await g.call(FEATURES, DIRECT_REQ64 | 1 << 16))[0] == SUCCESS32
     assert (await g.call(FEATURES, DIRECT_REQ64 | 1 << 17))[:3] == err(NOT_SUPPORTED)  # a must-be-zero bit
+
+
+def test_shipped_config_offers_partitions(tmp_path: Path) -> None:
+    """Linux's driver refuses to load without a partition; config/ffa.yaml offers two."""
+    from hvcproxyd.core.vmconfig import load_config
+
+    from .conftest import REPO
+    config = load_config(REPO / "config" / "ffa.yaml", socket=str(tmp_path / "s"))
+    opts = config.handlers["ffa"].options
+    assert [p.cls.__name__ for p in opts.partitions] == ["EchoPartition", "StoragePartition"]
+    assert opts.id == 1 and opts.version == 0x10002
