@@ -165,7 +165,7 @@ def test_well_formed_descriptors_pass(version: int) -> None:
 
 # ----------------------------------------------------------------- hypothesis
 
-def _check_accepted(tx: MemTransaction, limits: Limits = LIMITS) -> None:
+def check_accepted(tx: MemTransaction, limits: Limits = LIMITS) -> None:
     """What an accepted descriptor must be, whatever it looked like."""
     assert 1 <= len(tx.borrowers) <= limits.borrowers
     assert all(b.id in ACCEPTS for b in tx.borrowers)
@@ -184,7 +184,7 @@ def test_random_bytes_never_crash(data: bytes, version: int, kind: Fn) -> None:
         tx = parse(data, kind, version)
     except FfaError:
         return
-    _check_accepted(tx)
+    check_accepted(tx)
 
 
 pages = st.integers(0, RAM_SIZE // PAGE + 4)
@@ -220,7 +220,7 @@ def test_structured_descriptors(desc: Desc, kind: Fn) -> None:
         assert not valid, desc
         return
     assert valid, desc
-    _check_accepted(tx)
+    check_accepted(tx)
     assert list(tx.ranges) == desc.ranges
 
 
@@ -232,4 +232,4 @@ def test_one_byte_mutations_never_crash(desc: Desc, where: int, value: int) -> N
         tx = parse(bytes(data), Fn.MEM_LEND, V1_1, replace(LIMITS, pages=1 << 20))
     except FfaError:
         return
-    _check_accepted(tx, replace(LIMITS, pages=1 << 20))
+    check_accepted(tx, replace(LIMITS, pages=1 << 20))

@@ -26,6 +26,8 @@ from hvcproxyd.core.guestmem import GuestMemory
 from hvcproxyd.core.handler import Result
 from hvcproxyd.core.service import VmService
 from hvcproxyd.core.vmconfig import VmConfig, load_config
+from hvcproxyd.handlers.ffa.defs import FfaError
+from hvcproxyd.handlers.ffa.defs import Fn as FfaFn
 from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID, MemshareHandler
 from hvcproxyd.handlers.pkvm_memshare.handler import FEATURES_ID, HYP_MEMINFO_ID, MMIO_GUARD_ID
 from hvcproxyd.handlers.pkvm_memshare.ledger import Change, Ledger, Replica
@@ -43,6 +45,8 @@ from hvcproxyd.wire import (
     VmEvent,
     encode,
 )
+from tests.ffa_support import Desc
+from tests.test_ffa_descriptors import check_accepted, parse  # the unit tests' world (RAM, receivers) and rules
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -226,8 +230,10 @@ def _stateful() -> VmService:
     path = _CONFIG_DIR / "state.yaml"
     path.write_text("\n".join([
         "vm: fuzz", "handlers:", "  psci:", "    type: psci", "  ms:", "    type: pkvm-memshare", "    options:",
-        "      stream: false", "rules:", "  - match: psci", "    action: psci", "  - match: kvm-vendor",
-        "    action: ms", ""]))
+        "      stream: false", "  ffa:", "    type: ffa", "    options:", "      id: 1", "      partitions:",
+        "        echo: {type: echo, id: 0x8001, uuids: [a8f3b9e2-5b9c-4c7d-9f0e-3c8e2d6b1a01]}",
+        "rules:", "  - match: psci", "    action: psci", "  - match: kvm-vendor", "    action: ms",
+        "  - match: ffa", "    action: ffa", ""]))
     return VmService(load_config(path))
 
 
@@ -263,11 +269,34 @@ def state_seeds() -> Iterator[bytes]:
     yield b"\x01" + json.dumps({"ledger": ledger.to_dict(), "mmio_guard": [[0x1000, 0x1000]]}).encode()
 
 
+# ----------------------------------------------------------------- FF-A memory-transaction descriptors
+
+_FFA_VERSIONS = (0x1_0000, 0x1_0001, 0x1_0002)
+
+
+def ffa_descriptor(data: bytes) -> None:
+    """First byte: FF-A version and transaction kind; the rest: the descriptor a
+    guest put in its TX buffer.  Accepted only if well-formed, in RAM, not in use,
+    within the limits and to receivers that take the access given (the rules of
+    tests/test_ffa_descriptors.py, whose guest world this shares)."""
+    if not data:
+        return
+    version = _FFA_VERSIONS[data[0] % 3]
+    kind = (FfaFn.MEM_SHARE, FfaFn.MEM_LEND, FfaFn.MEM_DONATE)[data[0] // 3 % 3]
+    check_accepted(parse(data[1:], kind, version))
+
+
+def ffa_descriptor_seeds() -> Iterator[bytes]:
+    for v, version in enumerate(_FFA_VERSIONS):
+        yield bytes([v]) + Desc(v10=version == 0x1_0000, emad_size=32 if version == 0x1_0002 else 16).encode()
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("wire", wire, (ProtocolError,), wire_seeds),
     Target("config", config, (ConfigError,), config_seeds),
     Target("memshare", memshare, (), memshare_seeds),
     Target("state", state, (ValueError,), state_seeds),
+    Target("ffa-descriptor", ffa_descriptor, (FfaError,), ffa_descriptor_seeds),
 )}
 
 __all__ = ["TARGETS", "Target"]

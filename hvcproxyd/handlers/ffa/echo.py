@@ -84,6 +84,13 @@ class EchoPartition(Partition):
     def snapshot(self) -> dict[str, Any]:
         return {"retrieved": sorted(self.retrieved), "notified": self.notified_bits}
 
+    @classmethod
+    def check_state(cls, data: dict[str, Any]) -> None:
+        retrieved, notified = data.get("retrieved", []), data.get("notified", 0)
+        if not (isinstance(retrieved, list) and all(isinstance(h, int) and 0 <= h < 1 << 64 for h in retrieved)
+                and isinstance(notified, int) and 0 <= notified < 1 << 64):
+            raise ValueError(f"not an echo partition state: {data!r}")
+
     def restore(self, data: dict[str, Any]) -> None:
-        self.retrieved = {int(h) for h in data.get("retrieved", [])}
-        self.notified_bits = int(data.get("notified", 0))
+        self.retrieved = set(data.get("retrieved", []))
+        self.notified_bits = data.get("notified", 0)

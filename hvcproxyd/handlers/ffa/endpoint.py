@@ -604,19 +604,32 @@ class Endpoint:
                 "partitions": {b.spec.name: b.plugin.snapshot() for b in self.partitions.values()}}
 
     def restore(self, data: dict[str, Any]) -> None:
-        version = int(data["version"])
-        if version not in (0, V1_0, V1_1, V1_2) or version > self.opts.version:
-            raise ValueError(f"version {version:#x} is not offered")
-        mailbox = Mailbox.from_dict(data["mailbox"])
-        if mailbox.pages > self.opts.limits.rxtx_pages:
-            raise ValueError("RX/TX buffers larger than the limit")
-        ledger = Ledger.from_dict(data["ledger"])
-        notifications = Notifications.from_dict(data["notifications"])
-        queued = deque((int(s), bytes.fromhex(p)) for s, p in data["queued"])
+        """Raises ValueError, changing nothing, if ``data`` is not a snapshot this
+        endpoint could have written (a state file may be damaged)."""
+        try:
+            version = data["version"]
+            if not isinstance(version, int) or version not in (0, V1_0, V1_1, V1_2) or version > self.opts.version:
+                raise ValueError(f"version {version!r} is not offered")
+            mailbox = Mailbox.from_dict(data["mailbox"])
+            if mailbox.pages > self.opts.limits.rxtx_pages:
+                raise ValueError("RX/TX buffers larger than the limit")
+            ledger = Ledger.from_dict(data["ledger"])
+            notifications = Notifications.from_dict(data["notifications"])
+            queued = deque((int(s), bytes.fromhex(p)) for s, p in data["queued"])
+            if len(queued) > self.opts.limits.pending_messages:
+                raise ValueError(f"{len(queued)} queued messages, more than the limit")
+            partitions = data["partitions"]
+            if not isinstance(partitions, dict) or not all(isinstance(v, dict) for v in partitions.values()):
+                raise ValueError("partitions is not a mapping of partition states")
+            # Each partition's own state, checked on a fresh instance before anything is replaced.
+            for b in self.partitions.values():
+                type(b.plugin).check_state(partitions.get(b.spec.name, {}))
+        except (KeyError, TypeError, AttributeError, IndexError, OverflowError) as err:
+            raise ValueError(f"not an FF-A snapshot: {err!r}") from err
         self.version, self.mailbox, self.ledger, self.notifications, self.queued = (
             version, mailbox, ledger, notifications, queued)
         for b in self.partitions.values():
-            b.plugin.restore(data["partitions"].get(b.spec.name, {}))
+            b.plugin.restore(partitions.get(b.spec.name, {}))
 
 
 def _payload(out: Sequence[int], n: int, wide: bool) -> tuple[int, ...]:

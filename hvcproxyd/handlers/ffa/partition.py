@@ -171,7 +171,13 @@ class Partition:
         return {}
 
     def restore(self, data: dict[str, Any]) -> None:
-        """Inverse of :meth:`snapshot`."""
+        """Inverse of :meth:`snapshot`; ``data`` has passed :meth:`check_state`."""
+
+    @classmethod
+    def check_state(cls, data: dict[str, Any]) -> None:
+        """Raise ValueError if ``data`` is not a state :meth:`snapshot` could have
+        written: the endpoint checks every partition before it restores any, so a
+        damaged file changes nothing."""
 
 
 def load_partition_class(type_name: str) -> type[Partition]:
