@@ -67,7 +67,8 @@ async def test_ls_and_watch(make_config: Callable[[str], VmConfig], tmp_path: Pa
             await sim.run(timeout=60)
         finally:
             sim.close()
-        assert await trio.to_thread.run_sync(run_cli, ["memshare", "ls", "--socket", str(path)]) == 0
+        # By the config's path, as status and trace take it: the stream is the one its handler names.
+        assert await trio.to_thread.run_sync(run_cli, ["memshare", "ls", str(config.path)]) == 0
         daemon.stop()  # closes the stream: watch ends
     assert watch_status == [0]
     out = capsys.readouterr().out.splitlines()
@@ -88,6 +89,16 @@ def test_no_daemon(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert run_cli(["memshare", "watch"]) == 2
     assert "give a VM name or --socket" in capsys.readouterr().err
     assert default_socket("vm7") == Path("/run/hvcproxyd/vm7.memshare.sock")
+
+
+def test_a_config_without_the_stream_says_so(make_config: Callable[[str], VmConfig], tmp_path: Path) -> None:
+    psci_only = make_config("vm: p\nhandlers:\n  psci:\n    type: psci\nrules:\n  - match: psci\n    action: psci\n")
+    with pytest.raises(SystemExit, match="has no pkvm-memshare handler"):
+        run_cli(["memshare", "ls", str(psci_only.path)])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("vm: [\n")
+    with pytest.raises(SystemExit, match="has errors, cannot find its stream"):
+        run_cli(["memshare", "watch", str(broken)])
 
 
 def test_help_lists_both_actions(capsys: pytest.CaptureFixture[str]) -> None:

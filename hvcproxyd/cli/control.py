@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from ..config import DEFAULT_RUNTIME_DIR, ConfigError
-from ..core.vmconfig import load_config
 from ..ops.callview import line_of
 from ..ops.control import ControlError, TraceFilter, request_status, trace_calls
 from ..ops.status import flat_report
 from ..smccc.services import SERVICE_NAMES
-from .registry import subcommand
-
-ETC_DIR = Path("/etc/hvcproxyd")
+from .registry import int_in, subcommand
+from .vmref import config_of
 
 
 def control_path(vm: str, override: Path | None) -> Path:
@@ -26,17 +24,8 @@ def control_path(vm: str, override: Path | None) -> Path:
     (VM may be a config file, or a name with /etc/hvcproxyd/VM.yaml), else the default."""
     if override is not None:
         return override
-    if vm.endswith((".yaml", ".yml")) or "/" in vm:
-        return load_config(vm).control_socket
-    etc = ETC_DIR / f"{vm}.yaml"
-    if etc.is_file():
-        try:
-            config = load_config(etc)
-        except ConfigError:
-            pass  # the running daemon may have started from an older, valid version: try the default
-        else:
-            return config.control_socket
-    return DEFAULT_RUNTIME_DIR / f"{vm}.ctl"
+    config = config_of(vm)
+    return config.control_socket if config is not None else DEFAULT_RUNTIME_DIR / f"{vm}.ctl"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -149,11 +138,12 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--range", action="append", default=[], metavar="R",
                    help=f"only IDs in FIRST-LAST (0x82000000-0x820000ff) or a service ({', '.join(SERVICE_NAMES)}); "
                         "repeatable")
-    p.add_argument("--vcpu", action="append", default=[], type=int, metavar="N", help="only this vCPU; repeatable")
+    p.add_argument("--vcpu", action="append", default=[], type=int_in(0, 0xFFFF_FFFF), metavar="N",
+                   help="only this vCPU; repeatable")
     p.add_argument("--handler", action="append", default=[], metavar="NAME",
                    help="only calls answered by this handler (or deny, kvm, none); repeatable")
-    p.add_argument("-n", "--count", type=int, default=0, metavar="N", help="stop after N calls (default: run "
-                                                                          "until Ctrl-C)")
+    p.add_argument("-n", "--count", type=int_in(0), default=0, metavar="N",
+                   help="stop after N calls (default: run until Ctrl-C)")
 
 
 @subcommand("trace", "show a running daemon's calls live, one line each (filters: --func, --range, --vcpu, "

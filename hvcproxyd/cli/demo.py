@@ -21,7 +21,7 @@ from ..smccc import reg_to_signed
 from ..smccc.names import function_name
 from ..vmm.simulator import RAM_BASE, Program, Simulator, SimVcpu, TranscriptEntry
 from ..wire import Call, Reply
-from .registry import subcommand
+from .registry import int_in, subcommand
 
 SIP_UID, SIP_COUNT, HELLO, PROBE, TRNG_VERSION, PSCI_VERSION = (
     0x8200FF01, 0x8200FF00, 0x82000001, 0x82000042, 0x84000050, 0x84000000)
@@ -108,7 +108,7 @@ async def _demo(config: VmConfig, n_vcpus: int) -> str:
 def _demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, default=None,
                    help="config to serve (default: the demo config shipped with hvcproxyd)")
-    p.add_argument("--vcpus", type=int, default=4, choices=range(1, 65), metavar="N",
+    p.add_argument("--vcpus", type=int_in(1, 64), default=4, metavar="N",
                    help="simulated vCPUs, 1..64 (default 4)")
 
 

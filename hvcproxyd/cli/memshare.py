@@ -15,13 +15,31 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..handlers.pkvm_memshare.handler import default_socket
+from ..config import ConfigError
+from ..handlers.pkvm_memshare.handler import MemshareOptions, default_socket
 from ..handlers.pkvm_memshare.ledger import Replica, StreamError
 from .registry import subcommand
+from .vmref import config_of
 
 
 def _socket_of(args: argparse.Namespace) -> Path:
-    return Path(args.socket) if args.socket else default_socket(args.vm)
+    """--socket, else the stream socket the VM's config gives its pkvm-memshare
+    handler, else the default for a VM of that name.  SystemExit with the reason
+    if the config has errors or no such handler."""
+    if args.socket:
+        return Path(args.socket)
+    try:
+        config = config_of(args.vm)
+    except ConfigError as err:
+        raise SystemExit(f"hvcproxyd memshare: {args.vm} has errors, cannot find its stream:\n{err}") from None
+    if config is None:
+        return default_socket(args.vm)
+    for spec in config.handlers.values():
+        if isinstance(spec.options, MemshareOptions):
+            if not spec.options.stream:
+                raise SystemExit(f"hvcproxyd memshare: {config.path}: the pkvm-memshare handler has stream: false")
+            return spec.options.socket or default_socket(config.name)
+    raise SystemExit(f"hvcproxyd memshare: {config.path} has no pkvm-memshare handler")
 
 
 def size_text(n: int) -> str:
@@ -86,8 +104,9 @@ def _args(p: argparse.ArgumentParser) -> None:
     for name, text in (("watch", "print the ledger's snapshot, then every share and unshare as it happens"),
                        ("ls", "print the guest's currently shared ranges and the ledger's counters")):
         q = sub.add_parser(name, help=text, description=text)
-        q.add_argument("vm", metavar="VM", nargs="?", help="the VM's name (its stream is "
-                       "/run/hvcproxyd/VM.memshare.sock unless --socket says otherwise)")
+        q.add_argument("vm", metavar="VM", nargs="?", help="the VM's name or the path of its config (the stream "
+                       "is the one the config's pkvm-memshare handler names, by default "
+                       "/run/hvcproxyd/VM.memshare.sock)")
         q.add_argument("--socket", help="the stream's socket path (the handler's socket option)")
         q.add_argument("--json", action="store_true", help="print the stream's JSON lines as they are")
 

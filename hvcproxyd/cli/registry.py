@@ -19,4 +19,20 @@ def subcommand(name: str, help_text: str, add_arguments: Callable[[argparse.Argu
     return register
 
 
-__all__ = ["SUBCOMMANDS", "Subcommand", "subcommand"]
+def int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number (decimal or 0x hex) in [lo, hi], with an
+    error that says what would be valid instead of a list of every choice."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            span = f"{lo}..{hi}" if hi is not None else f"{lo} or more"
+            raise argparse.ArgumentTypeError(f"{value} is out of range: give {span}")
+        return value
+    parse.__name__ = "number"  # what argparse names in "invalid number value"
+    return parse
+
+
+__all__ = ["SUBCOMMANDS", "Subcommand", "int_in", "subcommand"]
