@@ -60,7 +60,7 @@ def test_overlap_on_the_same_conduit_is_refused(make_config: Make) -> None:
   - {match: 0x82000010, conduit: hvc, action: probe}
 """)
     assert (p.mark.line, p.key) == (8, "rules[1].match")
-    assert "overlaps rule 1" in p.message and "0x82000010" in p.message and "hvc" in p.message
+    assert "overlaps rules[0]" in p.message and "0x82000010" in p.message and "hvc" in p.message
 
 
 def test_different_conduits_or_disjoint_vcpus_do_not_overlap(make_config: Make) -> None:
@@ -83,7 +83,7 @@ def test_overlapping_vcpu_sets_are_refused(make_config: Make) -> None:
   - {match: 0x82000011, vcpus: [0, 1], action: hello}
   - {match: 0x82000011, vcpus: [1, 2], action: probe}
 """)
-    assert "overlaps rule 1" in p.message
+    assert "overlaps rules[0]" in p.message
 
 
 @pytest.mark.parametrize("match", ["0x80000000", "[0xC0000000, 0xC000FFFF]", "0x80008000"])
@@ -263,3 +263,31 @@ async def test_reload_compiles_off_the_event_loop(write_config: Callable[..., Pa
     assert daemon.config is loaded[0] and daemon.vm.config is loaded[0] and daemon.config is not old
     assert daemon.config.handlers["hello"].options != old.handlers["hello"].options
     assert len(daemon.config.rules) == 200 and daemon.reloads == 1
+
+
+@pytest.mark.parametrize(("socket", "message", "warning"), [
+    ("/etc/passwd/vm.sock", "/etc/passwd exists and is not a directory", False),
+    ("relative/vm.sock", "is relative; give an absolute path", False),
+    ("/run/" + "x" * 120 + ".sock", "a UNIX socket path may have at most 107", False),
+    ("/run/hvcproxy-typo/vm.sock", "does not exist; the daemon would create it", True),
+])
+def test_a_socket_path_that_cannot_work_is_caught_by_check(tmp_path: Path, socket: str, message: str,
+                                                           warning: bool) -> None:
+    path = tmp_path / "vm.yaml"
+    path.write_text(f"vm: a\nsocket: {socket}\nhandlers:\n  p:\n    type: psci\n"
+                    "rules:\n  - match: psci\n    action: p\n")
+    if warning:
+        (problem,) = [w for w in load_config(path).warnings if "socket" in w.key]
+    else:
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        (problem,) = err.value.problems
+    assert problem.key == "socket" and message in problem.message and problem.mark.line == 2
+
+
+def test_a_handler_with_an_unknown_type_is_one_problem_not_two(tmp_path: Path) -> None:
+    path = tmp_path / "vm.yaml"
+    path.write_text("vm: a\nhandlers:\n  p:\n    type: nosuch\nrules:\n  - match: psci\n    action: p\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert [p.key for p in err.value.problems] == ["handlers.p.type"]  # not also "rules[0].action: no handler p"

@@ -143,8 +143,9 @@ def test_kvm_mixing_blames_the_first_rules_at_each_interval() -> None:
     old_compile_rules(rules, {}, {}, old)
     assert new == old
     assert [(p.key, p.message.split(" leaves")[0]) for p in new if not p.warning] == [
-        ("rules[0].action", "at 0x82000005 rule 2 (test:1:1)"), ("rules[2].action", "at 0x8200000c rule 2 (test:1:1)"),
-        ("rules[2].action", "at 0x82000019 rule 4 (test:1:1)")]
+        ("rules[0].action", "at 0x82000005 rules[1] (test:1:1)"),
+        ("rules[2].action", "at 0x8200000c rules[1] (test:1:1)"),
+        ("rules[2].action", "at 0x82000019 rules[3] (test:1:1)")]
 
 
 # -- 10 000 rules: results only (the time they take is measured in bench/rules_bench.py)

@@ -7,6 +7,7 @@ compiler; this module needs neither.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +168,8 @@ def _parse_ops(s: Section, socket_path: Path) -> _Ops:
     control = Path(s.string("control_socket", default=str(socket_path.with_suffix(".ctl"))))
     if control == socket_path:
         s.problem("control_socket", "must differ from socket (the VMM's)")
+    elif s.has("control_socket"):
+        check_socket_path(s, "control_socket", control)
 
     metrics: MetricsConfig | None = MetricsConfig(socket=socket_path.with_suffix(".metrics"))
     raw = s.raw("metrics", _MISSING)
@@ -254,6 +257,29 @@ def read_document(path: Path, top_keys: tuple[str, ...]) -> LocMap:
     return doc
 
 
+#: sun_path holds 108 bytes with its NUL: a longer path can never be bound.
+MAX_SOCKET_PATH = 107
+
+
+def check_socket_path(s: Section, key: str, path: Path) -> None:
+    """Problems with a socket path that ``check`` can see before the daemon runs:
+    one that can never be bound, and a directory that cannot be or will not be
+    there (the shipped unit may create directories only below /run/hvcproxyd)."""
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        s.problem(key, f"{path} is {len(os.fsencode(path))} bytes long; a UNIX socket path may have at most "
+                       f"{MAX_SOCKET_PATH}")
+        return
+    if not path.is_absolute():
+        s.problem(key, f"{path} is relative; give an absolute path (the daemon's working directory is /)")
+        return
+    existing = next(parent for parent in path.parents if parent.exists())  # "/" at the latest
+    if not existing.is_dir():
+        s.problem(key, f"{existing} exists and is not a directory, so {path} cannot be created")
+    elif existing != path.parent and not path.is_relative_to(DEFAULT_RUNTIME_DIR):
+        s.problem(key, f"{path.parent} does not exist; the daemon would create it, which the shipped unit "
+                       f"allows only below {DEFAULT_RUNTIME_DIR} (a typo?)", warning=True)
+
+
 def parse_settings(s: Section, path: Path, socket: str | None) -> VmSettings:
     """The VM's settings from the top-level section; problems go to ``s``."""
     name = s.string("vm") or "?"
@@ -269,6 +295,8 @@ def parse_settings(s: Section, path: Path, socket: str | None) -> VmSettings:
                 v = vs.string(key)
                 if v is not None:
                     versions[key] = v
+    if socket is None:  # --socket on the command line is the caller's business
+        check_socket_path(s, "socket", socket_path)
     ops = _parse_ops(s, socket_path)
     return VmSettings(path, name, socket_path, Path(qmp_text) if qmp_text else None, timeout_ms / 1000,
                       versions, ops.vmm, ops.control_socket, ops.metrics, ops.log_calls)

@@ -11,6 +11,7 @@ refused reload says exactly why.  The format is documented in docs/config.md.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -62,10 +63,15 @@ class VmConfig(VmSettings):
     warnings: list[Problem]
 
 
-def _parse_handlers(hs: Section | None, default_timeout_ms: int, problems: list[Problem]) -> dict[str, HandlerSpec]:
+def _parse_handlers(hs: Section | None, default_timeout_ms: int, problems: list[Problem]
+                    ) -> tuple[dict[str, HandlerSpec], list[str]]:
+    """The valid handler specs, and the names of the handlers that are defined but
+    broken (their problems already recorded), so that rules naming them are not
+    reported a second time as naming no handler."""
     handlers: dict[str, HandlerSpec] = {}
+    broken: list[str] = []  # in the file's order, as the valid names are
     if hs is None:
-        return handlers
+        return handlers, broken
     for hname in hs.data:
         h = hs.section(hname)
         if h is None:
@@ -77,6 +83,7 @@ def _parse_handlers(hs: Section | None, default_timeout_ms: int, problems: list[
         h.allow_keys(("type", "options", "timeout_ms"))
         htype = h.string("type")
         h_timeout = h.integer("timeout_ms", default=default_timeout_ms, lo=1, hi=600_000)
+        broken.append(hname)
         if htype is None:
             continue
         try:
@@ -84,6 +91,7 @@ def _parse_handlers(hs: Section | None, default_timeout_ms: int, problems: list[
         except LookupError as err:
             h.problem("type", str(err))
             continue
+        broken.pop()
         opts_section = h.section("options") or Section(empty_map(h.data.mark), h.path + ".options", problems)
         options = cls.parse_options(opts_section)
         for sidecar_name in cls.SIDECARS:
@@ -92,10 +100,10 @@ def _parse_handlers(hs: Section | None, default_timeout_ms: int, problems: list[
             except LookupError as err:
                 h.problem("type", f"handler type {htype!r} needs a sidecar that cannot be loaded: {err}")
         handlers[hname] = HandlerSpec(hname, htype, cls, options, h_timeout / 1000, h.data.mark)
-    return handlers
+    return handlers, broken
 
 
-def _parse_rules(s: Section, handlers: dict[str, HandlerSpec], problems: list[Problem]) -> list[RuleSpec]:
+def _parse_rules(s: Section, handlers: Collection[str], problems: list[Problem]) -> list[RuleSpec]:
     rules: list[RuleSpec] = []
     raw_rules = s.raw("rules")
     if not isinstance(raw_rules, LocList):
@@ -132,8 +140,8 @@ def load_config(path: str | os.PathLike[str], *, socket: str | None = None) -> V
     s = Section(doc, "", problems)
     s.allow_keys(TOP_KEYS)
     settings = parse_settings(s, path, socket)
-    handlers = _parse_handlers(s.section("handlers"), round(settings.timeout_s * 1000), problems)
-    rules = _parse_rules(s, handlers, problems)
+    handlers, broken = _parse_handlers(s.section("handlers"), round(settings.timeout_s * 1000), problems)
+    rules = _parse_rules(s, [*handlers, *broken], problems)
     _warn_timeouts(settings, handlers, problems)
     table = None
     if not any(not p.warning for p in problems):

@@ -28,7 +28,8 @@ class RuleSpec:
 
     @property
     def label(self) -> str:
-        return f"rule {self.index + 1} ({self.mark})"
+        # The same 0-based numbering as the key path of a problem (rules[1].match).
+        return f"rules[{self.index}] ({self.mark})"
 
 
 def parse_rule(s: Section, index: int, handlers: Collection[str]) -> RuleSpec | None:
