@@ -14,8 +14,14 @@ import trio
 from hvcproxyd.core.vmconfig import VmConfig, load_config
 from hvcproxyd.handlers.tee_proxy import abi
 from hvcproxyd.handlers.tee_proxy.msgarg import MsgArg, Param
-from hvcproxyd.handlers.tee_proxy.reftee import ECHO_CMD_ECHO, ECHO_CMD_WHOAMI, ECHO_TA, RPC_CMD_SHM_ROUNDTRIP, \
-    RPC_TA, RefTee
+from hvcproxyd.handlers.tee_proxy.reftee import (
+    ECHO_CMD_ECHO,
+    ECHO_CMD_WHOAMI,
+    ECHO_TA,
+    RPC_CMD_SHM_ROUNDTRIP,
+    RPC_TA,
+    RefTee,
+)
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
 from .conftest import Serve
