@@ -180,7 +180,7 @@ async def test_hung_backend_gives_foreign_interrupts_then_an_error(tmp_path: Pat
 async def test_values_and_memrefs(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         s = await session(r)
-        a0, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_ADD, s,
+        _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_ADD, s,
                                             params=[Param(VIN, 40, 2), Param(VOUT, 1, 1, 1)]))
         assert out.params[1].a == 42
         buf, size = r.guest.ram.buffer(b"abcdef" * 1000, offset=100)  # 6000 bytes over two pages, offset in page
