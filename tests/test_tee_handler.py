@@ -386,3 +386,14 @@ def test_options_name_file_line_key(make_config: Callable[[str], VmConfig]) -> N
     assert "vm.yaml:6:30: error: handlers.tee.options.client_id" in text or "options.client_id" in text
     for key in ("options.client_id", "options.pages_per_buffer", "options.colour", "options.socket"):
         assert key in text
+
+
+async def test_daemon_restart_under_a_running_vm_starts_the_client_afresh(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        await r.handler.settle()
+        r.handler.created = False  # a new daemon: it never sent VM_CREATED itself
+        r.handler.pending.clear()
+        r.handler.attach(reconnect=True)
+        await r.handler.settle()
+        assert r.ref.lifecycle == [("created", 5), ("destroyed", 5), ("created", 5)]
+        assert r.handler.created and not r.handler.refused

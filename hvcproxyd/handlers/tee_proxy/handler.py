@@ -126,7 +126,9 @@ class TeeProxyHandler(Handler):
                 self.pending.append("destroyed")
             self.pending.append("created")
         elif not self.created and "created" not in self.pending:
-            self.pending.append("created")
+            # A daemon that restarted under a running VM: the TEE may still hold the client, and this
+            # daemon cannot know its sessions, so the client starts afresh.
+            self.pending += ["destroyed", "created"]
         return (WAKE,)
 
     def event(self, event: VmEvent) -> Notes:
