@@ -397,3 +397,21 @@ async def test_daemon_restart_under_a_running_vm_starts_the_client_afresh(tmp_pa
         await r.handler.settle()
         assert r.ref.lifecycle == [("created", 5), ("destroyed", 5), ("created", 5)]
         assert r.handler.created and not r.handler.refused
+
+
+async def test_lifecycle_sidecar_sends_without_a_guest_call(tmp_path: Path) -> None:
+    from hvcproxyd.handlers.tee_proxy.handler import WAKE
+    from hvcproxyd.handlers.tee_proxy.lifecycle import LifecycleSidecar
+    async with rig(tmp_path) as r, trio.open_nursery() as nursery:
+        sidecar = LifecycleSidecar(r.handler, r.handler.vm)
+        await nursery.start(sidecar.run)
+        sidecar.consume(WAKE)
+        with trio.fail_after(3):
+            while r.ref.lifecycle != [("created", 5)]:
+                await trio.sleep(0.01)
+        for note in r.handler.event(VmEvent(EventKind.VM_SHUTDOWN)):
+            sidecar.consume(note)
+        with trio.fail_after(3):
+            while r.ref.lifecycle[-1] != ("destroyed", 5):
+                await trio.sleep(0.01)
+        nursery.cancel_scope.cancel()

@@ -243,12 +243,14 @@ class RefTee:
         if not isinstance(client, int) or isinstance(client, bool):
             return {"code": abi.RETURN_EBADCMD}
         if op == "vm-created":
+            log.info("reftee: VM_CREATED client %d", client)
             self.lifecycle.append(("created", client))
             if client == 0 or client in self.clients:
                 return {"code": abi.RETURN_ENOTAVAIL}
             self.clients[client] = {}
             return {"code": abi.RETURN_OK}
         if op == "vm-destroyed":
+            log.info("reftee: VM_DESTROYED client %d", client)
             self.lifecycle.append(("destroyed", client))
             self.clients.pop(client, None)
             for th in [t for t in self.running.values() if t.client == client]:
