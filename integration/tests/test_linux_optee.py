@@ -21,25 +21,19 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from linux_clients import Console, client_kernel  # noqa: F401  (client_kernel is a fixture)
 from linux_dt import build_dtb, optee_node
-from qemu_harness import REPO, Daemon, Qemu
+from qemu_harness import REPO
+from test_linux_clients import BOOT_TIMEOUT, MACHINE, MEMORY, SMP, StartDaemon, StartQemu
 
 from tests.waiting import poll
 
 pytestmark = pytest.mark.integration
 
-StartQemu = Callable[..., Qemu]
-StartDaemon = Callable[..., Daemon]
-
-BOOT_TIMEOUT = 240
-SMP = 2
-MEMORY = "512M"
-MACHINE = ["-M", "virt", "-cpu", "max", "-smp", str(SMP), "-m", MEMORY]
 CLIENT_ID = 42
 ECHO_TA = "5e1f0c2a-7d4b-4c8e-9a61-0e2f4b6d8a10"
 

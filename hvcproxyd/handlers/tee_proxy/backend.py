@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from . import abi
+from .msgarg import Header
 
 
 class BackendError(Exception):
@@ -85,15 +86,9 @@ class BParam:
 
 
 @dataclass(slots=True)
-class Msg:
+class Msg(Header):
     """An optee_msg_arg without addresses."""
 
-    cmd: int
-    func: int = 0
-    session: int = 0
-    cancel_id: int = 0
-    ret: int = 0
-    ret_origin: int = 0
     params: list[BParam] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:

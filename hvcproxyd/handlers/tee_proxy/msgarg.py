@@ -43,13 +43,20 @@ class Param:
 
 
 @dataclass(slots=True)
-class MsgArg:
+class Header:
+    """The fields of an optee_msg_arg besides its parameters, shared by the
+    guest's shadow and the backend's address-free message."""
+
     cmd: int
     func: int = 0
     session: int = 0
     cancel_id: int = 0
     ret: int = 0
     ret_origin: int = 0
+
+
+@dataclass(slots=True)
+class MsgArg(Header):
     params: list[Param] = field(default_factory=list)
 
     def copy(self) -> MsgArg:
@@ -96,4 +103,4 @@ def fail(arg: MsgArg, ret: int, origin: int = abi.TEEC_ORIGIN_COMMS) -> MsgArg:
     return out
 
 
-__all__ = ["MsgArg", "MsgError", "Param", "fail", "num_params_at", "pack", "parse"]
+__all__ = ["Header", "MsgArg", "MsgError", "Param", "fail", "num_params_at", "pack", "parse"]
