@@ -28,10 +28,15 @@ RAM_SIZE = 8 << 20
 
 
 def memory_over(ram: bytearray, base: int = RAM) -> GuestMemory:
+    def inside(gpa: int, n: int) -> None:
+        assert base <= gpa and gpa + n <= base + len(ram), f"access {gpa:#x}+{n:#x} outside guest RAM"
+
     async def read(gpa: int, n: int) -> bytes:
+        inside(gpa, n)
         return bytes(ram[gpa - base:gpa - base + n])
 
     async def write(gpa: int, data: bytes) -> None:
+        inside(gpa, len(data))
         ram[gpa - base:gpa - base + len(data)] = data
 
     return GuestMemory([RamRegion(base, len(ram))], 40, remote_read=read, remote_write=write)

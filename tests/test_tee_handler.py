@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -415,3 +416,62 @@ async def test_lifecycle_sidecar_sends_without_a_guest_call(tmp_path: Path) -> N
             while r.ref.lifecycle[-1] != ("destroyed", 5):
                 await trio.sleep(0.01)
         nursery.cancel_scope.cancel()
+
+
+async def test_rpcs_the_guest_must_not_see(tmp_path: Path) -> None:
+    from hvcproxyd.handlers.tee_proxy.reftee import RPC_CMD_FREE_FOREIGN
+    async with rig(tmp_path) as r:
+        s = await session(r, RPC_TA)
+        victim = r.guest._new_cookie()
+        r.guest.shm[victim] = RAM + 0x10000  # memory the guest holds, but never gave the TEE
+        _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, RPC_CMD_FREE_FOREIGN, s,
+                                           params=[Param(VIN, victim), Param(VOUT)]))
+        assert out.ret == abi.TEEC_SUCCESS
+        assert (out.params[1].a, out.params[1].b) == (abi.TEEC_ERROR_BAD_PARAMETERS, abi.TEEC_ERROR_NOT_SUPPORTED)
+        assert victim in r.guest.shm  # the SHM_FREE never reached the guest
+        assert abi.RPC_FUNC_CMD not in r.guest.rpc_seen  # nor did the memref RPC
+
+
+async def test_guest_that_cannot_allocate_the_rpc_argument(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        s = await session(r, RPC_TA)
+        regs = await raw_call(r, MsgArg(abi.CMD_INVOKE_COMMAND, RPC_CMD_GET_TIME, s, params=[Param(VOUT)]))
+        assert regs[0] == abi.rpc(abi.RPC_FUNC_ALLOC)
+        regs = await r.smc(abi.RETURN_FROM_RPC, 0, 0, regs[3])  # a1:a2 = 0: no memory
+        assert regs[0] == abi.RETURN_OK  # the TA heard of the failure; nothing to free
+        assert r.handler.report()["calls"] == 0
+
+
+async def test_guest_rewriting_an_rpc_argument(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        s = await session(r, RPC_TA)
+        real = r.guest.rpc_cmd
+
+        def more_params(rpc: MsgArg) -> MsgArg:
+            rpc = real(rpc)
+            rpc.params.append(Param(VOUT, 1, 2, 3))  # num_params grows: not what the TEE asked
+            return rpc
+
+        r.guest.rpc_cmd = more_params  # type: ignore[method-assign]
+        _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, RPC_CMD_GET_TIME, s, params=[Param(VOUT)]))
+        assert out.ret == abi.TEEC_ERROR_BAD_PARAMETERS and r.guest.shm == {}
+
+
+async def test_reload_keeps_sessions_and_registered_memory(tmp_path: Path) -> None:
+    from .tee_support import make_handler
+    async with rig(tmp_path) as r:
+        s = await session(r)
+        buf, size = r.guest.ram.buffer(b"abc")
+        await r.guest.call(MsgArg(abi.CMD_REGISTER_SHM, params=[memref(TOUT, buf, size, 0x77)]))
+        new = make_handler(r.handler.opts, r.ram)
+        new.pending.clear()
+        new.restore(r.handler.snapshot())
+        await r.handler.backend.close()
+        r.handler = new
+        _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_REVERSE, s,
+                                           params=[Param(abi.ATTR_TYPE_RMEM_INOUT, 0, 3, 0x77)]))
+        assert out.ret == abi.TEEC_SUCCESS and r.guest.ram.read_buffer(buf, 3) == b"cba"
+        assert new.report()["buffers"] == 1 and r.ref.lifecycle == [("created", 5)]
+        other = make_handler(replace(r.handler.opts, client_id=6), r.ram)
+        other.restore(r.handler.snapshot())  # another client's state is not taken over
+        assert other.sessions == set() and other.registered == {}

@@ -14,7 +14,9 @@ applications:
 - **rpc** (:data:`RPC_TA`): SHM_ROUNDTRIP asks the normal world for shared
   memory of value 0's a bytes (OPTEE_RPC_CMD_SHM_ALLOC), frees it again and
   answers the size it got; GET_TIME asks the normal world for the time;
-  INTERRUPT lets a foreign interrupt through before answering.
+  INTERRUPT lets a foreign interrupt through before answering; FREE_FOREIGN
+  makes RPCs a mediator must not pass on (freeing memory the guest never gave
+  the TEE, a memref parameter) and answers their results.
 - **device enumeration** (:data:`DEVICE_ENUM_PTA`), the pseudo-TA Linux's
   ``optee`` driver queries at probe: GET_DEVICES lists the echo TA's UUID,
   GET_DEVICES_SUPP and GET_DEVICES_RPMB list nothing.
@@ -47,7 +49,7 @@ RPC_TA = uuid.UUID("5e1f0c2a-7d4b-4c8e-9a61-0e2f4b6d8a11")
 DEVICE_ENUM_PTA = uuid.UUID("7011a688-ddde-4053-a5a9-7b3c4ddf13b8")
 
 ECHO_CMD_ECHO, ECHO_CMD_REVERSE, ECHO_CMD_ADD, ECHO_CMD_WHOAMI, ECHO_CMD_SLOW = range(5)
-RPC_CMD_SHM_ROUNDTRIP, RPC_CMD_GET_TIME, RPC_CMD_INTERRUPT = range(3)
+RPC_CMD_SHM_ROUNDTRIP, RPC_CMD_GET_TIME, RPC_CMD_INTERRUPT, RPC_CMD_FREE_FOREIGN = range(4)
 PTA_CMD_GET_DEVICES, PTA_CMD_GET_DEVICES_SUPP, PTA_CMD_GET_DEVICES_RPMB = range(3)
 
 DEFAULT_CAPS = abi.SEC_CAP_DYNAMIC_SHM | abi.SEC_CAP_MEMREF_NULL | abi.SEC_CAP_VIRTUALIZATION
@@ -156,6 +158,14 @@ async def rpc_ta(th: Thread, session: int, func: int, params: list[BParam]) -> N
     elif func == RPC_CMD_INTERRUPT:
         await th.foreign_interrupt()
         _value(params, 0).a = 1
+    elif func == RPC_CMD_FREE_FOREIGN:
+        # Asks the normal world to free memory it never allocated for this TEE (value 0's a as the cookie),
+        # then passes a memref in an RPC; value 1 = the two answers' results.
+        freed = await th.rpc(abi.RPC_CMD_SHM_FREE,
+                             BParam(abi.ATTR_TYPE_VALUE_INPUT, abi.RPC_SHM_TYPE_KERNEL, _value(params, 0).a))
+        memref = await th.rpc(abi.RPC_CMD_GET_TIME, BParam(abi.ATTR_TYPE_TMEM_OUTPUT, size=16, data=b""))
+        out = _value(params, 1)
+        out.a, out.b = freed.ret, memref.ret
     else:
         raise TaError(abi.TEEC_ERROR_NOT_SUPPORTED)
 
