@@ -33,10 +33,12 @@ def memory_over(ram: bytearray, base: int = RAM) -> GuestMemory:
 
     async def read(gpa: int, n: int) -> bytes:
         inside(gpa, n)
+        await trio.lowlevel.checkpoint()  # as a MEM_READ through the VMM lets other vCPUs run
         return bytes(ram[gpa - base:gpa - base + n])
 
     async def write(gpa: int, data: bytes) -> None:
         inside(gpa, len(data))
+        await trio.lowlevel.checkpoint()
         ram[gpa - base:gpa - base + len(data)] = data
 
     return GuestMemory([RamRegion(base, len(ram))], 40, remote_read=read, remote_write=write)

@@ -475,3 +475,42 @@ async def test_reload_keeps_sessions_and_registered_memory(tmp_path: Path) -> No
         other = make_handler(replace(r.handler.opts, client_id=6), r.ram)
         other.restore(r.handler.snapshot())  # another client's state is not taken over
         assert other.sessions == set() and other.registered == {}
+
+
+async def test_concurrent_calls_cannot_pass_the_limit_while_buffers_are_read(tmp_path: Path) -> None:
+    async with rig(tmp_path, max_calls=1) as r:
+        s = await session(r)
+        buf, size = r.guest.ram.buffer(b"q" * 100)
+        results: list[int] = []
+
+        async def one() -> None:
+            regs = await raw_call(r, MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_SLOW, s, params=[
+                Param(VIN, 50), memref(TIN, buf, size)]))
+            results.append(regs[0])
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(one)
+        # One call got the backend thread; the others hit the limit although none had reached the backend yet.
+        assert sorted(results) == [abi.RETURN_OK, abi.RETURN_ETHREAD_LIMIT, abi.RETURN_ETHREAD_LIMIT]
+
+
+async def test_sve_hint_is_not_part_of_the_function(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        assert (await r.smc(abi.CALLS_UID | (1 << 16)))[:4] == abi.API_UID
+
+
+async def test_two_vcpus_registering_one_cookie(tmp_path: Path) -> None:
+    async with rig(tmp_path) as r:
+        rets: list[int] = []
+
+        async def register() -> None:
+            buf, size = r.guest.ram.buffer(b"c" * 5000)
+            _, out = await r.guest.call(MsgArg(abi.CMD_REGISTER_SHM, params=[memref(TOUT, buf, size, 0xAB)]))
+            rets.append(out.ret)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(register)
+            nursery.start_soon(register)
+        assert sorted(rets) == [abi.TEEC_SUCCESS, abi.TEEC_ERROR_BAD_PARAMETERS]
+        assert (r.handler.account.buffers, r.handler.account.pages) == (1, 2)  # charged once

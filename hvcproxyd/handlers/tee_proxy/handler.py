@@ -31,7 +31,7 @@ import trio
 
 from ...config.diagnostics import Section
 from ...core.guestmem import GuestMemory, GuestMemoryError
-from ...smccc import MASK32, SMC64
+from ...smccc import MASK32, SMC64, routing_id
 from ...wire import Call, EventKind, VmEvent
 from .. import Handler, Notes, Result, VmContext
 from . import abi
@@ -110,6 +110,10 @@ class TeeProxyHandler(Handler):
         self.created = False
         self.refused = False
         self._settle_lock = trio.Lock()
+        #: Calls past the thread-limit check whose buffers are still being read.
+        self._starting = 0
+        #: Bumped at every reset, so work begun before it does not charge the new account.
+        self._epoch = 0
 
     @classmethod
     def parse_options(cls, section: Section) -> TeeOptions:
@@ -149,6 +153,7 @@ class TeeProxyHandler(Handler):
         self.rpc_shm.clear()
         self.sessions.clear()
         self.account = Account(self.opts.limits)
+        self._epoch += 1
         self.backend.forget(self.client)
 
     async def settle(self) -> None:
@@ -187,7 +192,7 @@ class TeeProxyHandler(Handler):
 
     # -- the guest-facing dispatcher
     async def handle(self, call: Call) -> Result:
-        fid = call.func_id & MASK32
+        fid = routing_id(call.func_id)  # the SVE hint (bit 16) is not part of the function
         if fid & SMC64:
             return UNKNOWN  # every OP-TEE function is SMC32
         a = [x & MASK32 for x in call.args[:7]]  # SMC32: w1..w7; w7 (client ID) is never used
@@ -258,14 +263,20 @@ class TeeProxyHandler(Handler):
         info = await self._info()
         if info is None:
             return await self._answer(memory, gpa, fail(shadow, abi.TEEC_ERROR_COMMUNICATION))
-        if len(self.jobs) >= self.max_calls(info):
+        if len(self.jobs) + self._starting >= self.max_calls(info):
             return Result.of(abi.RETURN_ETHREAD_LIMIT)
+        epoch = self._epoch
+        self._starting += 1  # holds the slot while the memrefs are read (other vCPUs run meanwhile)
         try:
             tr = await to_backend(memory, shadow, gpa & ~PAGE_MASK, self.registered, self.account,
                                   self.opts.limits, self.opts.max_call_bytes)
         except MsgError as err:
             self.log.info("CALL_WITH_ARG at %#x refused: %s", gpa, err)
             return Result.of(err.code)
+        finally:
+            self._starting -= 1
+        if epoch != self._epoch:  # the VM reset while its buffers were read
+            return Result.of(abi.RETURN_ENOTAVAIL)
         job = Job(self._new_tid(), gpa, shadow, tr, trio.current_time() + self.opts.call_timeout_ms / 1000,
                   busy=True)
         self.jobs[job.tid] = job
@@ -309,8 +320,11 @@ class TeeProxyHandler(Handler):
             return fail(arg, abi.TEEC_ERROR_BAD_PARAMETERS)
         if p.c in self.registered or p.c == 0:
             return fail(arg, abi.TEEC_ERROR_BAD_PARAMETERS)
+        epoch = self._epoch
         try:
             buf = await walk_pagelist(memory, p.a, p.b, self.opts.limits, gpa & ~PAGE_MASK)
+            if p.c in self.registered or epoch != self._epoch:  # raced by another vCPU, or a reset
+                return fail(arg, abi.TEEC_ERROR_BAD_PARAMETERS)
             self.account.take(len(buf.pages), True)
         except MsgError as err:
             self.log.info("REGISTER_SHM %#x refused: %s", p.c, err)
@@ -518,6 +532,8 @@ class TeeProxyHandler(Handler):
                 buf = await walk_pagelist(memory, p.a, p.b, self.opts.limits, job.arg_page)
             else:
                 buf = contiguous(memory, p.a, p.b, self.opts.limits, job.arg_page)
+            if p.c in self.rpc_shm or self.jobs.get(job.tid) is not job:  # raced, or the VM reset meanwhile
+                raise MsgError(abi.RETURN_EBADADDR, f"cookie {p.c:#x} is taken or the call is gone")
             self.account.take(len(buf.pages), True)
         except MsgError as err:
             # The guest keeps this allocation until it resets: the TEE never learns of it to free it.
