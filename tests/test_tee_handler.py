@@ -383,10 +383,10 @@ def test_options_name_file_line_key(make_config: Callable[[str], VmConfig]) -> N
               - match: optee
                 action: tee
             """)
-    text = str(err.value)
-    assert "vm.yaml:6:30: error: handlers.tee.options.client_id" in text or "options.client_id" in text
-    for key in ("options.client_id", "options.pages_per_buffer", "options.colour", "options.socket"):
-        assert key in text
+    where = {(p.mark.line, p.key) for p in err.value.problems}
+    assert where == {(6, "handlers.tee.options.socket"), (6, "handlers.tee.options.client_id"),
+                     (8, "handlers.tee.options.pages_per_buffer"), (9, "handlers.tee.options.colour")}, where
+    assert all(str(p).startswith(str(p.mark.file)) and p.mark.file.endswith("vm.yaml") for p in err.value.problems)
 
 
 async def test_daemon_restart_under_a_running_vm_starts_the_client_afresh(tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import trio
 
-from ...core.handler import Handler
+from ...core.handler import Handler, VmContext
 from ...core.sidecar import Sidecar
 from .handler import TeeProxyHandler, Wake
 
@@ -21,8 +21,8 @@ SETTLE_TIMEOUT = 5.0
 
 
 class LifecycleSidecar(Sidecar):
-    def __init__(self, handler: Handler, vm: object) -> None:
-        super().__init__(handler, vm)  # type: ignore[arg-type]
+    def __init__(self, handler: Handler, vm: VmContext) -> None:
+        super().__init__(handler, vm)
         self._wake = trio.Event()
         self._retired: list[Handler] = []
 
@@ -43,9 +43,11 @@ class LifecycleSidecar(Sidecar):
             await self._wake.wait()
             self._wake = trio.Event()
             with trio.move_on_after(SETTLE_TIMEOUT):
+                current = self.handler
                 while self._retired:
                     old = self._retired.pop()
-                    if isinstance(old, TeeProxyHandler) and old.backend is not getattr(self.handler, "backend", None):
+                    if isinstance(old, TeeProxyHandler) and isinstance(current, TeeProxyHandler) \
+                            and old.backend is not current.backend:
                         await old.backend.close()
                 if isinstance(self.handler, TeeProxyHandler):
                     try:
