@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from hvcproxyd.handlers.tee_proxy import abi
 from hvcproxyd.handlers.tee_proxy.msgarg import MsgArg, Param, pack, parse
-from hvcproxyd.handlers.tee_proxy.reftee import uuid_params
+from hvcproxyd.handlers.tee_proxy.reftee import RPC_CMD_TEST_REVERSE, uuid_params
 from hvcproxyd.smccc import MASK32
 
 CallFn = Callable[..., Awaitable[tuple[int, ...]]]
@@ -60,6 +60,17 @@ class GuestRam:
         for i, p in enumerate(pages):
             self.write(p, bytes(blob[i * PAGE:(i + 1) * PAGE]))
         return self.pagelist(pages, offset), size
+
+    def pages_of(self, buf_ptr: int, size: int) -> tuple[list[int], int]:
+        lp, off = buf_ptr & ~(PAGE - 1), buf_ptr & (PAGE - 1)
+        n = -(-(off + size) // PAGE)
+        return list(struct.unpack(f"<{n}Q", self.read(lp, 8 * n))), off
+
+    def write_buffer(self, buf_ptr: int, start: int, data: bytes) -> None:
+        pages, off = self.pages_of(buf_ptr, start + len(data))
+        for i, byte in enumerate(data):
+            page, at = divmod(off + start + i, PAGE)
+            self.write(pages[page] + at, bytes([byte]))
 
     def read_buffer(self, buf_ptr: int, size: int) -> bytes:
         lp = buf_ptr & ~(PAGE - 1)
@@ -140,6 +151,12 @@ class GuestTee:
                 rpc.ret = abi.TEEC_ERROR_BAD_PARAMETERS
         elif rpc.cmd == abi.RPC_CMD_GET_TIME:
             rpc.params[0] = Param(rpc.params[0].attr, 1234, 5678, 0)
+        elif rpc.cmd == RPC_CMD_TEST_REVERSE:  # as tee-supplicant would: the memref lies in SHM we allocated
+            p = rpc.params[0]
+            assert p.type == abi.ATTR_TYPE_RMEM_INOUT, p
+            buf_ptr = self.shm[p.c]
+            data = self.ram.read_buffer(buf_ptr, p.a + p.b)[p.a:]
+            self.ram.write_buffer(buf_ptr, p.a, data[::-1])
         else:
             rpc.ret = abi.TEEC_ERROR_NOT_SUPPORTED
         return rpc

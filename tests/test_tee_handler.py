@@ -429,7 +429,7 @@ async def test_rpcs_the_guest_must_not_see(tmp_path: Path) -> None:
         assert out.ret == abi.TEEC_SUCCESS
         assert (out.params[1].a, out.params[1].b) == (abi.TEEC_ERROR_BAD_PARAMETERS, abi.TEEC_ERROR_NOT_SUPPORTED)
         assert victim in r.guest.shm  # the SHM_FREE never reached the guest
-        assert abi.RPC_FUNC_CMD not in r.guest.rpc_seen  # nor did the memref RPC
+        assert abi.RPC_FUNC_CMD not in r.guest.rpc_seen  # nor did the RPC with a memref outside its SHM
 
 
 async def test_guest_that_cannot_allocate_the_rpc_argument(tmp_path: Path) -> None:
@@ -514,3 +514,14 @@ async def test_two_vcpus_registering_one_cookie(tmp_path: Path) -> None:
             nursery.start_soon(register)
         assert sorted(rets) == [abi.TEEC_SUCCESS, abi.TEEC_ERROR_BAD_PARAMETERS]
         assert (r.handler.account.buffers, r.handler.account.pages) == (1, 2)  # charged once
+
+
+async def test_supplicant_rpc_with_a_memref(tmp_path: Path) -> None:
+    from hvcproxyd.handlers.tee_proxy.reftee import RPC_CMD_SUPPLICANT
+    async with rig(tmp_path) as r:
+        s = await session(r, RPC_TA)
+        _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, RPC_CMD_SUPPLICANT, s,
+                                           params=[Param(VIN, 5000), Param(VOUT)]))
+        assert (out.ret, out.params[1].a) == (abi.TEEC_SUCCESS, 1)  # the bytes went to the guest and came back
+        assert r.guest.rpc_seen == [abi.RPC_FUNC_ALLOC] + [abi.RPC_FUNC_CMD] * 3 + [abi.RPC_FUNC_FREE]
+        assert r.guest.shm == {} and r.handler.rpc_shm == {} and r.handler.account.pages == 0

@@ -43,7 +43,8 @@ class BackendError(Exception):
 class BParam:
     """A parameter as a backend sees it: ``attr`` is an OPTEE_MSG_ATTR_TYPE_*
     (memrefs always as TMEM types) plus ATTR_META; ``data`` is None for a null
-    memref; ``shm`` names RPC-allocated shared memory (its cookie)."""
+    memref.  In an RPC, a memref names shared memory the normal world allocated
+    (``shm``, its cookie) at offset ``a``."""
 
     attr: int
     a: int = 0
@@ -63,7 +64,7 @@ class BParam:
 
     def to_json(self) -> dict[str, Any]:
         if self.is_memref:
-            out: dict[str, Any] = {"attr": self.attr, "size": self.size, "shm": self.shm,
+            out: dict[str, Any] = {"attr": self.attr, "size": self.size, "shm": self.shm, "offs": self.a,
                                    "data": None if self.data is None else base64.b64encode(self.data).decode()}
             return out
         return {"attr": self.attr, "a": self.a, "b": self.b, "c": self.c}
@@ -81,7 +82,7 @@ class BParam:
                 data = None if raw is None else base64.b64decode(raw, validate=True)
             except ValueError as err:
                 raise BackendError(f"memref data is not base64: {err}") from None
-            return cls(attr, size=_u(d, "size", 64), data=data, shm=_u(d, "shm", 64, 0))
+            return cls(attr, _u(d, "offs", 64, 0), size=_u(d, "size", 64), data=data, shm=_u(d, "shm", 64, 0))
         return cls(attr, _u(d, "a", 64, 0), _u(d, "b", 64, 0), _u(d, "c", 64, 0))
 
 

@@ -379,7 +379,13 @@ class TeeProxyHandler(Handler):
                 if job.rpc_arg is None:
                     job.phase = ("alloc",)
                     return _rpc(abi.RPC_FUNC_ALLOC, RPC_ARG_SIZE, 0, job.tid)
-                return await self._send_rpc(job, memory)
+                try:
+                    return await self._send_rpc(job, memory)
+                except (GuestMemoryError, MsgError) as err:
+                    self.log.info("cannot pass an RPC to the guest: %s", err)
+                    failed = self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
+                    step = await self._bounded(job, lambda b, m=failed: self.backend.rpc_return(
+                        self.client, job.thread, m, b))
         except BackendError as err:
             self.log.warning("TEE backend failed during a call: %s", err)
             return await self._fail_job(job, memory)
@@ -398,22 +404,45 @@ class TeeProxyHandler(Handler):
 
     def _rpc_locally(self, msg: Msg) -> Msg | None:
         """An answer to a backend RPC the guest must not or need not see, or None
-        to pass it on.  The guest sees value parameters only, and SHM_FREE only
-        for memory it allocated through this call's VM."""
-        if len(msg.params) > RPC_PARAMS or any(p.type not in abi.VALUE_TYPES and p.type != abi.ATTR_TYPE_NONE
-                                               for p in msg.params):
-            return Msg(msg.cmd, ret=abi.TEEC_ERROR_NOT_SUPPORTED, ret_origin=abi.TEEC_ORIGIN_COMMS,
-                       params=msg.params)
+        to pass it on.  A memref must lie inside shared memory the guest handed
+        this VM's TEE (an earlier SHM_ALLOC), and SHM_FREE must name such memory:
+        the TEE cannot make the guest touch or free anything else."""
+        def refuse(ret: int) -> Msg:
+            return Msg(msg.cmd, ret=ret, ret_origin=abi.TEEC_ORIGIN_COMMS, params=msg.params)
+
+        if len(msg.params) > RPC_PARAMS:
+            return refuse(abi.TEEC_ERROR_NOT_SUPPORTED)
+        for p in msg.params:
+            if p.is_memref:
+                buf = self.rpc_shm.get(p.shm)
+                if buf is None or p.data is None:
+                    return refuse(abi.TEEC_ERROR_NOT_SUPPORTED)
+                if p.a + p.size > buf.size or len(p.data) > p.size:
+                    return refuse(abi.TEEC_ERROR_BAD_PARAMETERS)
+            elif p.type not in abi.VALUE_TYPES and p.type != abi.ATTR_TYPE_NONE:
+                return refuse(abi.TEEC_ERROR_NOT_SUPPORTED)
         if msg.cmd == abi.RPC_CMD_SHM_FREE and (not msg.params or msg.params[0].b not in self.rpc_shm):
-            return Msg(msg.cmd, ret=abi.TEEC_ERROR_BAD_PARAMETERS, ret_origin=abi.TEEC_ORIGIN_COMMS,
-                       params=msg.params)
+            return refuse(abi.TEEC_ERROR_BAD_PARAMETERS)
         return None
 
     async def _send_rpc(self, job: Job, memory: GuestMemory) -> Result:
+        """Write the backend's RPC command into the guest's RPC argument: values as
+        they are, memrefs as RMEM into the shared memory they name, their input
+        bytes copied there first."""
         assert job.rpc_arg is not None and job.rpc_msg is not None
         m = job.rpc_msg
-        arg = MsgArg(m.cmd, m.func, m.session, m.cancel_id, 0, 0,
-                     [Param(p.attr, p.a, p.b, p.c) for p in m.params])
+        params = []
+        for p in m.params:
+            if p.is_memref:
+                buf = self.rpc_shm.get(p.shm)
+                if buf is None:  # freed by another of the VM's calls since the TEE named it
+                    raise MsgError(abi.RETURN_EBADADDR, f"shared memory {p.shm:#x} is gone")
+                if p.type in abi.INPUT_TYPES and p.data:
+                    await buf.write(memory, p.a, p.data)
+                params.append(Param(abi.ATTR_TYPE_RMEM_INPUT + (p.type & 0x3) - 1, p.a, p.size, p.shm))
+            else:
+                params.append(Param(p.attr, p.a, p.b, p.c))
+        arg = MsgArg(m.cmd, m.func, m.session, m.cancel_id, 0, 0, params)
         await memory.write(job.rpc_arg[0], pack(arg))
         job.phase = ("cmd",)
         return _rpc(abi.RPC_FUNC_CMD, *_split(job.rpc_arg[1]), job.tid)
@@ -477,8 +506,8 @@ class TeeProxyHandler(Handler):
             if answer is None:
                 try:
                     return await self._send_rpc(job, memory)
-                except GuestMemoryError:
-                    answer = self._rpc_failed(job, abi.TEEC_ERROR_OUT_OF_MEMORY)
+                except (GuestMemoryError, MsgError):
+                    answer = self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
         else:  # "cmd"
             answer = await self._rpc_answered(job, memory)
         return await self._drive(job, memory, lambda b: self.backend.rpc_return(self.client, job.thread, answer, b))
@@ -510,8 +539,21 @@ class TeeProxyHandler(Handler):
             return self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
         if len(got.params) != len(sent.params):
             return self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
-        params = [BParam(s.attr, g.a, g.b, g.c) if s.type in abi.OUTPUT_TYPES else s
-                  for s, g in zip(sent.params, got.params, strict=True)]
+        params = []
+        for s, g in zip(sent.params, got.params, strict=True):
+            if s.type not in abi.OUTPUT_TYPES:
+                params.append(s)
+            elif not s.is_memref:
+                params.append(BParam(s.attr, g.a, g.b, g.c))
+            else:  # the guest's new size; its bytes, up to what the TEE gave room for
+                buf = self.rpc_shm.get(s.shm)
+                if buf is None:  # freed by another call meanwhile
+                    return self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
+                try:
+                    data = await buf.read(memory, s.a, min(g.b, s.size))
+                except (GuestMemoryError, MsgError):
+                    return self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
+                params.append(BParam(s.attr, s.a, size=g.b, data=data, shm=s.shm))
         answer = Msg(sent.cmd, ret=got.ret, ret_origin=got.ret_origin, params=params)
         if got.ret != abi.TEEC_SUCCESS:
             return answer

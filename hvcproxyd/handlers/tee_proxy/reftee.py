@@ -16,7 +16,9 @@ applications:
   answers the size it got; GET_TIME asks the normal world for the time;
   INTERRUPT lets a foreign interrupt through before answering; FREE_FOREIGN
   makes RPCs a mediator must not pass on (freeing memory the guest never gave
-  the TEE, a memref parameter) and answers their results.
+  the TEE, a memref outside such memory) and answers their results;
+  SUPPLICANT does what a TA does to reach tee-supplicant (application SHM
+  from the normal world, a command with a memref in it, the answer read back).
 - **device enumeration** (:data:`DEVICE_ENUM_PTA`), the pseudo-TA Linux's
   ``optee`` driver queries at probe: GET_DEVICES lists the echo TA's UUID,
   GET_DEVICES_SUPP and GET_DEVICES_RPMB list nothing.
@@ -49,7 +51,10 @@ RPC_TA = uuid.UUID("5e1f0c2a-7d4b-4c8e-9a61-0e2f4b6d8a11")
 DEVICE_ENUM_PTA = uuid.UUID("7011a688-ddde-4053-a5a9-7b3c4ddf13b8")
 
 ECHO_CMD_ECHO, ECHO_CMD_REVERSE, ECHO_CMD_ADD, ECHO_CMD_WHOAMI, ECHO_CMD_SLOW = range(5)
-RPC_CMD_SHM_ROUNDTRIP, RPC_CMD_GET_TIME, RPC_CMD_INTERRUPT, RPC_CMD_FREE_FOREIGN = range(4)
+RPC_CMD_SHM_ROUNDTRIP, RPC_CMD_GET_TIME, RPC_CMD_INTERRUPT, RPC_CMD_FREE_FOREIGN, RPC_CMD_SUPPLICANT = range(5)
+#: An RPC command outside OP-TEE's numbers, for the tests' normal world to answer the way
+#: tee-supplicant answers its commands: it reverses the bytes of memref 0 in place.
+RPC_CMD_TEST_REVERSE = 0x3F0
 PTA_CMD_GET_DEVICES, PTA_CMD_GET_DEVICES_SUPP, PTA_CMD_GET_DEVICES_RPMB = range(3)
 
 DEFAULT_CAPS = abi.SEC_CAP_DYNAMIC_SHM | abi.SEC_CAP_MEMREF_NULL | abi.SEC_CAP_VIRTUALIZATION
@@ -158,6 +163,20 @@ async def rpc_ta(th: Thread, session: int, func: int, params: list[BParam]) -> N
     elif func == RPC_CMD_INTERRUPT:
         await th.foreign_interrupt()
         _value(params, 0).a = 1
+    elif func == RPC_CMD_SUPPLICANT:
+        # What a TA does to reach tee-supplicant: application SHM from the normal world, a command whose
+        # memref lies in it, the answer read back, the SHM freed.  value 1 = 1 if the bytes came back reversed.
+        text = bytes(i & 0xFF for i in range(1, 1 + min(_value(params, 0).a, 1 << 16)))
+        got = await th.rpc(abi.RPC_CMD_SHM_ALLOC, BParam(abi.ATTR_TYPE_VALUE_INPUT, abi.RPC_SHM_TYPE_APPL,
+                                                         len(text) + 16))
+        if got.ret != abi.TEEC_SUCCESS or not got.params or not got.params[0].shm:
+            raise TaError(abi.TEEC_ERROR_OUT_OF_MEMORY)
+        cookie = got.params[0].shm
+        done = await th.rpc(RPC_CMD_TEST_REVERSE, BParam(abi.ATTR_TYPE_TMEM_INOUT, 16, size=len(text), data=text,
+                                                          shm=cookie))
+        await th.rpc(abi.RPC_CMD_SHM_FREE, BParam(abi.ATTR_TYPE_VALUE_INPUT, abi.RPC_SHM_TYPE_APPL, cookie))
+        back = done.params[0].data if done.params else None
+        _value(params, 1).a = int(done.ret == abi.TEEC_SUCCESS and back == text[::-1])
     elif func == RPC_CMD_FREE_FOREIGN:
         # Asks the normal world to free memory it never allocated for this TEE (value 0's a as the cookie),
         # then passes a memref in an RPC; value 1 = the two answers' results.
@@ -323,6 +342,9 @@ class RefTee:
             msg.ret, msg.ret_origin = err.ret, err.origin
         except trio.EndOfChannel:
             return None  # VM_DESTROYED while the call waited for the normal world
+        except Exception:  # a TA bug costs its caller the call, not every client its connection
+            log.exception("reftee: TA failed")
+            msg.ret, msg.ret_origin = abi.TEEC_ERROR_GENERIC, abi.TEEC_ORIGIN_TEE
         return msg
 
 
