@@ -525,3 +525,18 @@ async def test_supplicant_rpc_with_a_memref(tmp_path: Path) -> None:
         assert (out.ret, out.params[1].a) == (abi.TEEC_SUCCESS, 1)  # the bytes went to the guest and came back
         assert r.guest.rpc_seen == [abi.RPC_FUNC_ALLOC] + [abi.RPC_FUNC_CMD] * 3 + [abi.RPC_FUNC_FREE]
         assert r.guest.shm == {} and r.handler.rpc_shm == {} and r.handler.account.pages == 0
+
+
+async def test_bytes_held_for_calls_are_bounded_too(tmp_path: Path) -> None:
+    async with rig(tmp_path, shared_pages=3) as r:
+        s = await session(r)
+        buf, size = r.guest.ram.buffer(b"m" * 8000)
+        _, out = await r.guest.call(MsgArg(abi.CMD_REGISTER_SHM, params=[memref(TOUT, buf, size, 0x51)]))
+        assert out.ret == abi.TEEC_SUCCESS
+        rm = Param(abi.ATTR_TYPE_RMEM_INOUT, 0, 8000, 0x51)
+        _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_REVERSE, s, params=[rm]))
+        assert out.ret == abi.TEEC_SUCCESS and r.handler.account.inflight == 0  # released with the call
+        # The same registered pages named twice: 16000 bytes held would pass 3 pages' worth.
+        assert (await raw_call(r, MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_REVERSE, s, params=[rm, rm])))[0] \
+            == abi.RETURN_ENOMEM
+        assert r.handler.account.inflight == 0

@@ -119,3 +119,9 @@ async def test_no_tee_and_silent_hello(tmp_path: Path) -> None:
         with trio.fail_after(3), pytest.raises(BackendError):
             await SocketBackend(str(path), connect_timeout=0.1).open()
         nursery.cancel_scope.cancel()
+
+
+def test_deeply_nested_frame_is_a_framing_error() -> None:
+    body = b"[" * 200_000 + b"]" * 200_000
+    with pytest.raises(FrameError):
+        Decoder().feed(len(body).to_bytes(4, "big") + body)

@@ -44,7 +44,7 @@ class Decoder:
             del self._buf[:_LEN.size + n]
             try:
                 obj = json.loads(body)
-            except ValueError as err:
+            except (ValueError, RecursionError) as err:  # RecursionError: a frame nested thousands deep
                 raise FrameError(f"frame is not JSON: {err}") from None
             if not isinstance(obj, dict):
                 raise FrameError("frame is not a JSON object")

@@ -476,6 +476,7 @@ class TeeProxyHandler(Handler):
     def _end(self, job: Job) -> None:
         if self.jobs.pop(job.tid, None) is not None:
             self.account.give(job.tr.temp_pages, False)
+            self.account.release(job.tr.moved)
 
     # -- RETURN_FROM_RPC
     async def _return_from_rpc(self, a: list[int]) -> Result:
@@ -590,7 +591,7 @@ class TeeProxyHandler(Handler):
     def report(self) -> dict[str, Any]:
         return {"client_id": self.client, "created": self.created, "refused": self.refused,
                 "sessions": len(self.sessions), "calls": len(self.jobs), "shared_pages": self.account.pages,
-                "buffers": self.account.buffers}
+                "buffers": self.account.buffers, "inflight_bytes": self.account.inflight}
 
     def snapshot(self) -> dict[str, Any]:
         return {"client_id": self.client, "created": self.created, "sessions": sorted(self.sessions),

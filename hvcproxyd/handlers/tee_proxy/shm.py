@@ -144,6 +144,9 @@ class Account:
         self.limits = limits
         self.pages = 0
         self.buffers = 0
+        #: Memref bytes the daemon holds for calls in flight (copies, registered buffers' included),
+        #: bounded like the pages so a guest cannot make the daemon hold more than it may share.
+        self.inflight = 0
 
     def take(self, pages: int, buffer: bool) -> None:
         """Charge a buffer, or raise ENOMEM and charge nothing."""
@@ -158,6 +161,16 @@ class Account:
     def give(self, pages: int, buffer: bool) -> None:
         self.pages = max(0, self.pages - pages)
         self.buffers = max(0, self.buffers - int(buffer))
+
+    def hold(self, nbytes: int) -> None:
+        """Charge bytes copied for a call, or raise ENOMEM and charge nothing."""
+        if self.inflight + nbytes > self.limits.shared_pages * PAGE:
+            raise MsgError(abi.RETURN_ENOMEM, f"calls in flight would hold more than {self.limits.shared_pages} "
+                                              "pages of memref data")
+        self.inflight += nbytes
+
+    def release(self, nbytes: int) -> None:
+        self.inflight = max(0, self.inflight - nbytes)
 
 
 __all__ = ["Account", "Buffer", "Limits", "contiguous", "pages_for", "walk_pagelist"]

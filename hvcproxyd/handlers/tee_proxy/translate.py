@@ -19,8 +19,8 @@ from .shm import Account, Buffer, Limits, walk_pagelist
 @dataclass(slots=True)
 class Translated:
     """A call's parameters as the backend sees them, with the guest buffer behind
-    each memref (None for values and null memrefs) and the temporary pages it
-    holds against the account."""
+    each memref (None for values and null memrefs), the temporary pages it
+    holds against the account and the memref bytes it holds (``moved``)."""
 
     params: list[BParam]
     buffers: list[Buffer | None]
@@ -36,6 +36,7 @@ async def to_backend(memory: GuestMemory, arg: MsgArg, arg_page: int, registered
     try:
         for i, p in enumerate(arg.params):
             await _one(memory, i, p, arg_page, registered, account, limits, max_bytes, out)
+        account.hold(out.moved)
     except BaseException:
         account.give(out.temp_pages, False)
         raise
@@ -71,7 +72,7 @@ async def _one(memory: GuestMemory, i: int, p: Param, arg_page: int, registered:
         raise MsgError(abi.RETURN_EBADCMD, f"parameter {i}: unknown type {kind:#x}")
     size = p.b
     out.moved += size
-    if out.moved > max_bytes:
+    if out.moved > max_bytes or account.inflight + out.moved > limits.shared_pages * abi.PAGE_SIZE:
         raise MsgError(abi.RETURN_ENOMEM, f"the call's memrefs move more than {max_bytes} bytes")
     data = b""
     if kind in abi.INPUT_TYPES and size:
