@@ -130,33 +130,36 @@ class GuestTee:
             self.shm[cookie] = gpa
             a1, a2, a4, a5 = gpa >> 32, gpa & MASK32, cookie >> 32, cookie & MASK32
         elif func == abi.RPC_FUNC_FREE:
-            del self.shm[(a1 << 32) | a2]
+            self.shm.pop((a1 << 32) | a2, None)
         elif func == abi.RPC_FUNC_CMD:
-            gpa = self.shm[(a1 << 32) | a2]
-            n = struct.unpack_from("<8I", self.ram.read(gpa, 32))[7]
-            rpc = parse(self.ram.read(gpa, abi.arg_size(n)), n)
-            self.ram.write(gpa, pack(self.rpc_cmd(rpc)))
+            gpa = self.shm.get((a1 << 32) | a2)
+            if gpa is not None:  # Linux, too, ignores a command in memory it does not know
+                n = min(struct.unpack_from("<8I", self.ram.read(gpa, 32))[7], 4)
+                rpc = parse(self.ram.read(gpa, abi.arg_size(n)), n)
+                self.ram.write(gpa, pack(self.rpc_cmd(rpc)))
         return a1, a2, a3, a4, a5, 0
 
     def rpc_cmd(self, rpc: MsgArg) -> MsgArg:
+        """Answer an RPC command, checking its parameters as Linux's handlers do."""
         rpc.ret = abi.TEEC_SUCCESS
-        if rpc.cmd == abi.RPC_CMD_SHM_ALLOC:
-            size = rpc.params[0].b
+        p = rpc.params[0] if len(rpc.params) == 1 else None
+        if rpc.cmd == abi.RPC_CMD_SHM_ALLOC and p is not None and p.attr == abi.ATTR_TYPE_VALUE_INPUT:
+            if p.b > 64 * PAGE:
+                rpc.ret = abi.TEEC_ERROR_OUT_OF_MEMORY
+                return rpc
             cookie = self._new_cookie()
-            buf_ptr, _ = self.ram.buffer(b"", capacity=size)
+            buf_ptr, _ = self.ram.buffer(b"", capacity=p.b)
             self.shm[cookie] = buf_ptr
-            rpc.params[0] = memref(abi.ATTR_TYPE_TMEM_OUTPUT, buf_ptr, size, cookie)
-        elif rpc.cmd == abi.RPC_CMD_SHM_FREE:
-            if self.shm.pop(rpc.params[0].b, None) is None:
+            rpc.params[0] = memref(abi.ATTR_TYPE_TMEM_OUTPUT, buf_ptr, p.b, cookie)
+        elif rpc.cmd == abi.RPC_CMD_SHM_FREE and p is not None and p.attr == abi.ATTR_TYPE_VALUE_INPUT:
+            if self.shm.pop(p.b, None) is None:
                 rpc.ret = abi.TEEC_ERROR_BAD_PARAMETERS
-        elif rpc.cmd == abi.RPC_CMD_GET_TIME:
-            rpc.params[0] = Param(rpc.params[0].attr, 1234, 5678, 0)
-        elif rpc.cmd == RPC_CMD_TEST_REVERSE:  # as tee-supplicant would: the memref lies in SHM we allocated
-            p = rpc.params[0]
-            assert p.type == abi.ATTR_TYPE_RMEM_INOUT, p
-            buf_ptr = self.shm[p.c]
-            data = self.ram.read_buffer(buf_ptr, p.a + p.b)[p.a:]
-            self.ram.write_buffer(buf_ptr, p.a, data[::-1])
+        elif rpc.cmd == abi.RPC_CMD_GET_TIME and p is not None and p.type == abi.ATTR_TYPE_VALUE_OUTPUT:
+            rpc.params[0] = Param(p.attr, 1234, 5678, 0)
+        elif rpc.cmd == RPC_CMD_TEST_REVERSE and p is not None and p.type == abi.ATTR_TYPE_RMEM_INOUT \
+                and p.c in self.shm:  # as tee-supplicant would: the memref lies in SHM we allocated
+            data = self.ram.read_buffer(self.shm[p.c], p.a + p.b)[p.a:]
+            self.ram.write_buffer(self.shm[p.c], p.a, data[::-1])
         else:
-            rpc.ret = abi.TEEC_ERROR_NOT_SUPPORTED
+            rpc.ret = abi.TEEC_ERROR_BAD_PARAMETERS
         return rpc
