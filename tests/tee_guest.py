@@ -132,11 +132,11 @@ class GuestTee:
         elif func == abi.RPC_FUNC_FREE:
             self.shm.pop((a1 << 32) | a2, None)
         elif func == abi.RPC_FUNC_CMD:
-            gpa = self.shm.get((a1 << 32) | a2)
-            if gpa is not None:  # Linux, too, ignores a command in memory it does not know
-                n = min(struct.unpack_from("<8I", self.ram.read(gpa, 32))[7], 4)
-                rpc = parse(self.ram.read(gpa, abi.arg_size(n)), n)
-                self.ram.write(gpa, pack(self.rpc_cmd(rpc)))
+            at = self.shm.get((a1 << 32) | a2)
+            if at is not None:  # Linux, too, ignores a command in memory it does not know
+                n = min(struct.unpack_from("<8I", self.ram.read(at, 32))[7], 4)
+                rpc = parse(self.ram.read(at, abi.arg_size(n)), n)
+                self.ram.write(at, pack(self.rpc_cmd(rpc)))
         return a1, a2, a3, a4, a5, 0
 
     def rpc_cmd(self, rpc: MsgArg) -> MsgArg:
