@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 from hvcproxyd.handlers.tee_proxy import abi
-from hvcproxyd.handlers.tee_proxy.backend import BParam, Done, Msg, Refused
+from hvcproxyd.handlers.tee_proxy.backend import BackendError, BParam, Done, Msg, Refused
 from hvcproxyd.handlers.tee_proxy.optee_host import (
     TEE_IOC_CLOSE_SESSION,
     TEE_IOC_INVOKE,
@@ -170,6 +170,43 @@ async def test_refuses_a_second_vm_without_virtualization() -> None:
 
 
 async def test_not_optee() -> None:
-    from hvcproxyd.handlers.tee_proxy.backend import BackendError
     with pytest.raises(BackendError):
         await OpteeHostBackend("/dev/tee0", system=FakeTeeDevice(impl=2)).open()
+
+
+async def test_a_blocking_ioctl_never_blocks_the_loop() -> None:
+    import threading
+
+    import trio
+
+    from hvcproxyd.handlers.tee_proxy.backend import Pending
+
+    release, closing = threading.Event(), threading.Event()
+
+    class SlowDevice(FakeTeeDevice):
+        def ioctl(self, fd: int, request: int, buf: bytearray) -> int:
+            if request == TEE_IOC_INVOKE:
+                release.wait(10)  # OP-TEE busy in a TA
+            return super().ioctl(fd, request, buf)
+
+        def close(self, fd: int) -> None:
+            if self.sessions.get(fd):
+                release.wait(10)  # closing sessions in the TEE takes its time too
+            super().close(fd)
+
+    dev = SlowDevice()
+    be = OpteeHostBackend("/dev/tee0", system=dev)
+    assert await be.vm_created(1, 1) == abi.RETURN_OK
+    step = await be.call(1, open_msg(), 1)
+    assert isinstance(step, Done)
+    msg = Msg(abi.CMD_INVOKE_COMMAND, 0, step.msg.session, params=[
+        BParam(abi.ATTR_TYPE_TMEM_INPUT, size=1, data=b"x"), BParam(abi.ATTR_TYPE_TMEM_OUTPUT, size=1, data=b"")])
+    with trio.fail_after(2):
+        step = await be.call(1, msg, 0.05)
+        assert isinstance(step, Pending)  # the guest gets a foreign interrupt meanwhile
+        with pytest.raises(BackendError):
+            await be.vm_destroyed(1, 0.05)  # bounded, though the kernel is still closing
+    release.set()
+    step = await be.wait(1, step.ticket, 2)
+    assert isinstance(step, Done) and step.msg.params[1].data == b"x"
+    closing.set()

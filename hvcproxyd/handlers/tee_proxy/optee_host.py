@@ -26,9 +26,10 @@ import os
 import struct
 import threading
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -64,6 +65,9 @@ _INVOKE = struct.Struct("<IIIIII")
 _PARAM = struct.Struct("<4Q")
 #: Host threads the backend occupies at once (each ioctl blocks one).
 THREADS = 8
+#: Opening the device and TEE_IOC_VERSION, which have no budget of their own.
+OPEN_TIMEOUT = 2.0
+T = TypeVar("T")
 
 
 class TeeDevice(Protocol):
@@ -118,53 +122,67 @@ class OpteeHostBackend(Backend):
         self._futures: dict[int, Future[Step]] = {}
         self._tickets = itertools.count(1)
 
+    async def _off_loop(self, fn: Callable[[], T], budget: float, what: str) -> T:
+        """A blocking system call in a worker thread, so the daemon's loop never
+        waits on the kernel; past ``budget`` it is left to finish on its own."""
+        with trio.move_on_after(budget):
+            return await trio.to_thread.run_sync(fn, abandon_on_cancel=True)
+        raise BackendError(f"{what} on {self.device} did not return within {budget:.1f}s")
+
     async def open(self) -> BackendInfo:
         if self.info is not None:
             return self.info
         try:
-            fd = self.sys.open(self.device)
+            impl, gen_caps = await self._off_loop(self._probe, OPEN_TIMEOUT, "TEE_IOC_VERSION")
         except OSError as err:
-            raise BackendError(f"cannot open {self.device}: {err}") from err
-        try:
-            buf = bytearray(_VERSION.size)
-            self.sys.ioctl(fd, TEE_IOC_VERSION, buf)
-        except OSError as err:
-            raise BackendError(f"TEE_IOC_VERSION on {self.device}: {err}") from err
-        finally:
-            self.sys.close(fd)
-        impl, _impl_caps, gen_caps = _VERSION.unpack(buf)
+            raise BackendError(f"cannot query {self.device}: {err}") from err
         if impl != TEE_IMPL_ID_OPTEE:
             raise BackendError(f"{self.device} is not OP-TEE (implementation {impl})")
         caps = abi.SEC_CAP_DYNAMIC_SHM | (abi.SEC_CAP_MEMREF_NULL if gen_caps & TEE_GEN_CAP_MEMREF_NULL else 0)
         self.info = BackendInfo(THREADS, caps, (0, 0))
         return self.info
 
+    def _probe(self) -> tuple[int, int]:
+        fd = self.sys.open(self.device)
+        try:
+            buf = bytearray(_VERSION.size)
+            self.sys.ioctl(fd, TEE_IOC_VERSION, buf)
+        finally:
+            self.sys.close(fd)
+        impl, _impl_caps, gen_caps = _VERSION.unpack(buf)
+        return impl, gen_caps
+
     async def close(self) -> None:
         for client in list(self.ctx):
-            self._release(client)
+            await self.vm_destroyed(client, OPEN_TIMEOUT)
         self.info = None
-
-    def _release(self, client: int) -> None:
-        ctx = self.ctx.pop(client, None)
-        if ctx is not None:
-            self.sys.close(ctx.fd)  # the kernel closes the context's sessions and drops the lock
 
     async def vm_created(self, client: int, budget: float) -> int:
         await self.open()
         if client in self.ctx:
             return abi.RETURN_ENOTAVAIL
         try:
-            fd = self.sys.open(self.device)
+            fd = await self._off_loop(self._claim, budget, "open")
         except OSError:
             return abi.RETURN_ENOTAVAIL
-        if not self.sys.flock(fd, exclusive=not self.allow_shared):
-            self.sys.close(fd)
+        if fd is None:
             return abi.RETURN_ENOTAVAIL  # another VM holds this host TEE and it cannot keep VMs apart
         self.ctx[client] = _Ctx(fd, set())
         return abi.RETURN_OK
 
+    def _claim(self) -> int | None:
+        """A context of the VM's own, locked exclusively unless the host TEE may be shared."""
+        fd = self.sys.open(self.device)
+        if not self.sys.flock(fd, exclusive=not self.allow_shared):
+            self.sys.close(fd)
+            return None
+        return fd
+
     async def vm_destroyed(self, client: int, budget: float) -> int:
-        self._release(client)
+        ctx = self.ctx.pop(client, None)
+        if ctx is not None:
+            # Closing the context makes the kernel close its sessions in the TEE, and drops the lock.
+            await self._off_loop(lambda: self.sys.close(ctx.fd), budget, "close")
         return abi.RETURN_OK
 
     async def call(self, client: int, msg: Msg, budget: float) -> Step:
