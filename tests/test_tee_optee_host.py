@@ -11,6 +11,7 @@ import ctypes
 import itertools
 import struct
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -210,3 +211,28 @@ async def test_a_blocking_ioctl_never_blocks_the_loop() -> None:
     step = await be.wait(1, step.ticket, 2)
     assert isinstance(step, Done) and step.msg.params[1].data == b"x"
     closing.set()
+
+
+async def test_through_the_mediator() -> None:
+    """A guest's calls, shadowed and translated, reach the host TEE's ioctls."""
+    from hvcproxyd.handlers.tee_proxy.msgarg import MsgArg
+
+    from .tee_guest import GuestRam, GuestTee, memref, open_session_arg
+    from .tee_support import RAM, RAM_SIZE, Rig, make_handler
+    from .tee_support import options as tee_options
+
+    ram = bytearray(RAM_SIZE)
+    opts = tee_options(Path("/nonexistent"), backend="optee-host")
+    handler = make_handler(opts, ram)
+    assert isinstance(handler.backend, OpteeHostBackend)
+    handler.backend.sys = FakeTeeDevice()
+    r = Rig(handler, None, ram, None, Path("/nonexistent"))  # type: ignore[arg-type]
+    r.guest = GuestTee(GuestRam(ram, RAM), r.smc)
+    a0, out = await r.guest.call(open_session_arg(TA))
+    assert (a0, out.ret) == (abi.RETURN_OK, 0)
+    src, n = r.guest.ram.buffer(b"through the host")
+    dst, cap = r.guest.ram.buffer(b"", capacity=64)
+    a0, res = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, 0, out.session, params=[
+        memref(abi.ATTR_TYPE_TMEM_INPUT, src, n), memref(abi.ATTR_TYPE_TMEM_OUTPUT, dst, cap)]))
+    assert (a0, res.ret, res.params[1].b) == (abi.RETURN_OK, 0, n)
+    assert r.guest.ram.read_buffer(dst, n) == b"through the host"
