@@ -540,3 +540,14 @@ async def test_bytes_held_for_calls_are_bounded_too(tmp_path: Path) -> None:
         assert (await raw_call(r, MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_REVERSE, s, params=[rm, rm])))[0] \
             == abi.RETURN_ENOMEM
         assert r.handler.account.inflight == 0
+
+
+async def test_a_dead_backend_is_warned_about_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+    async with rig(tmp_path, serve_tee=False) as r:
+        with caplog.at_level(logging.DEBUG, logger="test.tee"):
+            for _ in range(5):
+                await r.smc(abi.EXCHANGE_CAPABILITIES)
+                await raw_call(r, open_session_arg(ECHO_TA))
+        warnings = [rec for rec in caplog.records if rec.levelno >= logging.WARNING]
+        assert len(warnings) == 1, [rec.getMessage() for rec in warnings]

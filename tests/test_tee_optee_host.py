@@ -192,7 +192,7 @@ async def test_a_blocking_ioctl_never_blocks_the_loop() -> None:
 
         def close(self, fd: int) -> None:
             if self.sessions.get(fd):
-                release.wait(10)  # closing sessions in the TEE takes its time too
+                closing.wait(10)  # closing sessions in the TEE takes its time too
             super().close(fd)
 
     dev = SlowDevice()

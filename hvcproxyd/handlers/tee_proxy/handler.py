@@ -24,7 +24,7 @@ docs/handlers/tee-proxy.md.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import trio
@@ -44,7 +44,8 @@ from .translate import Translated, from_backend, to_backend
 #: Parameters of an RPC command (OP-TEE's THREAD_RPC_MAX_NUM_PARAMS).
 RPC_PARAMS = 4
 RPC_ARG_SIZE = abi.arg_size(RPC_PARAMS)
-FAST_IDS = (abi.CALLS_COUNT, abi.CALLS_UID, abi.CALLS_REVISION, abi.GET_OS_UUID, abi.GET_OS_REVISION,
+#: The functions answered here (what CALLS_COUNT counts).
+OFFERED = (abi.CALLS_COUNT, abi.CALLS_UID, abi.CALLS_REVISION, abi.GET_OS_UUID, abi.GET_OS_REVISION,
             abi.GET_SHM_CONFIG, abi.EXCHANGE_CAPABILITIES, abi.DISABLE_SHM_CACHE, abi.ENABLE_SHM_CACHE,
             abi.GET_THREAD_COUNT, abi.CALL_WITH_ARG, abi.RETURN_FROM_RPC)
 UNKNOWN = Result.of(abi.RETURN_UNKNOWN_FUNCTION)
@@ -81,7 +82,6 @@ class Job:
     final: Msg | None = None
     busy: bool = False
     started: bool = False
-    shm_alloc: list[int] = field(default_factory=list)
 
     @property
     def arg_page(self) -> int:
@@ -114,6 +114,8 @@ class TeeProxyHandler(Handler):
         self._starting = 0
         #: Bumped at every reset, so work begun before it does not charge the new account.
         self._epoch = 0
+        #: The backend failed and nothing has worked since (warnings once per outage).
+        self._down = False
 
     @classmethod
     def parse_options(cls, section: Section) -> TeeOptions:
@@ -175,16 +177,25 @@ class TeeProxyHandler(Handler):
                         await self.backend.vm_destroyed(self.client, budget)
                         self.created = self.refused = False
                 except BackendError as err:
-                    self.log.warning("cannot tell the TEE VM_%s for client %d yet: %s", what.upper(), self.client, err)
+                    self._backend_trouble(f"cannot tell the TEE VM_{what.upper()} for client {self.client} yet: {err}")
                     return
                 self.pending.pop(0)
 
     async def _info(self) -> BackendInfo | None:
         try:
-            return await self.backend.open()
+            info = await self.backend.open()
         except BackendError as err:
-            self.log.warning("TEE backend unavailable: %s", err)
+            self._backend_trouble(f"TEE backend unavailable: {err}")
             return None
+        if self._down:
+            self._down = False
+            self.log.warning("TEE backend reachable again")
+        return info
+
+    def _backend_trouble(self, why: str) -> None:
+        """Warn once per outage, not once per guest call (debug after that)."""
+        (self.log.debug if self._down else self.log.warning)("%s", why)
+        self._down = True
 
     def max_calls(self, info: BackendInfo) -> int:
         limit = self.opts.limits.max_calls
@@ -201,7 +212,7 @@ class TeeProxyHandler(Handler):
         if fid in (abi.CALLS_REVISION, abi.fast(0xFF03)):
             return Result.of(*abi.API_REVISION)
         if fid in (abi.CALLS_COUNT, abi.fast(0xFF00)):
-            return Result.of(len(FAST_IDS))
+            return Result.of(len(OFFERED))
         if fid == abi.GET_OS_UUID:
             return Result.of(*abi.OS_UUID)
         if fid in (abi.VM_CREATED, abi.VM_DESTROYED):
@@ -248,7 +259,7 @@ class TeeProxyHandler(Handler):
         try:
             shadow = await self._read_arg(memory, gpa)
         except MsgError as err:
-            self.log.info("CALL_WITH_ARG at %#x refused: %s", gpa, err)
+            self.log.debug("CALL_WITH_ARG at %#x refused: %s", gpa, err)
             return Result.of(err.code)
         cmd = shadow.cmd
         if cmd == abi.CMD_REGISTER_SHM:
@@ -271,7 +282,7 @@ class TeeProxyHandler(Handler):
             tr = await to_backend(memory, shadow, gpa & ~PAGE_MASK, self.registered, self.account,
                                   self.opts.limits, self.opts.max_call_bytes)
         except MsgError as err:
-            self.log.info("CALL_WITH_ARG at %#x refused: %s", gpa, err)
+            self.log.debug("CALL_WITH_ARG at %#x refused: %s", gpa, err)
             return Result.of(err.code)
         finally:
             self._starting -= 1
@@ -309,7 +320,7 @@ class TeeProxyHandler(Handler):
         try:
             await memory.write(gpa, pack(arg))
         except GuestMemoryError as err:
-            self.log.info("cannot write the answer at %#x: %s", gpa, err)
+            self.log.debug("cannot write the answer at %#x: %s", gpa, err)
             return Result.of(abi.RETURN_EBADADDR)
         return Result.of(abi.RETURN_OK)
 
@@ -327,7 +338,7 @@ class TeeProxyHandler(Handler):
                 return fail(arg, abi.TEEC_ERROR_BAD_PARAMETERS)
             self.account.take(len(buf.pages), True)
         except MsgError as err:
-            self.log.info("REGISTER_SHM %#x refused: %s", p.c, err)
+            self.log.debug("REGISTER_SHM %#x refused: %s", p.c, err)
             return fail(arg, abi.TEEC_ERROR_OUT_OF_MEMORY if err.code == abi.RETURN_ENOMEM
                         else abi.TEEC_ERROR_BAD_PARAMETERS)
         self.registered[p.c] = buf
@@ -382,12 +393,12 @@ class TeeProxyHandler(Handler):
                 try:
                     return await self._send_rpc(job, memory)
                 except (GuestMemoryError, MsgError) as err:
-                    self.log.info("cannot pass an RPC to the guest: %s", err)
+                    self.log.debug("cannot pass an RPC to the guest: %s", err)
                     failed = self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
                     step = await self._bounded(job, lambda b, m=failed: self.backend.rpc_return(
                         self.client, job.thread, m, b))
         except BackendError as err:
-            self.log.warning("TEE backend failed during a call: %s", err)
+            self._backend_trouble(f"TEE backend failed during a call: {err}")
             return await self._fail_job(job, memory)
         except BaseException:
             self._end(job)  # cancelled (the handler's timeout) or a bug: the job cannot be resumed
@@ -452,7 +463,7 @@ class TeeProxyHandler(Handler):
         try:
             out = await from_backend(memory, job.shadow, job.tr, job.final)
         except (GuestMemoryError, MsgError) as err:
-            self.log.info("cannot copy a result back: %s", err)
+            self.log.debug("cannot copy a result back: %s", err)
             self._end(job)
             return Result.of(abi.RETURN_EBADADDR)
         if job.shadow.cmd == abi.CMD_OPEN_SESSION and out.ret == abi.TEEC_SUCCESS:
@@ -525,7 +536,7 @@ class TeeProxyHandler(Handler):
         job.rpc_arg = (gpa, cookie)  # freed at the end of the call whatever it is
         if ((gpa & PAGE_MASK) + RPC_ARG_SIZE > abi.PAGE_SIZE or not memory.contains(gpa, RPC_ARG_SIZE)
                 or gpa & ~PAGE_MASK == job.arg_page):
-            self.log.info("RPC argument buffer at %#x refused", gpa)
+            self.log.debug("RPC argument buffer at %#x refused", gpa)
             return self._rpc_failed(job, abi.TEEC_ERROR_BAD_PARAMETERS)
         return None
 
@@ -580,7 +591,7 @@ class TeeProxyHandler(Handler):
             self.account.take(len(buf.pages), True)
         except MsgError as err:
             # The guest keeps this allocation until it resets: the TEE never learns of it to free it.
-            self.log.info("RPC SHM_ALLOC answer refused: %s", err)
+            self.log.debug("RPC SHM_ALLOC answer refused: %s", err)
             return Msg(sent.cmd, ret=abi.TEEC_ERROR_OUT_OF_MEMORY, ret_origin=abi.TEEC_ORIGIN_COMMS,
                        params=sent.params)
         self.rpc_shm[p.c] = buf
