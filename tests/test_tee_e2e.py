@@ -148,3 +148,34 @@ async def test_two_vms_one_tee(write_config: Callable[..., Path], tmp_path: Path
         for sim in sims:
             sim.close()
         nursery.cancel_scope.cancel()
+
+
+async def test_reload_keeps_the_guest_s_sessions(make_config: Callable[[str], VmConfig], tmp_path: Path,
+                                                 serve: Serve) -> None:
+    from hvcproxyd.handlers.tee_proxy import TeeProxyHandler
+    from hvcproxyd.handlers.tee_proxy.reftee import ECHO_CMD_ADD
+    tee_sock = tmp_path / "tee.sock"
+    ref = RefTee()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(ref.serve, str(tee_sock))
+        daemon = await serve(make_config(tee_config("vm1", 3, tee_sock)))
+        sim = Simulator(daemon.config.socket, n_vcpus=1, ram_size=4 << 20)
+
+        async def guest(tee: GuestTee) -> None:
+            s = await open_session(tee, ECHO_TA)
+            old = daemon.vm.instances["tee"]
+            assert await daemon.reload()
+            new = daemon.vm.instances["tee"]
+            assert isinstance(new, TeeProxyHandler) and new is not old and s in new.sessions
+            a0, out = await tee.call(MsgArg(abi.CMD_INVOKE_COMMAND, ECHO_CMD_ADD, s,
+                                            params=[Param(VALUE_IN, 2, 3), Param(VALUE_OUT)]))
+            assert (a0, out.ret, out.params[1].a) == (abi.RETURN_OK, abi.TEEC_SUCCESS, 5)
+            assert isinstance(old, TeeProxyHandler)
+            with trio.fail_after(5):  # the lifecycle sidecar closes the old instance's connection
+                while old.backend.info is not None:
+                    await trio.sleep(0.01)
+
+        await run_guest(sim, guest)
+        assert ref.lifecycle == [("created", 3)]  # a reload is not a new VM
+        sim.close()
+        nursery.cancel_scope.cancel()
