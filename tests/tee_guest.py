@@ -101,6 +101,8 @@ class GuestTee:
     smc: CallFn
     w7: int = 0xBAD
     rpc_seen: list[int] = field(default_factory=list)
+    #: Changes a hostile guest makes to its answer to an RPC command, after answering it properly.
+    tamper: Callable[[MsgArg], None] | None = None
     shm: dict[int, int] = field(default_factory=dict)  # cookie -> gpa of RPC allocations still held
     _cookie: int = 0x1000
 
@@ -135,8 +137,10 @@ class GuestTee:
             at = self.shm.get((a1 << 32) | a2)
             if at is not None:  # Linux, too, ignores a command in memory it does not know
                 n = min(struct.unpack_from("<8I", self.ram.read(at, 32))[7], 4)
-                rpc = parse(self.ram.read(at, abi.arg_size(n)), n)
-                self.ram.write(at, pack(self.rpc_cmd(rpc)))
+                rpc = self.rpc_cmd(parse(self.ram.read(at, abi.arg_size(n)), n))
+                if self.tamper is not None:
+                    self.tamper(rpc)
+                self.ram.write(at, pack(rpc))
         return a1, a2, a3, a4, a5, 0
 
     def rpc_cmd(self, rpc: MsgArg) -> MsgArg:

@@ -351,15 +351,12 @@ async def test_return_from_rpc_errors(tmp_path: Path) -> None:
 async def test_rpc_shm_answers_are_checked(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         s = await session(r, RPC_TA)
-        real = r.guest.rpc_cmd
 
-        def outside(rpc: MsgArg) -> MsgArg:
-            rpc = real(rpc)
+        def outside(rpc: MsgArg) -> None:
             if rpc.cmd == abi.RPC_CMD_SHM_ALLOC:  # the guest hands back memory it does not have
                 rpc.params[0] = Param(TOUT, RAM + RAM_SIZE, rpc.params[0].b, 0x5)
-            return rpc
 
-        r.guest.rpc_cmd = outside  # type: ignore[method-assign]
+        r.guest.tamper = outside
         _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, RPC_CMD_SHM_ROUNDTRIP, s,
                                            params=[Param(VIN, 4096), Param(VOUT)]))
         assert out.ret == abi.TEEC_ERROR_OUT_OF_MEMORY and r.handler.rpc_shm == {}
@@ -445,14 +442,8 @@ async def test_guest_that_cannot_allocate_the_rpc_argument(tmp_path: Path) -> No
 async def test_guest_rewriting_an_rpc_argument(tmp_path: Path) -> None:
     async with rig(tmp_path) as r:
         s = await session(r, RPC_TA)
-        real = r.guest.rpc_cmd
-
-        def more_params(rpc: MsgArg) -> MsgArg:
-            rpc = real(rpc)
-            rpc.params.append(Param(VOUT, 1, 2, 3))  # num_params grows: not what the TEE asked
-            return rpc
-
-        r.guest.rpc_cmd = more_params  # type: ignore[method-assign]
+        # num_params grows: not what the TEE asked
+        r.guest.tamper = lambda rpc: rpc.params.append(Param(VOUT, 1, 2, 3))
         _, out = await r.guest.call(MsgArg(abi.CMD_INVOKE_COMMAND, RPC_CMD_GET_TIME, s, params=[Param(VOUT)]))
         assert out.ret == abi.TEEC_ERROR_BAD_PARAMETERS and r.guest.shm == {}
 
