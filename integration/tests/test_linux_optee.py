@@ -14,6 +14,9 @@ its own process (``python -m hvcproxyd.handlers.tee_proxy.reftee``).
   echoes, reverses and adds through the echo TA, sees the configured client ID,
   and makes the rpc TA allocate kernel shared memory and ask the time through
   RPCs the kernel answers.
+- A reboot is a VM reset: the TEE hears VM_DESTROYED and VM_CREATED for the
+  client, the driver probes again and the client works again; the power-off
+  ends with VM_DESTROYED.
 """
 
 from __future__ import annotations
@@ -105,6 +108,15 @@ def test_linux_optee_driver_and_a_tee_client(qemu_bin: Path, client_kernel: Path
         assert "tee passed (0 failures)" in lines, lines
         _, lines = console.run("dmesg optee|tee:")
         assert not [line for line in lines if re.search(r"(?i)error|fail|bug|warn", line)], lines
+        # A reboot is a VM reset: the TEE forgets the client's sessions (VM_DESTROYED, then VM_CREATED),
+        # and the driver probes and works again.
+        q.send("reboot\n")
+        daemon.wait_log(r"VMM event VM_RESET", timeout=BOOT_TIMEOUT)
+        rebooted = q.output().rindex("HVCTEST: begin reboot")
+        console.wait(r"^HVCTEST: ready\r?$", BOOT_TIMEOUT, start=rebooted)
+        assert "optee: initialized driver" in q.output()[rebooted:], q.output()[rebooted:]
+        rc, lines = console.run("tee-test", timeout=120, ok=False)
+        assert rc == 0 and "tee passed (0 failures)" in lines, lines
     finally:
         q.send("poweroff\n")
         q.wait(60)
@@ -113,7 +125,9 @@ def test_linux_optee_driver_and_a_tee_client(qemu_bin: Path, client_kernel: Path
     assert "raised on" not in log and "timed out" not in log, log[-4000:]
     # The handler told the TEE when the VM came and went (the lifecycle sidecar, on QEMU's shutdown event).
     tee_log = workdir / "reftee.log"
-    poll(lambda: f"VM_DESTROYED client {CLIENT_ID}" in tee_log.read_text(), "VM_DESTROYED at the TEE",
-         timeout=10, log=tee_log)
-    text = tee_log.read_text()
-    assert text.index(f"VM_CREATED client {CLIENT_ID}") < text.index(f"VM_DESTROYED client {CLIENT_ID}"), text
+    expected = ["VM_CREATED", "VM_DESTROYED", "VM_CREATED", "VM_DESTROYED"]  # boot, reboot, power-off
+
+    def lifecycle() -> list[str]:
+        return re.findall(rf"(VM_CREATED|VM_DESTROYED) client {CLIENT_ID}\b", tee_log.read_text())
+
+    poll(lambda: lifecycle() == expected, f"the TEE to see {expected}", timeout=10, log=tee_log)
