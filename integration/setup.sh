@@ -25,7 +25,7 @@ HOST_PACKAGES=(
     libglib2.0-dev libpixman-1-dev libfdt-dev zlib1g-dev flex bison
     xz-utils bzip2 git ca-certificates
     # guests; arm64 kernel headers for qemu/kvm-check.sh
-    binutils-aarch64-linux-gnu gcc-aarch64-linux-gnu linux-libc-dev-arm64-cross
+    binutils-aarch64-linux-gnu gcc-aarch64-linux-gnu linux-libc-dev-arm64-cross libc6-dev-arm64-cross
     # initramfs
     cpio gzip
     # the client kernel (linux/build-kernel.sh: apt-get source + dpkg-source, kbuild)

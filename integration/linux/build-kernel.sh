@@ -3,7 +3,8 @@
 # cross-compiled for arm64 from allnoconfig plus integration/linux/kernel.config,
 # with integration/linux/patches/*.patch on top, the memshare test module
 # (integration/linux/memshare-test/) and a busybox initramfs whose /init is
-# integration/linux/init-clients.
+# integration/linux/init-clients, with the static TEE client
+# integration/linux/tee-test/ as /bin/tee-test.
 #
 # Usage: integration/linux/build-kernel.sh [--print-key] [--help]
 #   --print-key   print the kernel's cache key and exit (no download, no build)
@@ -21,7 +22,8 @@
 #       key = source version + kernel.config + patches + module source +
 #             KERNEL_RECIPE + the cross compiler's version
 #   linux-clients/<key>/            Image (symlink), initramfs.cpio.gz, config
-#       key = the kernel key + busybox + init-clients
+#       key = the kernel key + busybox + init-clients + tee-test's source
+#             (the kernel key does not cover tee-test: editing it rebuilds only the initramfs)
 # Prints the linux-clients directory on stdout; progress goes to stderr.
 set -euo pipefail
 LOG_TAG=kernel-build
@@ -41,6 +43,7 @@ CROSS=aarch64-linux-gnu-
 FRAGMENT="$LINUX_DIR/kernel.config"
 MODULE_DIR="$LINUX_DIR/memshare-test"
 INIT="$LINUX_DIR/init-clients"
+TEE_TEST="$LINUX_DIR/tee-test/tee_test.c"
 
 case "${1:-}" in
 --help|-h) sed -n '2,/^set -euo/{/^set -euo/d;s/^# \{0,1\}//;p}' "$0"; exit 0 ;;
@@ -65,6 +68,7 @@ need timeout coreutils
 [ -f "$FRAGMENT" ] || die "missing config fragment $FRAGMENT"
 [ -f "$MODULE_DIR/memshare_test.c" ] || die "missing $MODULE_DIR/memshare_test.c"
 [ -f "$INIT" ] || die "missing $INIT"
+[ -f "$TEE_TEST" ] || die "missing $TEE_TEST"
 
 shopt -s nullglob
 PATCHES=("$LINUX_DIR"/patches/*.patch)
@@ -209,7 +213,7 @@ build_initramfs() {
     key=$( {
         echo "kernel $kernel_key"
         echo "busybox $(sha256_of "$busybox")"
-        hash_files "$INIT" "$LINUX_DIR/build-kernel.sh"
+        hash_files "$INIT" "$LINUX_DIR/build-kernel.sh" "$TEE_TEST"
     } | short_key )
     out="$HVC_CACHE/linux-clients/$key"
     if [ -f "$out/done" ]; then
@@ -221,6 +225,11 @@ build_initramfs() {
         cp "$busybox" "$out/root/bin/busybox"
         install -m 0755 "$INIT" "$out/root/init"
         cp "$kout/memshare_test.ko" "$out/root/lib/modules/"
+        # A static TEE client (TEE_IOC_* only, like libteec) for the OP-TEE test.
+        "${CROSS}gcc" -static -O2 -Wall -Wextra -Werror -o "$out/root/bin/tee-test" "$TEE_TEST" 2>"$out/tee-test.log" ||
+            { cat "$out/tee-test.log" >&2; die "cannot build $TEE_TEST static for arm64" \
+                "(the static C library is Debian's libc6-dev-arm64-cross; integration/setup.sh installs it)"; }
+        "${CROSS}strip" "$out/root/bin/tee-test"
         ( cd "$out/root" && find . -print0 | LC_ALL=C sort -z |
             cpio --null -o -H newc --owner=0:0 --quiet ) | gzip -9n > "$out/initramfs.cpio.gz"
         rm -rf "$out/root"
