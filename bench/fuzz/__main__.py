@@ -34,7 +34,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 REGRESSIONS = HERE / "regressions"
 #: How the full budget of 10^6 inputs is shared: a config load costs ~20x a frame decode.
-SHARES = {"wire": 0.3, "memshare": 0.25, "state": 0.2, "ffa-descriptor": 0.2, "config": 0.05}
+SHARES = {"wire": 0.25, "memshare": 0.2, "state": 0.15, "ffa-descriptor": 0.15, "optee-arg": 0.1,
+          "optee-pagelist": 0.1, "config": 0.05}
 FULL_BUDGET = 1_000_000
 SHORT_BUDGET = 20_000
 

@@ -19,11 +19,10 @@ from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from hvcproxyd.config.diagnostics import ConfigError
 from hvcproxyd.core.guestmem import GuestMemory
-from hvcproxyd.core.handler import Result
 from hvcproxyd.core.service import VmService
 from hvcproxyd.core.vmconfig import VmConfig, load_config
 from hvcproxyd.handlers.ffa.defs import FfaError
@@ -31,6 +30,12 @@ from hvcproxyd.handlers.ffa.defs import Fn as FfaFn
 from hvcproxyd.handlers.pkvm_memshare import MEM_SHARE_ID, MEM_UNSHARE_ID, MemshareHandler
 from hvcproxyd.handlers.pkvm_memshare.handler import FEATURES_ID, HYP_MEMINFO_ID, MMIO_GUARD_ID
 from hvcproxyd.handlers.pkvm_memshare.ledger import Change, Ledger, Replica
+from hvcproxyd.handlers.tee_proxy import abi as tee_abi
+from hvcproxyd.handlers.tee_proxy.msgarg import MsgArg, MsgError, Param
+from hvcproxyd.handlers.tee_proxy.msgarg import pack as pack_msg_arg
+from hvcproxyd.handlers.tee_proxy.msgarg import parse as parse_msg_arg
+from hvcproxyd.handlers.tee_proxy.shm import Limits as TeeLimits
+from hvcproxyd.handlers.tee_proxy.shm import walk_pagelist
 from hvcproxyd.wire import (
     MAX_REGS,
     N_ARGS,
@@ -47,8 +52,12 @@ from hvcproxyd.wire import (
 )
 from tests.ffa_support import Desc
 from tests.test_ffa_descriptors import check_accepted, parse  # the unit tests' world (RAM, receivers) and rules
+from tests.test_tee_parsing import BASE as TEE_BASE
+from tests.test_tee_parsing import SIZE as TEE_SIZE
+from tests.test_tee_parsing import CheckedRam  # guest RAM that asserts every access stays inside it
 
 REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -169,15 +178,16 @@ def _memshare_service(abi: str) -> VmService:
     return svc
 
 
-def _now(coro: Coroutine[Any, Any, Result]) -> Result:
-    """Run a handler's coroutine that never awaits (memshare without delegates) to its result."""
+def _now(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine that never really awaits (memshare without delegates, a
+    parser over in-process guest RAM) to its result."""
     try:
         coro.send(None)
     except StopIteration as done:
         return done.value  # type: ignore[no-any-return]
     finally:
         coro.close()
-    raise AssertionError("the memshare handler awaited on its call path")
+    raise AssertionError("awaited something real where nothing should block")
 
 
 def _address(kind: int, raw: int) -> int:
@@ -291,12 +301,70 @@ def ffa_descriptor_seeds() -> Iterator[bytes]:
         yield bytes([v]) + Desc(v10=version == 0x1_0000, emad_size=32 if version == 0x1_0002 else 16).encode()
 
 
+# ----------------------------------------------------------------- OP-TEE argument structures
+
+def optee_arg(data: bytes) -> None:
+    """First byte: the num_params limit; the rest: a guest's struct optee_msg_arg.
+    Parsed within the limit and re-packed to the same bytes, or refused EBADCMD."""
+    if not data:
+        return
+    limit, body = data[0], data[1:]
+    try:
+        arg = parse_msg_arg(body, limit)
+    except MsgError as err:
+        if err.code != tee_abi.RETURN_EBADCMD:
+            raise AssertionError(f"a malformed argument refused with {err.code}, not EBADCMD") from err
+        raise
+    same = body[:16] + b"\0" * 4 + body[20:tee_abi.arg_size(len(arg.params))]  # the padding word is cleared
+    if len(arg.params) > limit or pack_msg_arg(arg) != same:
+        raise AssertionError(f"{arg!r} does not re-pack to the bytes it came from")
+
+
+_PAGELIST_HEAD = struct.Struct("<QIB")
+
+
+def optee_pagelist(data: bytes) -> None:
+    """A buffer pointer, size and per-buffer limit, then the guest RAM the walk
+    reads (page lists in it): every page accepted lies in RAM, every read stays
+    in RAM (CheckedRam asserts it), and refusals are EBADADDR or ENOMEM."""
+    if len(data) < _PAGELIST_HEAD.size:
+        return
+    ptr, size, per_buffer = _PAGELIST_HEAD.unpack_from(data)
+    ram = CheckedRam(data[_PAGELIST_HEAD.size:])
+    for where in (ptr, TEE_BASE + (ptr & 0xFFFF)):  # raw, and somewhere inside RAM
+        try:
+            buf = _now(walk_pagelist(ram.memory, where, size & 0xFFFFFF, TeeLimits(pages_per_buffer=per_buffer or 1),
+                                     TEE_BASE))
+        except MsgError as err:
+            if err.code not in (tee_abi.RETURN_EBADADDR, tee_abi.RETURN_ENOMEM):
+                raise AssertionError(f"a bad page list refused with {err.code}") from err
+            continue
+        if len(buf.pages) > (per_buffer or 1) or not all(
+                TEE_BASE < page < TEE_BASE + TEE_SIZE and page % 4096 == 0 for page in buf.pages):
+            raise AssertionError(f"accepted {buf!r}")
+
+
+def optee_seeds() -> Iterator[bytes]:
+    arg = MsgArg(tee_abi.CMD_INVOKE_COMMAND, 7, 3, 9, 0xFFFF0006, 4,
+                 [Param(tee_abi.ATTR_TYPE_VALUE_INOUT, 1, 2, 3),
+                  Param(tee_abi.ATTR_TYPE_TMEM_INPUT | tee_abi.ATTR_NONCONTIG, 5, 6)])
+    yield b"\x04" + pack_msg_arg(arg)
+
+
+def optee_pagelist_seeds() -> Iterator[bytes]:
+    ram = CheckedRam()
+    ram.put_list(1, [TEE_BASE + 10 * 4096, TEE_BASE + 5 * 4096])
+    yield _PAGELIST_HEAD.pack(TEE_BASE + 4096 + 100, 5000, 129) + bytes(ram.ram[:3 * 4096])
+
+
 TARGETS: dict[str, Target] = {t.name: t for t in (
     Target("wire", wire, (ProtocolError,), wire_seeds),
     Target("config", config, (ConfigError,), config_seeds),
     Target("memshare", memshare, (), memshare_seeds),
     Target("state", state, (ValueError,), state_seeds),
     Target("ffa-descriptor", ffa_descriptor, (FfaError,), ffa_descriptor_seeds),
+    Target("optee-arg", optee_arg, (MsgError,), optee_seeds),
+    Target("optee-pagelist", optee_pagelist, (MsgError,), optee_pagelist_seeds),
 )}
 
 __all__ = ["TARGETS", "Target"]
