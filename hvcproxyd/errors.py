@@ -19,6 +19,23 @@ class HvcproxydError(Exception):
     """Root of every error hvcproxyd raises on purpose."""
 
 
+class ExitCode:
+    """``hvcproxyd run``'s exit status, so a supervisor can tell a problem that a
+    restart cannot fix (the unit's ``RestartPreventExitStatus=``) from one it may.
+    The permanent ones are sysexits.h's."""
+
+    OK = 0
+    #: Anything else: an internal error, a crash, the watchdog: worth a restart.
+    FAILURE = 1
+    #: A socket cannot be created (its directory, an existing non-socket file, a missing group).
+    CANTCREAT = 73
+    #: Permission denied on a socket or its directory.
+    NOPERM = 77
+    #: The config is missing or has errors.
+    CONFIG = 78
+    PERMANENT = (CANTCREAT, NOPERM, CONFIG)
+
+
 class TransportError(HvcproxydError):
     """The connection broke; ``reason`` says how, ``__cause__`` keeps trio's error."""
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
+from ..errors import ExitCode
 from ..core.vmconfig import load_config
 from ..ops.service import run_service
 from ..rules.table import describe_table
@@ -20,18 +21,19 @@ def _run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--socket", help="listen here instead of the config's socket path")
 
 
-@subcommand("run", "serve one VM until SIGTERM (SIGHUP reloads the config)", _run_args)
+@subcommand("run", "serve one VM until SIGTERM (SIGHUP reloads the config); exits 78 for a config error, "
+                   "73/77 for a socket it cannot create or may not, 1 for anything a restart may fix", _run_args)
 def cmd_run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, socket=args.socket)
     except ConfigError as err:
         print(f"hvcproxyd: {args.config} has errors, not starting:\n{err}", file=sys.stderr)
-        return 1
+        return ExitCode.CONFIG  # the unit does not restart it: a restart cannot fix the file
     except Exception as err:  # a bug of ours: one line, the traceback at DEBUG
         logging.getLogger("hvcproxyd").debug("loading %s", args.config, exc_info=True)
         print(f"hvcproxyd: internal error loading {args.config}, not starting: {type(err).__name__}: {err}",
               file=sys.stderr)
-        return 1
+        return ExitCode.FAILURE
     for w in config.warnings:
         logging.getLogger("hvcproxyd").warning("%s", w)
     return run_service(config)

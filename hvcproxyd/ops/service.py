@@ -23,7 +23,7 @@ import trio
 
 from ..core.service import Observer
 from ..core.vmconfig import VmConfig
-from ..errors import HvcproxydError
+from ..errors import ExitCode, HvcproxydError
 from ..server.daemon import Daemon, DaemonHooks, ReloadOutcome
 from ..unixsock import set_group
 from ..wire import Call, Reply
@@ -175,18 +175,23 @@ def _leaves(group: BaseException) -> list[BaseException]:
 
 
 def run_service(config: VmConfig) -> int:
-    """The CLI's ``run``: serve, and turn a startup failure into one clear line."""
+    """The CLI's ``run``: serve, and turn a startup failure into one clear line
+    and an exit status that says whether restarting could help (ExitCode)."""
     notifier = Notifier()
-    problem = None
+    problems: list[BaseException] = []
     try:
         trio.run(Service(config, notifier).run)
     except* HvcproxydError as group:
-        problem = "; ".join(str(e) for e in _leaves(group))
-    if problem is not None:
-        log.error("%s: cannot serve: %s", config.name, problem)
-        notifier.notify(STATUS=f"{config.name}: failed: {problem}"[:400])
-        return 1
-    return 0
+        problems = _leaves(group)
+    if not problems:
+        return ExitCode.OK
+    problem = "; ".join(str(e) for e in problems)
+    log.error("%s: cannot serve: %s", config.name, problem)
+    notifier.notify(STATUS=f"{config.name}: failed: {problem}"[:400])
+    # Every startup error of ours is about the host (sockets, directories, groups),
+    # which a restart does not change.
+    denied = any(isinstance(e.__cause__, PermissionError) for e in problems)
+    return ExitCode.NOPERM if denied else ExitCode.CANTCREAT
 
 
 __all__ = ["Service", "raise_fd_limit", "run_service"]

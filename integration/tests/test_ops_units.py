@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from qemu_harness import REPO
 
+from hvcproxyd.errors import ExitCode
+
 UNIT = REPO / "systemd" / "hvcproxyd@.service"
 DROP_INS = sorted((REPO / "systemd").glob("*.conf"))
 MAX_EXPOSURE = 2.0
@@ -77,3 +79,15 @@ def test_unit_says_what_the_issue_asks(tmp_path: Path) -> None:
                  "ExecStart=/usr/bin/hvcproxyd run /etc/hvcproxyd/%i.yaml", "MemoryDenyWriteExecute=yes",
                  "PrivateNetwork=yes", "RestrictAddressFamilies=AF_UNIX\n", "SystemCallFilter=@system-service"):
         assert line in text, line
+
+
+def test_permanent_errors_stop_the_unit_instead_of_looping() -> None:
+    """The unit's RestartPreventExitStatus= is exactly what `run` exits with when
+    a restart cannot help, and nothing hides a missing config or the socket."""
+    text = UNIT.read_text()
+    (line,) = [x for x in text.splitlines() if x.startswith("RestartPreventExitStatus=")]
+    assert sorted(int(c) for c in line.split("=", 1)[1].split()) == sorted(ExitCode.PERMANENT)
+    assert "\nConditionPathExists=" not in text  # `systemctl start hvcproxyd@typo` must fail loudly
+    assert "\nDynamicUser=" not in text  # its preserved runtime dir would hide under /run/private (0700)
+    sysusers = (REPO / "systemd" / "sysusers.d" / "hvcproxyd.conf").read_text()
+    assert any(x.split()[:2] == ["u", "hvcproxyd"] for x in sysusers.splitlines()) and "User=hvcproxyd\n" in text
