@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 from ..config import ConfigError
-from ..errors import ExitCode
 from ..core.vmconfig import load_config
+from ..errors import ExitCode
 from ..ops.service import run_service
 from ..rules.table import describe_table
 from .registry import subcommand

@@ -20,14 +20,13 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from ...config.diagnostics import Section
 from ...plugins import load_plugin
 from .defs import DATA_RW, PAGE, Err, FfaError
-
-if TYPE_CHECKING:
-    from .endpoint import Endpoint
+from .ledger import Ledger
+from .notify import Notifications
 
 ENTRY_POINT_GROUP = "hvcproxyd.ffa_partitions"
 
@@ -45,6 +44,31 @@ class PartitionSpec:
     access: frozenset[int]
     cls: type[Partition]
     options: Any
+
+
+class EndpointOptions(Protocol):
+    @property
+    def id(self) -> int: ...
+    @property
+    def state_dir(self) -> Path: ...
+
+
+class Endpoint(Protocol):
+    """What a partition reaches of the guest's endpoint (:class:`.endpoint.Endpoint`
+    is one).  A protocol, so that this module, which the options parser and the
+    endpoint both import, needs nothing from either: the imports stay one way."""
+
+    @property
+    def vm_name(self) -> str: ...
+    @property
+    def opts(self) -> EndpointOptions: ...
+    @property
+    def ledger(self) -> Ledger: ...
+    @property
+    def notifications(self) -> Notifications: ...
+    def deliver_message(self, sender: int, payload: bytes) -> Err | int: ...
+    async def read_guest(self, addr: int, n: int) -> bytes: ...
+    async def write_guest(self, addr: int, data: bytes) -> None: ...
 
 
 class SharedMemory:

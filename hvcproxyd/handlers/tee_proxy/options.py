@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from ...config.diagnostics import Section
 from .backend import Backend
+from .optee_host import OpteeHostBackend
 from .shm import Limits
+from .socket_backend import SocketBackend
 
 BACKENDS = ("socket", "optee-host")
 KEYS = ("client_id", "backend", "socket", "device", "allow_shared_host_tee", "shared_pages", "pages_per_buffer",
@@ -66,9 +68,7 @@ def parse_options(s: Section) -> TeeOptions:
 
 def make_backend(opts: TeeOptions) -> Backend:
     if opts.backend == "optee-host":
-        from .optee_host import OpteeHostBackend
         return OpteeHostBackend(opts.device, allow_shared=opts.allow_shared_host_tee)
-    from .socket_backend import SocketBackend
     assert opts.socket is not None  # parse_options insists
     return SocketBackend(opts.socket, connect_timeout=opts.backend_timeout_ms / 1000)
 
