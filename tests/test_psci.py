@@ -129,8 +129,9 @@ def confirm_all(h: PsciHandler, result: Result, status: int = 0) -> None:
 
 
 @pytest.mark.parametrize(("option", "pinned", "expected"), [
-    (None, None, 0x0001_0001), (None, "0.2", 0x0000_0002), (None, "1.0", 0x0001_0000),
-    (None, "1.3", 0x0001_0003), ("1.0", None, 0x0001_0000), ("1.3", "1.3", 0x0001_0003),
+    (None, None, 0x0001_0003), (None, "0.2", 0x0000_0002), (None, "1.0", 0x0001_0000),
+    (None, "1.1", 0x0001_0001), (None, "1.2", 0x0001_0002), (None, "1.3", 0x0001_0003),
+    ("1.0", None, 0x0001_0000), ("1.3", "1.3", 0x0001_0003),
 ])
 def test_psci_version(option: str | None, pinned: str | None, expected: int) -> None:
     opts = PsciOptions(version=VERSIONS[option]) if option else None
@@ -199,7 +200,7 @@ def test_functions_of_later_versions_are_not_supported() -> None:
 
 def test_sve_hint_bit_is_ignored() -> None:
     h = handler()
-    assert x0(call(h, PSCI_VERSION | SVE_HINT)) == 0x10001
+    assert x0(call(h, PSCI_VERSION | SVE_HINT)) == 0x10003
     assert x0(call(h, CPU_ON64 | SVE_HINT, mpidr(1), ENTRY, 7)) == SUCCESS
 
 
@@ -636,7 +637,7 @@ def test_options_parse(make_config: Callable[[str], VmConfig]) -> None:
 
 @pytest.mark.parametrize(("options", "where", "message"), [
     ("      cpu_suspend: deep", "7:20", "'deep' is not valid; one of: standby-only, full"),
-    ("      version: 1.2", "7:16", "'1.2' is not valid; one of: 0.2, 1.0, 1.1, 1.3"),
+    ("      version: 1.4", "7:16", "'1.4' is not valid; one of: 0.2, 1.0, 1.1, 1.2, 1.3"),
     ("      allow_system_suspend: 1", "7:29", "must be true or false"),
     ("      power_state_format: packed", "7:27", "one of: original, extended"),
     ("      version: 0.2\n      power_state_format: extended", "8:27", "needs PSCI 1.0 or later"),
@@ -651,9 +652,9 @@ def test_option_errors_name_file_line_column(make_config: Callable[[str], VmConf
 
 
 @pytest.mark.parametrize(("options", "pin", "offers"), [
-    ("      {}", "1.2", "0.2, 1.0, 1.1, 1.3"),
+    ("      {}", "1.4", "0.2, 1.0, 1.1, 1.2, 1.3"),
     ("      version: 1.1", "1.0", "1.1"),
-    ("      power_state_format: extended", "0.2", "1.0, 1.1, 1.3"),
+    ("      power_state_format: extended", "0.2", "1.0, 1.1, 1.2, 1.3"),
 ])
 def test_pinned_version_the_handler_cannot_offer(make_config: Callable[[str], VmConfig], options: str, pin: str,
                                                  offers: str) -> None:

@@ -1,4 +1,4 @@
-"""PSCI in userspace: a PSCI 1.1 implementation (Arm DEN0022) with per-vCPU power state.
+"""PSCI in userspace: PSCI 0.2 to 1.3 (Arm DEN0022) with per-vCPU power state.
 
 With KVM's SMCCC filter forwarding both PSCI ranges, this handler takes over
 what arch/arm64/kvm/psci.c would do, so an operator can offer a PSCI version
@@ -68,7 +68,7 @@ SNAPSHOT_FORMAT: Final = 1
 class PsciOptions:
     """A ``psci`` handler's ``options:``; the defaults are what KVM offers a guest."""
 
-    #: None: the VM's pinned ``versions.psci``, else 1.1.
+    #: None: the VM's pinned ``versions.psci``, else 1.3 (current KVM's default).
     version: Version | None = None
     #: KVM offers SYSTEM_SUSPEND only when the VMM enables KVM_CAP_ARM_SYSTEM_SUSPEND.
     allow_system_suspend: bool = False
@@ -92,7 +92,7 @@ def _ret(code: Ret, *, effects: tuple[Effect, ...] = ()) -> Result:
 
 
 class PsciHandler(Handler):
-    """PSCI 0.2/1.0/1.1/1.3 for one VM; see the module docstring."""
+    """PSCI 0.2/1.0/1.1/1.2/1.3 for one VM; see the module docstring."""
 
     SERVICES = {"psci": tuple(VERSIONS)}
 

@@ -94,11 +94,14 @@ class Version(NamedTuple):
 V0_2: Final = Version(0, 2)
 V1_0: Final = Version(1, 0)
 V1_1: Final = Version(1, 1)
+V1_2: Final = Version(1, 2)
 V1_3: Final = Version(1, 3)
-#: What the handler can be pinned to.  0.1 used KVM-private IDs (denied, not
-#: served); 1.2 added nothing a guest calls but is left out until someone needs it.
-VERSIONS: Final = {str(v): v for v in (V0_2, V1_0, V1_1, V1_3)}
-DEFAULT_VERSION: Final = V1_1
+#: What the handler can be pinned to: every version KVM's KVM_REG_ARM_PSCI_VERSION
+#: accepts but 0.1, which used KVM-private IDs (denied, not served).  1.2 adds no
+#: function over 1.1 (KVM's psci.c answers it with 1.1's table).
+VERSIONS: Final = {str(v): v for v in (V0_2, V1_0, V1_1, V1_2, V1_3)}
+#: What a guest of current KVM sees unless the VMM pins another (KVM_ARM_PSCI_LATEST).
+DEFAULT_VERSION: Final = V1_3
 
 #: The version each function appeared in; anything absent is NOT_SUPPORTED.
 #: MIGRATE/MIGRATE_INFO_UP_CPU are absent on purpose: MIGRATE_INFO_TYPE says
