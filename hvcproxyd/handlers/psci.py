@@ -95,6 +95,7 @@ class PsciHandler(Handler):
     """PSCI 0.2/1.0/1.1/1.3 for one VM; see the module docstring."""
 
     SERVICES = {"psci": tuple(VERSIONS)}
+    inline = True  # state and guest-RAM bounds checks only, nothing that waits
 
     def __init__(self, name: str, options: PsciOptions | None, vm: VmContext) -> None:
         super().__init__(name, options if options is not None else PsciOptions(), vm)
