@@ -366,15 +366,15 @@ class Session:
                     if not self.draining():  # else left unanswered: the VMM re-sends it (protocol §7)
                         batch.append(event)
                     continue
-                if batch:  # calls before an event are answered before it
-                    await self._serve(batch)
+                if batch:  # calls before an event are answered before it, all of them
+                    await self._serve(batch, whole=True)
                     batch.clear()
                 if not self._other(event):  # type: ignore[arg-type]
                     return
             if batch:
-                if await self._serve(batch):
+                queued, batch = await self._serve(batch)
+                if queued:
                     last_yield = 0.0  # a worker has work: let it run soon
-                batch.clear()
             self._flush()
             got = transport.receive_nowait()
             if got is None:
@@ -388,17 +388,23 @@ class Session:
                 await trio.lowlevel.checkpoint()
                 last_yield = now
 
-    async def _serve(self, batch: list[wire.Call]) -> bool:
-        """Answer a batch of calls; True if some went to a vCPU worker.
+    async def _serve(self, batch: list[wire.Call], whole: bool = False) -> tuple[bool, list[wire.Call]]:
+        """Answer a batch of calls: (whether some went to a vCPU worker, the calls
+        left for the next round).
 
         Fairness: the calls of a batch are served in the order of how many calls
         their vCPU has had served this session (a vCPU's own calls keep their
         order), so a quiet vCPU goes ahead of flooding ones and a flooding vCPU
-        cannot hold another back by more than one call each.  A call its
+        cannot hold another back by more than one call each; the reply to a vCPU
+        served less than half as often as the batch's busiest is written at once.
+        Unless ``whole``, it stops when more frames arrive after a call and hands
+        back the rest, which is then ordered with the newcomers: a quiet vCPU
+        waits for one call, not for a whole batch read before it called.  A call its
         handler answers without waiting (``Handler.inline``) is answered here,
         unless its vCPU still has one in its worker; the rest go to that vCPU's
         worker, under the handler's timeout."""
         served = self._served
+        quiet = -1  # calls of vCPUs served fewer times than this leave at once
         if len(batch) > 1:
             ahead: dict[int, int] = {}
             keyed = []
@@ -408,15 +414,21 @@ class Session:
                 keyed.append((served[call.vcpu] + k, i, call))
             keyed.sort()
             batch = [call for _k, _i, call in keyed]
+            quiet = keyed[-1][0] // 2
         vm, conn, out, busy = self.vm, self.conn, self._out, self._busy
         queued = False
-        for call in batch:
+        for n, call in enumerate(batch):
+            if n and not whole and self.transport.readable_now():
+                return queued, batch[n:]
             v = call.vcpu
-            served[v] += 1
             target = vm.route(call)
             if not busy[v] and (not isinstance(target, Handler) or target.inline):
                 out.append(conn.send(await vm.dispatch(call, target)))  # never suspends
+                if served[v] < quiet:
+                    self._flush()  # a quiet vCPU does not wait for the flooders' replies
+                served[v] += 1
                 continue
+            served[v] += 1
             try:
                 self._queues[v].send_nowait(call)
             except trio.WouldBlock:
@@ -425,7 +437,7 @@ class Session:
             queued = True
             self.in_flight += 1
             self.idle = trio.Event() if self.idle.is_set() else self.idle
-        return queued
+        return queued, []
 
     def _other(self, event: wire.Event) -> bool:
         """Any frame but a CALL; False when the VMM said ERROR (the session ends)."""
