@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import pstats
 import signal
@@ -93,7 +94,9 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], what: str, timeout: f
 @contextlib.contextmanager
 def server(argv: list[str], sock: Path, what: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
-        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        # Not in the repository: ``python -m`` puts the working directory first on
+        # the path, which would shadow a PYTHONPATH tree being timed.
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent)
     try:
         wait_socket(sock, proc, what)
         yield proc
@@ -195,9 +198,10 @@ def profile_daemon(rig: Rig, cfg: Path, sock: Path, tmp: Path) -> str:
     prof = tmp / "daemon.prof"
     argv = [sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "hvcproxyd", "run", str(cfg),
             "--socket", str(sock)]
+    profiled = dataclasses.replace(rig, daemon_sock=sock)
     with server(argv, sock, "hvcproxyd under cProfile", tmp / "profile.log"):
-        r1 = rig.run("daemon")
-        r8 = rig.run("daemon", vcpus=8)
+        r1 = profiled.run("daemon")
+        r8 = profiled.run("daemon", vcpus=8)
     import io
     text = io.StringIO()
     stats = pstats.Stats(str(prof), stream=text)
@@ -286,16 +290,15 @@ def main(argv: list[str] | None = None) -> int:
             sim = simulator_cost(floor_sock, args.seconds)
         rules = rules_figures(args.quick)
         lines, missed = table(res, sim, rules)
-        profile = ""
+        if args.json:
+            print(json.dumps({"rounds": res.rounds, "simulator": sim, "rules": rules, "missed": missed}, indent=1))
+        else:
+            print("\n".join(lines))
+            print("\ntargets missed: " + (", ".join(missed) if missed else "none"), flush=True)
         if not args.no_profile and (args.profile or (missed and not args.quick)):
             profile = profile_daemon(rig, cfg, tmp / "profiled.sock", tmp)
-    if args.json:
-        print(json.dumps({"rounds": res.rounds, "simulator": sim, "rules": rules, "missed": missed}, indent=1))
-        return 0
-    print("\n".join(lines))
-    print("\ntargets missed: " + (", ".join(missed) if missed else "none"))
-    if profile:
-        print("\nwhere the daemon's time goes (targets missed or --profile):\n" + profile)
+            print("\nwhere the daemon's time goes (targets missed or --profile):\n" + profile,
+                  file=sys.stderr if args.json else sys.stdout)
     return 0
 
 

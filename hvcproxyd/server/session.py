@@ -1,9 +1,14 @@
 """One VMM connection: the handshake, the reader, the writer, one worker per vCPU.
 
 One nursery per connection owns its tasks, so when the connection ends they
-end.  One worker task per vCPU means a slow handler delays only its own vCPU,
-with no task spawned per call; one writer task batches whatever frames are
-ready into one write.
+end.  The reader answers every call whose handler never waits
+(``Handler.inline``: PSCI, memshare, the built-ins) itself, between reading a
+batch and writing its replies in one send: no task switch per call, which in
+trio costs more than the handler.  A handler that may wait runs in its vCPU's
+worker task under its timeout, so it delays only its own vCPU.  Within a
+batch, vCPUs are served by how little they have been served so far, so a
+flooding vCPU cannot hold a quiet one back (issue 15).  The writer task only
+takes over when the socket buffer is full.
 """
 
 from __future__ import annotations
