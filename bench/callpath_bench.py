@@ -234,8 +234,10 @@ def table(res: Results, sim: dict[str, float], rules: list[dict[str, Any]]) -> t
     flooded, alone = "quiet vCPU, 7 flooding", "quiet vCPU alone"
     fair = {t: statistics.median(r[flooded][t]["p99"] / r[alone][t]["p99"] for r in res.rounds)
             for t in ("floor", "daemon")}
+    # The ratio column: how much less fair than the floor on the same machine (the
+    # floor's own figure is the driver and the CPUs, which no server can beat).
     lines.append(f"| fairness | quiet p99 flooded / alone | {fair['floor']:.2f}x | {fair['daemon']:.2f}x | "
-                 f"| ≤ {TARGETS['fair']}x (hvcproxyd) |")
+                 f"{fair['daemon'] / fair['floor']:.2f}x | ≤ {TARGETS['fair']}x (hvcproxyd) |")
     if fair["daemon"] > TARGETS["fair"]:
         missed.append("fairness")
     c_p50 = res.median("PSCI_VERSION, 1 vCPU", "floor", "p50")

@@ -511,14 +511,7 @@ def encode(event: Event) -> bytes:
             return _CALL_HEADER + event.seq.to_bytes(8, "little") + _CALL.pack(
                 event.vcpu, event.flags, event.func_id, 0, *event.args)
         case Reply():
-            regs = event.regs
-            if not event.effects:
-                layout = _REPLY_FRAMES[len(regs)]
-                return layout.pack(layout.size, MsgType.REPLY, 0, event.seq, len(regs), 0, 0, event.vcpu, *regs)
-            body = (_REPLY_FIXED.pack(len(regs), len(event.effects), 0, event.vcpu) + _REGS[len(regs)].pack(*regs)
-                    + b"".join(_EFFECT.pack(e.kind, e.vcpu, e.entry, e.context, e.arg, e.eflags)
-                               for e in event.effects))
-            return _frame(MsgType.REPLY, event.seq, body)
+            return _encode_reply(event)
         case Hello():
             name = event.name.encode()
             body = _HELLO_FIXED.pack(
@@ -555,6 +548,16 @@ def encode(event: Event) -> bytes:
             reason = event.reason.encode()
             return _frame(MsgType.ERROR, 0, _ERROR_FIXED.pack(event.code, len(reason), 0) + reason)
     raise LocalProtocolError(f"cannot encode {event!r}")
+
+
+def _encode_reply(event: Reply) -> bytes:
+    regs = event.regs
+    if not event.effects:
+        layout = _REPLY_FRAMES[len(regs)]
+        return layout.pack(layout.size, MsgType.REPLY, 0, event.seq, len(regs), 0, 0, event.vcpu, *regs)
+    body = (_REPLY_FIXED.pack(len(regs), len(event.effects), 0, event.vcpu) + _REGS[len(regs)].pack(*regs)
+            + b"".join(_EFFECT.pack(e.kind, e.vcpu, e.entry, e.context, e.arg, e.eflags) for e in event.effects))
+    return _frame(MsgType.REPLY, event.seq, body)
 
 
 def _need(cond: bool, what: str) -> None:
@@ -820,7 +823,7 @@ class Connection:
             self._calls_in_flight.discard(seq)
             if event.effects:
                 self._remember_effects(event)
-            return encode(event)
+            return _encode_reply(event)
         if self.state in (State.ERROR, State.CLOSED) and not isinstance(event, Error):
             raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
         mtype = _TYPE_OF[type(event)]

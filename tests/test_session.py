@@ -122,3 +122,43 @@ async def test_a_vcpu_waiting_on_its_worker_keeps_its_order(make_config: Callabl
     finally:
         vmm.close()
     assert order == [3, 1, 2]
+
+
+class _SlowSocket:
+    """A transport whose kernel buffer takes ``room`` bytes, then nothing until
+    the writer task waits for room."""
+
+    def __init__(self, room: int) -> None:
+        self.room, self.written = room, bytearray()
+
+    def send_nowait(self, data: bytes | memoryview) -> int:
+        n = min(self.room, len(data))
+        self.room -= n
+        self.written += data[:n]
+        return n
+
+    async def send(self, data: bytes) -> None:
+        await trio.sleep(0)
+        self.written += data
+
+
+async def test_frames_the_socket_cannot_take_yet_go_out_in_order_through_the_writer(
+        make_config: Callable[[str], VmConfig]) -> None:
+    from hvcproxyd.core.service import VmService
+    from hvcproxyd.server.session import LinkStats, Session
+
+    sock = _SlowSocket(room=10)
+    session = Session(VmService(make_config(CONFIG)), sock, links=LinkStats())  # type: ignore[arg-type]
+    frames = [bytes([i]) * 7 for i in range(6)]
+    async with trio.open_nursery() as nursery:
+        await nursery.start(session._writer)
+        for frame in frames[:3]:
+            session._out.append(frame)
+            session._flush()  # the first 10 bytes go at once, the rest waits for the writer
+        assert bytes(sock.written) == b"".join(frames)[:10]
+        for frame in frames[3:]:
+            session._out.append(frame)
+            session._flush()  # queued behind what is blocked, never written ahead of it
+        await session.flush()
+        nursery.cancel_scope.cancel()
+    assert bytes(sock.written) == b"".join(frames)
