@@ -14,6 +14,7 @@ takes over when the socket buffer is full.
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import time
@@ -96,8 +97,14 @@ class Session:
         #: vCPU -> calls queued for or running in its worker; while any is, that
         #: vCPU's next call queues behind it (replies stay in order per vCPU).
         self._busy: list[int] = []
-        #: vCPU -> calls served this session: the fair order of a batch (see _serve).
+        #: Calls read and not yet answered or given to a worker, as a heap in their
+        #: fair order (see _enqueue); per vCPU, how many of them and how many of
+        #: its calls were served this session; the largest key waiting.
+        self._waiting: list[tuple[int, int, wire.Call]] = []
+        self._ahead: list[int] = []
         self._served: list[int] = []
+        self._arrivals = 0
+        self._top = 0
         self._reader_task: trio.lowlevel.Task | None = None
 
     async def send(self, event: wire.Event) -> None:
@@ -332,6 +339,7 @@ class Session:
                 self._queues.append(send)
                 self._busy.append(0)
                 self._served.append(0)
+                self._ahead.append(0)
                 nursery.start_soon(self._vcpu_worker, index, receive)
             if self.qmp is not None:
                 nursery.start_soon(self._cross_check, self.qmp, nursery.cancel_scope)
@@ -355,13 +363,17 @@ class Session:
             session_scope.cancel()
 
     async def _read_loop(self) -> None:
-        """Read everything there is, answer the batch, write the replies, repeat.
+        """Read what there is, answer it, write the replies in one send, repeat.
 
-        The reader never yields on its own while frames keep coming, so it
-        checkpoints at least every YIELD_EVERY seconds (and parks in trio
-        whenever another task is runnable and nothing is to be read)."""
-        transport = self.transport
-        batch: list[wire.Call] = []
+        Calls wait in ``_waiting`` in their fair order (see _enqueue), and are
+        answered one at a time; after each, if more has arrived it is read
+        first, so a quiet vCPU's call that comes in meanwhile goes ahead of the
+        flooders' calls already waiting.  Replies go out when nothing is
+        waiting, or at once for a quiet vCPU.  The reader never yields on its
+        own while frames keep coming, so it checkpoints at least every
+        YIELD_EVERY seconds (and parks in trio whenever another task is runnable
+        and nothing is to be read)."""
+        transport, waiting = self.transport, self._waiting
         last_yield = time.perf_counter()
         while True:
             while (event := self._decode()) is not wire.NEED_DATA:
@@ -369,21 +381,23 @@ class Session:
                     if event.vcpu >= len(self._queues):
                         raise wire.RemoteProtocolError(f"CALL from vCPU {event.vcpu}, the VM has {len(self._queues)}")
                     if not self.draining():  # else left unanswered: the VMM re-sends it (protocol §7)
-                        batch.append(event)
+                        self._enqueue(event)
                     continue
-                if batch:  # calls before an event are answered before it, all of them
-                    await self._serve(batch, whole=True)
-                    batch.clear()
+                while waiting:  # calls before an event are answered before it, all of them
+                    await self._serve_next()
                 if not self._other(event):  # type: ignore[arg-type]
                     return
-            if batch:
-                queued, batch = await self._serve(batch)
-                if queued:
+            if waiting:
+                if await self._serve_next():
                     last_yield = 0.0  # a worker has work: let it run soon
-            self._flush()
+                if waiting and not transport.readable_now():
+                    continue
+            if not waiting:
+                self._flush()
             got = transport.receive_nowait()
             if got is None:
-                await transport.wait_readable()
+                if not waiting:
+                    await transport.wait_readable()
                 continue
             if not self._feed(*got):
                 log.info("%s: VMM disconnected", self.vm.config.name)
@@ -393,56 +407,50 @@ class Session:
                 await trio.lowlevel.checkpoint()
                 last_yield = now
 
-    async def _serve(self, batch: list[wire.Call], whole: bool = False) -> tuple[bool, list[wire.Call]]:
-        """Answer a batch of calls: (whether some went to a vCPU worker, the calls
-        left for the next round).
+    def _enqueue(self, call: wire.Call) -> None:
+        """Fairness: a call waits under the key (calls its vCPU has had served this
+        session + its calls already waiting), so a vCPU's own calls keep their
+        order, a quiet vCPU goes ahead of flooding ones, and two flooding vCPUs
+        take turns; ties go by arrival."""
+        v = call.vcpu
+        ahead = self._ahead[v]
+        self._ahead[v] = ahead + 1
+        key = self._served[v] + ahead
+        self._arrivals += 1
+        heapq.heappush(self._waiting, (key, self._arrivals, call))
+        self._top = max(self._top, key)
 
-        Fairness: the calls of a batch are served in the order of how many calls
-        their vCPU has had served this session (a vCPU's own calls keep their
-        order), so a quiet vCPU goes ahead of flooding ones and a flooding vCPU
-        cannot hold another back by more than one call each; the reply to a vCPU
-        served less than half as often as the batch's busiest is written at once.
-        Unless ``whole``, it stops when more frames arrive after a call and hands
-        back the rest, which is then ordered with the newcomers: a quiet vCPU
-        waits for one call, not for a whole batch read before it called.  A call its
-        handler answers without waiting (``Handler.inline``) is answered here,
-        unless its vCPU still has one in its worker; the rest go to that vCPU's
-        worker, under the handler's timeout."""
-        served = self._served
-        quiet = -1  # calls of vCPUs served fewer times than this leave at once
-        if len(batch) > 1:
-            ahead: dict[int, int] = {}
-            keyed = []
-            for i, call in enumerate(batch):
-                k = ahead.get(call.vcpu, 0)
-                ahead[call.vcpu] = k + 1
-                keyed.append((served[call.vcpu] + k, i, call))
-            keyed.sort()
-            batch = [call for _k, _i, call in keyed]
-            quiet = keyed[-1][0] // 2
-        vm, conn, out, busy = self.vm, self.conn, self._out, self._busy
-        queued = False
-        for n, call in enumerate(batch):
-            if n and not whole and self.transport.readable_now():
-                return queued, batch[n:]
-            v = call.vcpu
-            target = vm.route(call)
-            if not busy[v] and (not isinstance(target, Handler) or target.inline):
-                out.append(conn.send(await vm.dispatch(call, target)))  # never suspends
-                if served[v] < quiet:
-                    self._flush()  # a quiet vCPU does not wait for the flooders' replies
-                served[v] += 1
-                continue
-            served[v] += 1
-            try:
-                self._queues[v].send_nowait(call)
-            except trio.WouldBlock:
-                raise wire.RemoteProtocolError(f"vCPU {v} has more than {VCPU_QUEUE} calls queued") from None
-            busy[v] += 1
-            queued = True
-            self.in_flight += 1
-            self.idle = trio.Event() if self.idle.is_set() else self.idle
-        return queued, []
+    async def _serve_next(self) -> bool:
+        """Answer the first waiting call; True if it went to its vCPU's worker.
+
+        A call its handler answers without waiting (``Handler.inline``) is
+        answered here, unless its vCPU still has one in its worker; the rest go
+        to that vCPU's worker, under the handler's timeout.  The reply to a vCPU
+        served less than half as often as the busiest one waiting is written at
+        once, not after the flooders' replies."""
+        waiting, served = self._waiting, self._served
+        _key, _arrival, call = heapq.heappop(waiting)
+        v = call.vcpu
+        self._ahead[v] -= 1
+        quiet = waiting and served[v] * 2 < self._top
+        served[v] += 1
+        if not waiting:
+            self._top = 0
+        vm = self.vm
+        target = vm.route(call)
+        if not self._busy[v] and (not isinstance(target, Handler) or target.inline):
+            self._out.append(self.conn.send(await vm.dispatch(call, target)))  # never suspends
+            if quiet:
+                self._flush()
+            return False
+        try:
+            self._queues[v].send_nowait(call)
+        except trio.WouldBlock:
+            raise wire.RemoteProtocolError(f"vCPU {v} has more than {VCPU_QUEUE} calls queued") from None
+        self._busy[v] += 1
+        self.in_flight += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        return True
 
     def _other(self, event: wire.Event) -> bool:
         """Any frame but a CALL; False when the VMM said ERROR (the session ends)."""
