@@ -13,14 +13,7 @@
 #define TIMING_CALLS	20000
 #define WARMUP_CALLS	100
 
-	.section .text.boot
-	.global _start
-_start:
-	ldr	x0, =stack_top
-	mov	sp, x0
-	bl	set_vbar
-	ldr	x0, =str_hello
-	bl	boot_banner
+	guest_entry str_hello
 
 	mov	x19, #WARMUP_CALLS
 1:	ldr	x0, =FN_PSCI_VERSION
