@@ -490,6 +490,10 @@ _REGS = [struct.Struct(f"<{n}Q") for n in range(MAX_REGS + 1)]
 
 _CALL_FRAME_LEN = HEADER.size + _CALL.size
 _CALL_HEADER = HEADER.pack(_CALL_FRAME_LEN, MsgType.CALL, 0, 0)[:8]
+#: A whole REPLY frame without effects, header included, per register count: one
+#: ``pack`` instead of a header, a fixed part, the registers and two joins
+#: (1.1 µs instead of 2.6 µs per 4-register REPLY on the bench host).
+_REPLY_FRAMES = [struct.Struct(HEADER.format + _REPLY_FIXED.format[1:] + f"{n}Q") for n in range(MAX_REGS + 1)]
 
 
 def _frame(msg_type: MsgType, seq: int, payload: bytes) -> bytes:
@@ -507,12 +511,7 @@ def encode(event: Event) -> bytes:
             return _CALL_HEADER + event.seq.to_bytes(8, "little") + _CALL.pack(
                 event.vcpu, event.flags, event.func_id, 0, *event.args)
         case Reply():
-            body = (_REPLY_FIXED.pack(len(event.regs), len(event.effects), 0, event.vcpu)
-                    + _REGS[len(event.regs)].pack(*event.regs))
-            if event.effects:
-                body += b"".join(_EFFECT.pack(e.kind, e.vcpu, e.entry, e.context, e.arg, e.eflags)
-                                 for e in event.effects)
-            return _frame(MsgType.REPLY, event.seq, body)
+            return _encode_reply(event)
         case Hello():
             name = event.name.encode()
             body = _HELLO_FIXED.pack(
@@ -549,6 +548,16 @@ def encode(event: Event) -> bytes:
             reason = event.reason.encode()
             return _frame(MsgType.ERROR, 0, _ERROR_FIXED.pack(event.code, len(reason), 0) + reason)
     raise LocalProtocolError(f"cannot encode {event!r}")
+
+
+def _encode_reply(event: Reply) -> bytes:
+    regs = event.regs
+    if not event.effects:
+        layout = _REPLY_FRAMES[len(regs)]
+        return layout.pack(layout.size, MsgType.REPLY, 0, event.seq, len(regs), 0, 0, event.vcpu, *regs)
+    body = (_REPLY_FIXED.pack(len(regs), len(event.effects), 0, event.vcpu) + _REGS[len(regs)].pack(*regs)
+            + b"".join(_EFFECT.pack(e.kind, e.vcpu, e.entry, e.context, e.arg, e.eflags) for e in event.effects))
+    return _frame(MsgType.REPLY, event.seq, body)
 
 
 def _need(cond: bool, what: str) -> None:
@@ -597,6 +606,44 @@ def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
                  bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, fds)
 
 
+def _call(seq: int, fields: tuple[int, ...]) -> Call:
+    """A Call from the unpacked _CALL fields: the one place both decoders build it."""
+    flags = fields[1]
+    if flags & ~CALL_FLAGS_KNOWN:
+        raise RemoteProtocolError(f"unknown call flags {flags:#x}")
+    # Every field came out of a fixed-width struct, so it is in range: fill the
+    # slots directly instead of running the constructor's checks (1.2 µs instead
+    # of 4.3 µs on the bench host).
+    call = _new(Call)
+    _call_seq(call, seq)
+    _call_vcpu(call, fields[0])
+    _call_fid(call, fields[2])
+    _call_args(call, fields[4:])
+    _call_flags(call, flags)
+    return call
+
+
+def reply_to(call: Call, regs: tuple[int, ...], effects: tuple[Effect, ...] = ()) -> Reply:
+    """``Reply(call.seq, call.vcpu, regs, effects)``, checking only what did not come
+    from a decoded CALL (the registers and effects a handler chose): 1.3 µs instead
+    of 3 µs on the bench host."""
+    if not (1 <= len(regs) <= MAX_REGS and min(regs) >= 0 and max(regs) <= U64 and len(effects) <= MAX_EFFECTS):
+        return Reply(call.seq, call.vcpu, regs, effects)  # raises, naming the culprit
+    reply = _new(Reply)
+    _reply_seq(reply, call.seq)
+    _reply_vcpu(reply, call.vcpu)
+    _reply_regs(reply, regs)
+    _reply_effects(reply, effects)
+    return reply
+
+
+_new = object.__new__
+_call_seq, _call_vcpu, _call_fid, _call_args, _call_flags = (
+    Call.__dict__[name].__set__ for name in ("seq", "vcpu", "func_id", "args", "flags"))
+_reply_seq, _reply_vcpu, _reply_regs, _reply_effects = (
+    Reply.__dict__[name].__set__ for name in ("seq", "vcpu", "regs", "effects"))
+
+
 def _fixed(p: memoryview, layout: struct.Struct, what: str) -> tuple[int, ...]:
     _need(len(p) == layout.size, f"{what} payload must be {layout.size} bytes, got {len(p)}")
     return layout.unpack_from(p)
@@ -614,8 +661,7 @@ def decode_payload(msg_type: int, seq: int, p: memoryview, fds: tuple[int, ...] 
 
 def _decode_payload(msg_type: int, seq: int, p: memoryview, fds: tuple[int, ...]) -> Event:
     if msg_type == MsgType.CALL:
-        vcpu, flags, fid, _r, *args = _fixed(p, _CALL, "CALL")
-        return Call(seq, vcpu, fid, tuple(args), flags)
+        return _call(seq, _fixed(p, _CALL, "CALL"))
     if msg_type == MsgType.REPLY:
         _need(len(p) >= _REPLY_FIXED.size, "REPLY is truncated")
         n_regs, n_eff, _r, vcpu = _REPLY_FIXED.unpack_from(p)
@@ -687,6 +733,7 @@ class Connection:
         self.state = State.AWAIT_HELLO
         self.version = 0
         self._buf = bytearray()
+        self._pos = 0  # start of the first unread frame in _buf
         self._fds: list[int] = []
         self._calls_in_flight: set[int] = set()
         self._mem_in_flight: dict[int, MsgType] = {}
@@ -698,28 +745,49 @@ class Connection:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is in ERROR state")
         if not data:
-            if self._buf:
+            if len(self._buf) > self._pos:
                 self._fail()
                 raise RemoteProtocolError("peer closed in the middle of a frame")
             self.state = State.CLOSED
             return
+        if self._pos:
+            del self._buf[:self._pos]  # one move per receive, not one per frame
+            self._pos = 0
         self._buf += data
-        self._fds.extend(fds)
+        if fds:
+            self._fds.extend(fds)
 
     def next_event(self) -> Event | _NeedData:
         if self.state is State.ERROR:
             raise RemoteProtocolError("connection is in ERROR state")
-        buf = self._buf
-        if len(buf) < HEADER.size:
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < HEADER.size:
             return NEED_DATA
-        length, msg_type, flags, seq = HEADER.unpack_from(buf)
+        length, msg_type, flags, seq = HEADER.unpack_from(buf, pos)
+        if (msg_type == MsgType.CALL and length == _CALL_FRAME_LEN and not flags and self.state is State.RUNNING
+                and self.our_role is Role.DAEMON):
+            # The hot path: the checks of the general path below, for the one frame a
+            # running daemon gets per guest call (6 µs -> 2 µs on the bench host).
+            if len(buf) - pos < _CALL_FRAME_LEN:
+                return NEED_DATA
+            if seq in self._calls_in_flight:
+                self._fail()
+                raise RemoteProtocolError(f"CALL seq {seq} is already in flight")
+            try:
+                call = _call(seq, _CALL.unpack_from(buf, pos + HEADER.size))
+            except RemoteProtocolError:
+                self._fail()
+                raise
+            self._calls_in_flight.add(seq)
+            self._pos = pos + _CALL_FRAME_LEN
+            return call
         if length < HEADER.size or length > MAX_FRAME:
             self._fail()
             raise RemoteProtocolError(f"frame length {length} outside {HEADER.size}..{MAX_FRAME}")
         if flags:
             self._fail()
             raise RemoteProtocolError(f"reserved header flags {flags:#x} are set")
-        if len(buf) < length:
+        if len(buf) - pos < length:
             return NEED_DATA
         try:
             mtype = MsgType(msg_type)
@@ -729,14 +797,15 @@ class Connection:
         try:
             self._check_direction(mtype, self.their_role)
             fds = tuple(self._fds) if mtype is MsgType.HELLO else ()
-            event = decode_payload(mtype, seq, memoryview(buf)[HEADER.size:length], fds)
+            with memoryview(buf) as view:
+                event = decode_payload(mtype, seq, view[pos + HEADER.size:pos + length], fds)
             self._track(event, mtype, sent=False)
         except RemoteProtocolError:
             self._fail()
             raise
         if mtype is MsgType.HELLO:
             self._fds.clear()
-        del buf[:length]
+        self._pos = pos + length
         return event
 
     def take_fds(self) -> list[int]:
@@ -746,6 +815,15 @@ class Connection:
 
     # -- sending
     def send(self, event: Event) -> bytes:
+        if type(event) is Reply and self.state is State.RUNNING and self.our_role is Role.DAEMON:
+            # The hot path: what _check_direction and _track do for a REPLY, inline.
+            seq = event.seq
+            if seq not in self._calls_in_flight:
+                raise LocalProtocolError(f"REPLY to seq {seq}, which is not an outstanding CALL")
+            self._calls_in_flight.discard(seq)
+            if event.effects:
+                self._remember_effects(event)
+            return _encode_reply(event)
         if self.state in (State.ERROR, State.CLOSED) and not isinstance(event, Error):
             raise LocalProtocolError(f"cannot send {type(event).__name__} in state {self.state.name}")
         mtype = _TYPE_OF[type(event)]
@@ -781,9 +859,7 @@ class Connection:
                     raise exc(f"REPLY to seq {event.seq}, which is not an outstanding CALL")
                 self._calls_in_flight.discard(event.seq)
                 if event.effects:
-                    self._effects_pending[event.seq] = set(range(len(event.effects)))
-                    while len(self._effects_pending) > _MAX_PENDING_EFFECTS:
-                        self._effects_pending.popitem(last=False)
+                    self._remember_effects(event)
             case MemRead() | MemWrite():
                 if event.seq in self._mem_in_flight:
                     raise exc(f"memory request seq {event.seq} is already in flight")
@@ -803,6 +879,11 @@ class Connection:
             case Welcome():
                 self.version = event.version
         self.state = new_state
+
+    def _remember_effects(self, reply: Reply) -> None:
+        self._effects_pending[reply.seq] = set(range(len(reply.effects)))
+        while len(self._effects_pending) > _MAX_PENDING_EFFECTS:
+            self._effects_pending.popitem(last=False)
 
     @property
     def calls_in_flight(self) -> frozenset[int]:

@@ -151,6 +151,11 @@ class Handler:
     """
 
     SERVICES: ClassVar[dict[str, tuple[str, ...]]] = {}
+    #: True when ``handle`` never suspends (no guest memory through the VMM, no
+    #: I/O, no sleep): the daemon then answers the call in its reader, with no
+    #: task switch and no timeout scope (which could not fire on a call that
+    #: never suspends).  An instance may set it from its options.
+    inline: bool = False
     ANSWERS_DISCOVERY: ClassVar[bool] = False
     SIDECARS: ClassVar[tuple[str, ...]] = ()
     PER_CALL_WARNING: ClassVar[str | None] = None

@@ -17,21 +17,27 @@ from dataclasses import dataclass, field
 
 from ..smccc import routing_id
 from ..smccc.results import ResultClass, classify
-from ..wire import Call, EffectKind, Reply
+from ..wire import Call, Effect, EffectKind, Reply
 
 #: Upper bounds in seconds: handlers answer in microseconds, a stuck one takes its timeout.
 LATENCY_BUCKETS = (1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2,
                    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Distinct function IDs counted separately; later ones are counted as OTHER.
 MAX_FUNCTIONS = 512
+#: Distinct unclassified keys CallStats.record keeps before it classifies them.
+MAX_RAW_KEYS = 4096
 OTHER = -1
 NO_RETURN = frozenset({EffectKind.CPU_OFF, EffectKind.SYSTEM_OFF, EffectKind.SYSTEM_RESET,
                        EffectKind.SYSTEM_SUSPEND, EffectKind.CPU_SUSPEND})
 
 
+def does_not_return(effects: tuple[Effect, ...]) -> bool:
+    return any(e.kind in NO_RETURN for e in effects)
+
+
 def outcome(call: Call, reply: Reply) -> tuple[ResultClass, str]:
     """(class, words) of one answered call, as every view shows it."""
-    if any(e.kind in NO_RETURN for e in reply.effects):
+    if does_not_return(reply.effects):
         # x0 only matters if the VMM cannot carry the effect out; the caller never sees it otherwise.
         return ResultClass.SUCCESS, "does not return"
     return classify(call.func_id, reply.regs)
@@ -73,10 +79,12 @@ class Histogram:
 class CallStats:
     """Calls by (function, handler, result class), latency by handler, failures, replays."""
 
-    __slots__ = ("_functions", "calls", "failures", "latency", "replays")
+    __slots__ = ("_calls", "_functions", "_raw", "failures", "latency", "replays")
 
     def __init__(self) -> None:
-        self.calls: Counter[tuple[int, str, ResultClass]] = Counter()
+        self._calls: Counter[tuple[int, str, ResultClass]] = Counter()
+        #: Calls not yet classified, by what their class depends on (see record()).
+        self._raw: dict[tuple[int, str, int, int, bool], int] = {}
         self.latency: dict[str, Histogram] = {}
         #: (handler, "exception" | "timeout"): the guest got the service's error code.
         self.failures: Counter[tuple[str, str]] = Counter()
@@ -84,17 +92,39 @@ class CallStats:
         self._functions: set[int] = set()
 
     def record(self, call: Call, reply: Reply, handler: str, seconds: float) -> None:
-        fid = routing_id(call.func_id)
-        if fid not in self._functions:
-            if len(self._functions) >= MAX_FUNCTIONS:
-                fid = OTHER
-            else:
-                self._functions.add(fid)
-        self.calls[fid, handler, outcome(call, reply)[0]] += 1
+        """Count one answered call.  On the hot path this is a dict increment: the
+        routing ID and the result class (which depend only on the function ID,
+        x0, x2 and whether an effect does not return) are worked out once per
+        distinct key when someone reads :attr:`calls`, not once per call."""
+        regs, effects = reply.regs, reply.effects
+        key = (call.func_id, handler, regs[0], regs[2] if len(regs) > 2 else 0,
+               bool(effects) and does_not_return(effects))
+        raw = self._raw
+        raw[key] = raw.get(key, 0) + 1
+        if len(raw) > MAX_RAW_KEYS:  # a guest that varies x0 or the ID gets folded early
+            self._fold()
         hist = self.latency.get(handler)
         if hist is None:
             hist = self.latency[handler] = Histogram()
         hist.observe(seconds)
+
+    def _fold(self) -> None:
+        raw, self._raw = self._raw, {}
+        for (func_id, handler, x0, x2, no_return), n in raw.items():
+            fid = routing_id(func_id)
+            if fid not in self._functions:
+                if len(self._functions) >= MAX_FUNCTIONS:
+                    fid = OTHER
+                else:
+                    self._functions.add(fid)
+            result = ResultClass.SUCCESS if no_return else classify(func_id, (x0, 0, x2))[0]
+            self._calls[fid, handler, result] += n
+
+    @property
+    def calls(self) -> Counter[tuple[int, str, ResultClass]]:
+        if self._raw:
+            self._fold()
+        return self._calls
 
     def failure(self, handler: str, kind: str) -> None:
         self.failures[handler, kind] += 1

@@ -17,6 +17,8 @@ from . import NOT_SUPPORTED, Handler, Result
 class DenyHandler(Handler):
     """Answers NOT_SUPPORTED, as KVM does for a DENY filter entry."""
 
+    inline = True
+
 
 @dataclass(frozen=True, slots=True)
 class StaticOptions:
@@ -26,6 +28,8 @@ class StaticOptions:
 class StaticHandler(Handler):
     """Fixed result registers from the config: for probing a guest's driver or
     faking a firmware service in tests."""
+
+    inline = True
 
     @classmethod
     def parse_options(cls, section: Section) -> StaticOptions:
@@ -54,6 +58,7 @@ class DiscoveryHandler(Handler):
     """
 
     ANSWERS_DISCOVERY = True
+    inline = True
 
     @classmethod
     def parse_options(cls, section: Section) -> DiscoveryOptions:
@@ -78,6 +83,8 @@ class DiscoveryHandler(Handler):
 class LogHandler(Handler):
     """Records each call at INFO and answers NOT_SUPPORTED: for finding out what a
     guest probes before writing a real handler."""
+
+    inline = True
 
     PER_CALL_WARNING = ("writes an INFO line for every call, at a rate the guest chooses; use it to find out what "
                         "a guest probes, then replace it (`hvcproxyd trace` shows calls without logging them)")

@@ -88,13 +88,20 @@ _AFFINITY_LEVEL_MASKS: Final = tuple(MPIDR_AFF_MASK & ~((1 << s) - 1) for s in A
 
 
 def _ret(code: Ret, *, effects: tuple[Effect, ...] = ()) -> Result:
-    return Result.of(code, effects=effects)
+    if effects:
+        return Result.of(code, effects=effects)
+    return _PLAIN[code]  # Results are immutable: one per code, not one per call
+
+
+_PLAIN: Final[dict[int, Result]] = {code: Result.of(code) for code in Ret}
+_VERSION_RESULTS: dict[int, Result] = {}
 
 
 class PsciHandler(Handler):
     """PSCI 0.2/1.0/1.1/1.2/1.3 for one VM; see the module docstring."""
 
     SERVICES = {"psci": tuple(VERSIONS)}
+    inline = True  # state and guest-RAM bounds checks only, nothing that waits
 
     def __init__(self, name: str, options: PsciOptions | None, vm: VmContext) -> None:
         super().__init__(name, options if options is not None else PsciOptions(), vm)
@@ -180,7 +187,11 @@ class PsciHandler(Handler):
         return _ret(Ret.INTERNAL_FAILURE)
 
     def _psci_version(self, call: Call, x1: int, x2: int, x3: int) -> Result:
-        return Result.of(self.version.encoded)
+        encoded = self.version.encoded
+        result = _VERSION_RESULTS.get(encoded)
+        if result is None:
+            result = _VERSION_RESULTS[encoded] = Result.of(encoded)
+        return result
 
     def _cpu_suspend(self, call: Call, power_state: int, entry: int, context: int) -> Result:
         # power_state is a uint32 in both variants (DEN0022 §5.4.2).

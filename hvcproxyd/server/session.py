@@ -1,14 +1,20 @@
 """One VMM connection: the handshake, the reader, the writer, one worker per vCPU.
 
 One nursery per connection owns its tasks, so when the connection ends they
-end.  One worker task per vCPU means a slow handler delays only its own vCPU,
-with no task spawned per call; one writer task batches whatever frames are
-ready into one write.
+end.  The reader answers every call whose handler never waits
+(``Handler.inline``: PSCI, memshare, the built-ins) itself, between reading a
+batch and writing its replies in one send: no task switch per call, which in
+trio costs more than the handler.  A handler that may wait runs in its vCPU's
+worker task under its timeout, so it delays only its own vCPU.  Within a
+batch, vCPUs are served by how little they have been served so far, so a
+flooding vCPU cannot hold a quiet one back (issue 15).  The writer task only
+takes over when the socket buffer is full.
 """
 
 from __future__ import annotations
 
 import errno
+import heapq
 import logging
 import os
 import time
@@ -20,6 +26,7 @@ import trio
 
 from .. import wire
 from ..core.guestmem import GuestMemory, GuestMemoryError
+from ..core.handler import Handler
 from ..core.service import VmService
 from ..errors import TransportError
 from ..vmm.qmp import QmpWatcher
@@ -32,6 +39,8 @@ CLEANUP_TIMEOUT = 2.0
 #: Calls a vCPU may have queued; the protocol allows one in flight, a little slack
 #: absorbs a replay racing its original without letting a VMM grow our memory.
 VCPU_QUEUE = 4
+#: Longest the reader goes without a checkpoint while frames keep arriving (s).
+YIELD_EVERY = 0.001
 
 
 @dataclass(slots=True)
@@ -73,15 +82,30 @@ class Session:
         #: only tearing down, and a reconnecting VMM may wait for its slot.
         self.closing = trio.Event()
         self.connected_at = time.time()
-        # Frames for the writer task while the session runs: the vCPU workers and the
-        # reader only append, and one task writes whatever is ready in one syscall.
-        # Under load that batches replies from several vCPUs, and a worker never
-        # yields to the scheduler to write.
+        # Frames go out through _out: the reader and the vCPU workers append, then
+        # _flush() writes whatever is queued in one nonblocking send, so replies
+        # read in one batch leave in one write and no task switch is needed to
+        # write.  Only what the kernel cannot take yet goes to the writer task,
+        # which waits for room; until it has written that, later frames queue
+        # behind it, so frames never interleave or reorder.
         self._out: list[bytes] = []
+        self._blocked = False
         self._out_ready = trio.Event()
         self._out_empty = trio.Event()
         self._out_empty.set()
         self._writer_running = False
+        #: vCPU -> calls queued for or running in its worker; while any is, that
+        #: vCPU's next call queues behind it (replies stay in order per vCPU).
+        self._busy: list[int] = []
+        #: Calls read and not yet answered or given to a worker, as a heap in their
+        #: fair order (see _enqueue); per vCPU, how many of them and how many of
+        #: its calls were served this session; the largest key waiting.
+        self._waiting: list[tuple[int, int, wire.Call]] = []
+        self._ahead: list[int] = []
+        self._served: list[int] = []
+        self._arrivals = 0
+        self._top = 0
+        self._reader_task: trio.lowlevel.Task | None = None
 
     async def send(self, event: wire.Event) -> None:
         data = self.conn.send(event)
@@ -89,9 +113,21 @@ class Session:
             await self.transport.send(data)
             return
         self._out.append(data)
-        self._out_ready.set()
-        if self._out_empty.is_set():
+        self._flush()
+
+    def _flush(self) -> None:
+        """Write what is queued, without waiting; hand the rest to the writer task."""
+        out = self._out
+        if self._blocked or not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        out.clear()
+        n = self.transport.send_nowait(data)
+        if n < len(data):
+            out.append(data[n:])
+            self._blocked = True
             self._out_empty = trio.Event()
+            self._out_ready.set()
 
     async def _writer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._writer_running = True
@@ -100,17 +136,41 @@ class Session:
             while True:
                 await self._out_ready.wait()
                 self._out_ready = trio.Event()
-                data = b"".join(self._out)
-                self._out.clear()
-                await self.transport.send(data)
-                if not self._out:
-                    self._out_empty.set()
+                while self._out:
+                    data = b"".join(self._out)
+                    self._out.clear()
+                    await self.transport.send(data)
+                self._blocked = False
+                self._out_empty.set()
         finally:
             self._writer_running = False
 
     async def flush(self) -> None:
         """Wait until every frame queued so far is written (e.g. before an ERROR closes)."""
+        self._flush()
         await self._out_empty.wait()
+
+    def _decode(self) -> wire.Event | wire._NeedData:
+        """The next buffered frame or NEED_DATA; fds received are closed on a protocol error."""
+        try:
+            return self.conn.next_event()
+        except wire.ProtocolError:
+            _close_fds(self.conn.take_fds())
+            raise
+
+    def _feed(self, data: bytes, fds: tuple[int, ...]) -> bool:
+        """Hand received bytes to the codec; False once the peer has closed."""
+        conn = self.conn
+        if fds and conn.state is not wire.State.AWAIT_HELLO:
+            _close_fds(fds)
+            _close_fds(conn.take_fds())
+            raise wire.RemoteProtocolError(
+                f"{len(fds)} file descriptor(s) sent outside HELLO; only HELLO may carry them")
+        conn.receive_data(data, fds)
+        if conn.state is wire.State.CLOSED:
+            _close_fds(conn.take_fds())
+            return False
+        return True
 
     async def next_event(self) -> wire.Event | None:
         """The next frame, or None when the peer closed.
@@ -118,24 +178,11 @@ class Session:
         File descriptors are accepted only with the HELLO of the handshake: any
         that come with another frame are closed at once and the frame is a
         protocol error; those of a HELLO that fails to decode are closed too."""
-        conn = self.conn
         while True:
-            try:
-                event = conn.next_event()
-            except wire.ProtocolError:
-                _close_fds(conn.take_fds())
-                raise
+            event = self._decode()
             if event is not wire.NEED_DATA:
                 return event  # type: ignore[return-value]
-            data, fds = await self.transport.receive()
-            if fds and conn.state is not wire.State.AWAIT_HELLO:
-                _close_fds(fds)
-                _close_fds(conn.take_fds())
-                raise wire.RemoteProtocolError(
-                    f"{len(fds)} file descriptor(s) sent outside HELLO; only HELLO may carry them")
-            conn.receive_data(data, fds)
-            if conn.state is wire.State.CLOSED:
-                _close_fds(conn.take_fds())
+            if not self._feed(*await self.transport.receive()):
                 return None
 
     async def refuse(self, code: wire.ErrorCode, reason: str) -> None:
@@ -237,6 +284,10 @@ class Session:
 
     # -- guest memory through the VMM
     async def _mem_request(self, event: wire.MemRead | wire.MemWrite) -> wire.MemReadResp | wire.MemWriteResp:
+        if self._reader_task is not None and trio.lowlevel.current_task() is self._reader_task:
+            # A handler marked inline that reached guest memory through the VMM: the
+            # reader waiting for the answer it must itself read would deadlock.
+            raise GuestMemoryError("guest memory through the VMM from a handler marked inline")
         pending = _Pending(trio.Event())
         self._pending[event.seq] = pending
         try:
@@ -283,15 +334,20 @@ class Session:
         assert self.hello is not None
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer)
-            for _ in self.hello.vcpus:
+            for index in range(len(self.hello.vcpus)):
                 send, receive = trio.open_memory_channel[wire.Call](VCPU_QUEUE)
                 self._queues.append(send)
-                nursery.start_soon(self._vcpu_worker, receive)
+                self._busy.append(0)
+                self._served.append(0)
+                self._ahead.append(0)
+                nursery.start_soon(self._vcpu_worker, index, receive)
             if self.qmp is not None:
                 nursery.start_soon(self._cross_check, self.qmp, nursery.cancel_scope)
+            self._reader_task = trio.lowlevel.current_task()
             try:
                 await self._read_loop()
             finally:
+                self._reader_task = None
                 self.closing.set()
                 nursery.cancel_scope.cancel()
                 for p in self._pending.values():
@@ -307,44 +363,121 @@ class Session:
             session_scope.cancel()
 
     async def _read_loop(self) -> None:
-        vm = self.vm
-        while True:
-            event = await self.next_event()
-            if event is None:
-                log.info("%s: VMM disconnected", vm.config.name)
-                return
-            if type(event) is wire.Call:
-                if event.vcpu >= len(self._queues):
-                    raise wire.RemoteProtocolError(f"CALL from vCPU {event.vcpu}, the VM has {len(self._queues)}")
-                if self.draining():
-                    continue  # left unanswered: the VMM re-sends it to the next daemon (protocol §7)
-                try:
-                    self._queues[event.vcpu].send_nowait(event)
-                except trio.WouldBlock:
-                    raise wire.RemoteProtocolError(
-                        f"vCPU {event.vcpu} has more than {VCPU_QUEUE} calls queued") from None
-                self.in_flight += 1
-                self.idle = trio.Event() if self.idle.is_set() else self.idle
-            elif isinstance(event, (wire.MemReadResp, wire.MemWriteResp)):
-                pending = self._pending.get(event.seq)
-                if pending is not None:
-                    pending.result = event
-                    pending.done.set()
-            elif isinstance(event, wire.EffectDone):
-                vm.effect_done(event.seq, event.index, event.status)
-            elif isinstance(event, wire.VmEvent):
-                vm.event(event)
-            elif isinstance(event, wire.Error):
-                log.error("%s: VMM sent ERROR %s: %s", vm.config.name, event.code.name, event.reason)
-                return
+        """Read what there is, answer it, write the replies in one send, repeat.
 
-    async def _vcpu_worker(self, calls: trio.MemoryReceiveChannel[wire.Call]) -> None:
+        Calls wait in ``_waiting`` in their fair order (see _enqueue), and are
+        answered one at a time; after each, if more has arrived it is read
+        first, so a quiet vCPU's call that comes in meanwhile goes ahead of the
+        flooders' calls already waiting.  Replies go out when nothing is
+        waiting, or at once for a quiet vCPU.  The reader never yields on its
+        own while frames keep coming, so it checkpoints at least every
+        YIELD_EVERY seconds (and parks in trio whenever another task is runnable
+        and nothing is to be read)."""
+        transport, waiting = self.transport, self._waiting
+        last_yield = time.perf_counter()
+        while True:
+            while (event := self._decode()) is not wire.NEED_DATA:
+                if type(event) is wire.Call:
+                    if event.vcpu >= len(self._queues):
+                        raise wire.RemoteProtocolError(f"CALL from vCPU {event.vcpu}, the VM has {len(self._queues)}")
+                    if not self.draining():  # else left unanswered: the VMM re-sends it (protocol §7)
+                        self._enqueue(event)
+                    continue
+                while waiting:  # calls before an event are answered before it, all of them
+                    await self._serve_next()
+                if not self._other(event):  # type: ignore[arg-type]
+                    return
+            if waiting:
+                if await self._serve_next():
+                    last_yield = 0.0  # a worker has work: let it run soon
+                if waiting and not transport.readable_now():
+                    continue
+            if not waiting:
+                self._flush()
+            got = transport.receive_nowait()
+            if got is None:
+                if not waiting:
+                    await transport.wait_readable()
+                continue
+            if not self._feed(*got):
+                log.info("%s: VMM disconnected", self.vm.config.name)
+                return
+            now = time.perf_counter()
+            if now - last_yield > YIELD_EVERY:
+                await trio.lowlevel.checkpoint()
+                last_yield = now
+
+    def _enqueue(self, call: wire.Call) -> None:
+        """Fairness: a call waits under the key (calls its vCPU has had served this
+        session + its calls already waiting), so a vCPU's own calls keep their
+        order, a quiet vCPU goes ahead of flooding ones, and two flooding vCPUs
+        take turns; ties go by arrival."""
+        v = call.vcpu
+        ahead = self._ahead[v]
+        self._ahead[v] = ahead + 1
+        key = self._served[v] + ahead
+        self._arrivals += 1
+        heapq.heappush(self._waiting, (key, self._arrivals, call))
+        self._top = max(self._top, key)
+
+    async def _serve_next(self) -> bool:
+        """Answer the first waiting call; True if it went to its vCPU's worker.
+
+        A call its handler answers without waiting (``Handler.inline``) is
+        answered here, unless its vCPU still has one in its worker; the rest go
+        to that vCPU's worker, under the handler's timeout.  The reply to a vCPU
+        served less than half as often as the busiest one waiting is written at
+        once, not after the flooders' replies."""
+        waiting, served = self._waiting, self._served
+        _key, _arrival, call = heapq.heappop(waiting)
+        v = call.vcpu
+        self._ahead[v] -= 1
+        quiet = waiting and served[v] * 2 < self._top
+        served[v] += 1
+        if not waiting:
+            self._top = 0
+        vm = self.vm
+        target = vm.route(call)
+        if not self._busy[v] and (not isinstance(target, Handler) or target.inline):
+            self._out.append(self.conn.send(await vm.dispatch(call, target)))  # never suspends
+            if quiet:
+                self._flush()
+            return False
+        try:
+            self._queues[v].send_nowait(call)
+        except trio.WouldBlock:
+            raise wire.RemoteProtocolError(f"vCPU {v} has more than {VCPU_QUEUE} calls queued") from None
+        self._busy[v] += 1
+        self.in_flight += 1
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        return True
+
+    def _other(self, event: wire.Event) -> bool:
+        """Any frame but a CALL; False when the VMM said ERROR (the session ends)."""
+        vm = self.vm
+        if isinstance(event, (wire.MemReadResp, wire.MemWriteResp)):
+            pending = self._pending.get(event.seq)
+            if pending is not None:
+                pending.result = event
+                pending.done.set()
+        elif isinstance(event, wire.EffectDone):
+            vm.effect_done(event.seq, event.index, event.status)
+        elif isinstance(event, wire.VmEvent):
+            vm.event(event)
+        elif isinstance(event, wire.Error):
+            log.error("%s: VMM sent ERROR %s: %s", vm.config.name, event.code.name, event.reason)
+            return False
+        return True
+
+    async def _vcpu_worker(self, vcpu: int, calls: trio.MemoryReceiveChannel[wire.Call]) -> None:
         dispatch = self.vm.dispatch
         async for call in calls:
             try:
                 reply = await dispatch(call)
-                await self.send(reply)
+                self._out.append(self.conn.send(reply))
+                self._flush()
             finally:
+                self._busy[vcpu] -= 1
                 self.in_flight -= 1
                 if self.in_flight == 0:
                     self.idle.set()

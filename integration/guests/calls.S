@@ -48,15 +48,7 @@
 	.popsection
 	.endm
 
-	.section .text.boot
-	.global _start
-_start:
-	ldr	x0, =stack_top
-	mov	sp, x0
-	bl	set_vbar
-
-	ldr	x0, =str_hello
-	bl	boot_banner
+	guest_entry str_hello
 
 	call_and_print PSCI_VERSION, FN_PSCI_VERSION
 	call_and_print SMCCC_VERSION, FN_SMCCC_VERSION

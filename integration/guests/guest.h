@@ -45,4 +45,17 @@
 #define CONDUIT_NAME		"hvc"
 #endif
 
+/* Every guest's entry: a stack, the exception vectors, then its banner
+ * ("title el=... mpidr=..."); \title names its banner string. */
+	.macro	guest_entry title
+	.section .text.boot
+	.global _start
+_start:
+	ldr	x0, =stack_top
+	mov	sp, x0
+	bl	set_vbar
+	ldr	x0, =\title
+	bl	boot_banner
+	.endm
+
 #endif

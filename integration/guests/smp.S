@@ -27,15 +27,7 @@
 #define CONTEXT_BASE	0xc0de0000
 #define POLL_LIMIT	0x1000000
 
-	.section .text.boot
-	.global _start
-_start:
-	ldr	x0, =stack_top
-	mov	sp, x0
-	bl	set_vbar
-
-	ldr	x0, =str_hello
-	bl	boot_banner
+	guest_entry str_hello
 
 	/* Power on CPUs 1..3, one at a time. */
 	mov	x19, #1

@@ -192,6 +192,8 @@ class MemshareHandler(Handler):
     def __init__(self, name: str, options: MemshareOptions, vm: VmContext) -> None:
         super().__init__(name, options, vm)
         self.opts = options
+        #: The ledger and RAM-map checks never wait; a delegated function may.
+        self.inline = not options.delegate
         self.ledger = Ledger(options.granule, max_ranges=options.max_ranges)
         #: MMIO pages the guest registered with MMIO_GUARD (guest-visible state, so snapshotted too).
         self.guarded = RangeSet()
