@@ -6,7 +6,8 @@ a REPLY of the same size and nothing else), starts the echo floor and
 ``hvcproxyd run`` side by side, and measures, in rounds that alternate floor and
 daemon so both see the same machine:
 
-- 1 vCPU round trip p50/p99/p99.9 for PSCI_VERSION, AFFINITY_INFO and MEM_SHARE+UNSHARE;
+- 1 vCPU round trip p50/p99/p99.9 for PSCI_VERSION, AFFINITY_INFO and MEM_SHARE+UNSHARE,
+  and an FF-A direct message (DIRECT_REQ2 to the echo partition: x0..x17 both ways);
 - throughput with 1, 2, 4 and 8 vCPUs, each with one call in flight;
 - fairness: a quiet vCPU's p99 with seven vCPUs flooding, against its p99 alone;
 - the Python simulator's own cost (it against the C driver, both on the floor);
@@ -62,9 +63,16 @@ handlers:
   memshare:
     type: pkvm-memshare
     options: {{socket: {stream}}}
+  ffa:
+    type: ffa
+    options:
+      id: 1
+      partitions:
+        echo: {{type: echo, id: 0x8001, uuids: [a8f3b9e2-5b9c-4c7d-9f0e-3c8e2d6b1a01]}}
 rules:
   - {{match: psci, conduit: any, action: psci}}
   - {{match: kvm-vendor, action: memshare}}
+  - {{match: ffa, action: ffa}}
 """
 
 
@@ -126,8 +134,8 @@ class Rig:
             argv += ["-q", str(quiet)]
         if flooders is not None:
             argv += ["-F", str(flooders)]
-        if target == "daemon" and kind in ("version", "memshare", "affinity"):
-            argv += ["-x", "1" if kind == "version" else "0"]  # the daemon's answers are checked
+        if target == "daemon" and kind in ("version", "memshare", "affinity", "ffa"):
+            argv += ["-x", "1" if kind in ("version", "ffa") else "0"]  # the daemon's answers are checked
         out = subprocess.run(argv, check=True, capture_output=True, text=True, timeout=self.seconds * 4 + 30)
         res: dict[str, float] = json.loads(out.stdout)
         if res["bad"]:
@@ -143,6 +151,7 @@ CASES: list[tuple[str, dict[str, Any], tuple[str, ...]]] = [
     ("PSCI_VERSION, 1 vCPU", {"kind": "version"}, ("p50", "p99", "p999", "rate")),
     ("AFFINITY_INFO, 1 vCPU", {"kind": "affinity", "vcpus": 2, "flooders": 1}, ("p50", "p99", "p999", "rate")),
     ("MEM_SHARE+UNSHARE, 1 vCPU", {"kind": "memshare"}, ("p50", "p99", "p999", "rate")),
+    ("FF-A DIRECT_REQ2 x0..x17 (1 vCPU; no target)", {"kind": "ffa"}, ("p50", "p99", "p999", "rate")),
     *((f"PSCI_VERSION, {n} vCPUs", {"kind": "version", "vcpus": n}, ("rate",)) for n in (2, 4, 8)),
     ("quiet vCPU alone", {"vcpus": 8, "quiet": QUIET_PERIOD_US, "flooders": 0}, ("p50", "p99")),
     ("quiet vCPU, 7 flooding", {"vcpus": 8, "quiet": QUIET_PERIOD_US, "flooders": 7}, ("p50", "p99")),

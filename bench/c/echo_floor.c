@@ -61,11 +61,19 @@ static void serve(int fd)
                 o += welcome(out + o);
             } else if (type == T_CALL) {
                 uint8_t *r = out + o;
-                put_header(r, REPLY_FRAME, T_REPLY, seq);
-                r[HDR] = REPLY_REGS; r[HDR + 1] = 0; put16(r + HDR + 2, 0);
-                memcpy(r + HDR + 4, in + off + HDR, 4);  /* vcpu */
-                put64(r + HDR + 8, 0x10001); put64(r + HDR + 16, 0); put64(r + HDR + 24, 0); put64(r + HDR + 32, 0);
-                o += REPLY_FRAME;
+                const uint8_t *c = in + off + HDR;
+                /* An FF-A DIRECT_REQ2 is answered as the daemon answers it: x0..x17, the
+                 * payload echoed; every other call with x0..x3. */
+                int wide = get32(c + 8) == 0xC400008Du;
+                uint32_t n = wide ? 18 : REPLY_REGS, rlen = HDR + 8 + n * 8;
+                put_header(r, rlen, T_REPLY, seq);
+                r[HDR] = (uint8_t)n; r[HDR + 1] = 0; put16(r + HDR + 2, 0);
+                memcpy(r + HDR + 4, c, 4);  /* vcpu */
+                memset(r + HDR + 8, 0, n * 8);
+                put64(r + HDR + 8, wide ? 0xC400008Eu : 0x10001);
+                if (wide)
+                    memcpy(r + HDR + 8 + 4 * 8, c + 16 + 3 * 8, 14 * 8);  /* x4..x17 */
+                o += rlen;
             }  /* FILTER_STATUS and anything else: nothing to answer */
             off += len;
             if (o > sizeof out - 256) { if (send_all(fd, out, o)) return; o = 0; }

@@ -4,13 +4,17 @@
  * the same program drives the C echo floor and hvcproxyd and the driver's own
  * cost is the same in both.
  *
- * usage: vmm_driver -s SOCKET [-n VCPUS] [-F FLOODERS] [-k version|affinity|memshare]
+ * usage: vmm_driver -s SOCKET [-n VCPUS] [-F FLOODERS] [-k version|affinity|memshare|ffa]
  *                   [-t SECONDS] [-w WARMUP_SECONDS] [-q QUIET_PERIOD_US] [-x EXPECTED_X0]
  *
  * Without -q every vCPU (or the first FLOODERS) calls back to back.  With -q,
  * vCPU 0 is the quiet one: one call every QUIET_PERIOD_US, while vCPUs
  * 1..FLOODERS flood.  Prints one JSON line: calls and seconds in the measured
- * window, and vCPU 0's latency percentiles in microseconds. */
+ * window, and vCPU 0's latency percentiles in microseconds.
+ *
+ * -k ffa negotiates FF-A 1.2 once, then sends FFA_MSG_SEND_DIRECT_REQ2 from VM 1
+ * to partition 0x8001 with x4..x17 all carrying data, and expects x0..x17 back
+ * (FFA_MSG_SEND_DIRECT_RESP2 with the payload echoed): the widest call there is. */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <pthread.h>
@@ -133,14 +137,15 @@ static void *reader(void *arg)
     return NULL;
 }
 
-static uint64_t call(struct vcpu *c, uint32_t fid, uint64_t x1, uint64_t x2)
+/* One call with x1..x(n): the vCPU's thread blocks until its reply; x0 back. */
+static uint64_t call_args(struct vcpu *c, uint32_t fid, const uint64_t *args, int n)
 {
     uint8_t f[CALL_FRAME] = {0};
     put_header(f, CALL_FRAME, T_CALL, atomic_fetch_add(&next_seq, 1));
     put32(f + HDR, (uint32_t)c->index);
     put32(f + HDR + 8, fid);
-    put64(f + HDR + 16, x1);
-    put64(f + HDR + 24, x2);
+    for (int i = 0; i < n && i < 17; i++)
+        put64(f + HDR + 16 + 8 * i, args[i]);
     c->done = 0;
     pthread_mutex_lock(&write_lock);
     int err = send_all(f, sizeof f);
@@ -152,6 +157,16 @@ static uint64_t call(struct vcpu *c, uint32_t fid, uint64_t x1, uint64_t x2)
     pthread_mutex_unlock(&c->lock);
     return x0;
 }
+
+static uint64_t call(struct vcpu *c, uint32_t fid, uint64_t x1, uint64_t x2)
+{
+    const uint64_t args[2] = {x1, x2};
+    return call_args(c, fid, args, 2);
+}
+
+#define FFA_VERSION 0x84000063u
+#define FFA_DIRECT_REQ2 0xC400008Du
+#define FFA_DIRECT_RESP2 0xC400008Eu
 
 static void *vcpu_main(void *arg)
 {
@@ -169,6 +184,12 @@ static void *vcpu_main(void *arg)
             x0 = call(c, 0xC4000004u, mpidr((c->index + 1) % n_vcpus), 0);
         } else if (!strcmp(kind, "memshare")) {
             x0 = call(c, i & 1 ? 0xC6000004u : 0xC6000003u, ipa, 0);
+        } else if (!strcmp(kind, "ffa")) {
+            uint64_t args[17] = {1u << 16 | 0x8001u, 0, 0};  /* VM 1 -> echo; UUID 0: any of its services */
+            for (int r = 3; r < 17; r++)
+                args[r] = (i << 8) + (uint64_t)r;
+            x0 = call_args(c, FFA_DIRECT_REQ2, args, 17);
+            want = FFA_DIRECT_RESP2;
         } else {
             x0 = call(c, 0x84000000u, 0, 0);
             want = 0x10001;
@@ -252,6 +273,13 @@ int main(int argc, char **argv)
     handshake();
     pthread_t rt;
     pthread_create(&rt, NULL, reader, NULL);
+    if (!strcmp(kind, "ffa")) {  /* FF-A calls exist only once a version is agreed */
+        struct vcpu *c0 = &vcpus[0];
+        pthread_mutex_init(&c0->lock, NULL);
+        pthread_cond_init(&c0->cond, NULL);
+        uint64_t v = call(c0, FFA_VERSION, 0x10002, 0);
+        if (expect_x0 >= 0 && v >> 31) { fprintf(stderr, "vmm_driver: FFA_VERSION failed: %#llx\n", (unsigned long long)v); return 3; }
+    }
     clock_gettime(CLOCK_MONOTONIC, &t_start);
     double s = t_start.tv_sec + t_start.tv_nsec * 1e-9;
     t_measure.tv_sec = (time_t)(s + warmup); t_measure.tv_nsec = (long)((s + warmup - (double)t_measure.tv_sec) * 1e9);
