@@ -8,6 +8,7 @@ there shows up as a failure here.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 from collections.abc import Callable
@@ -240,6 +241,37 @@ def test_cpu_on_pending_then_confirmed() -> None:
     assert h.power[1] is Power.ON
     second = call(h, CPU_ON64, mpidr(1), ENTRY, 3)
     assert x0(second) == ALREADY_ON and not second.effects
+
+
+def test_daemon_and_vmm_converge_when_the_vmm_finds_the_target_already_on() -> None:
+    """QEMU answers a CPU_ON of a running vCPU with -EALREADY: the target is on,
+    whatever the daemon thought, so later calls must see it on, not off."""
+    h = handler()
+    on = call(h, CPU_ON64, mpidr(1), ENTRY, 1)
+    confirm_all(h, on, -errno.EALREADY)
+    assert h.power[1] is Power.ON
+    assert x0(call(h, CPU_ON64, mpidr(1), ENTRY, 2)) == ALREADY_ON
+    assert x0(call(h, AFFINITY_INFO, mpidr(1), 0)) == 0  # ON
+    other = call(h, CPU_ON64, mpidr(2), ENTRY, 3)
+    confirm_all(h, other, -errno.EINVAL)  # a real failure: it stays off
+    assert h.power[2] is Power.OFF
+
+
+@pytest.mark.parametrize("fid", [CPU_ON, CPU_ON64])
+def test_a_misaligned_aarch64_entry_is_an_invalid_address(fid: int) -> None:
+    h = handler()
+    for entry in (ENTRY + 1, ENTRY + 2, ENTRY + 3):
+        result = call(h, fid, mpidr(1), entry, 0)
+        assert x0(result) == INVALID_ADDRESS and not result.effects
+    assert h.power[1] is Power.OFF
+    assert x0(call(h, CPU_ON, mpidr(1), ENTRY + 1, 0, aarch32=True)) == SUCCESS  # T32 entry: bit 0 is the state
+
+
+def test_a_cpu_off_the_vmm_finds_already_off_is_off() -> None:
+    h = handler()
+    confirm_all(h, call(h, CPU_ON64, mpidr(1), ENTRY, 1))
+    confirm_all(h, call(h, CPU_OFF, vcpu=1), -errno.ESRCH)
+    assert h.power[1] is Power.OFF
 
 
 def test_cpu_on_of_the_caller_is_already_on() -> None:

@@ -21,6 +21,7 @@ the other vCPUs' calls.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Literal
@@ -316,12 +317,17 @@ class PsciHandler(Handler):
 
     # ------------------------------------------------------------ helpers
     def _in_ram(self, entry: int, aarch32: bool) -> bool:
-        """Whether an entry point's first instruction is guest RAM.  For an AArch32
-        target bit 0 selects T32 and is not part of the address (KVM's vCPU reset
-        and QEMU's arm_set_cpu_on() read it so)."""
+        """Whether an entry point's first instruction is guest RAM, where a vCPU can
+        start.  For an AArch32 target bit 0 selects T32 and is not part of the
+        address (KVM's vCPU reset and QEMU's arm_set_cpu_on() read it so); an
+        AArch64 entry must be 4-byte aligned, or QEMU's arm_set_cpu_on() refuses
+        to start the vCPU after the guest was told SUCCESS, and the guest waits
+        for a CPU that never comes: INVALID_ADDRESS is the honest answer."""
         memory = self.vm.memory
         if memory is None:
             raise RuntimeError("PSCI call without guest memory: no VMM has attached")
+        if not aarch32 and entry & 3:
+            return False
         return memory.contains(entry & ~1 if aarch32 else entry, 4)
 
     def _note_running(self, vcpu: int) -> None:
@@ -363,10 +369,17 @@ class PsciHandler(Handler):
             if awaited is not None and awaited is not effect:
                 return ()  # an older power-on, already overtaken by the target's own calls
             self._power_ons.pop(effect.vcpu, None)
+            # -EALREADY: the VMM found the target running (QEMU's arm_set_cpu_on()
+            # ALREADY_ON / ON_PENDING); the daemon takes the VMM's word, so the two agree.
+            running = status in (0, -errno.EALREADY)
             if self.power.get(effect.vcpu) is Power.ON_PENDING:
-                self.power[effect.vcpu] = Power.ON if status == 0 else Power.OFF
-            if status:
+                self.power[effect.vcpu] = Power.ON if running else Power.OFF
+            if status == -errno.EALREADY:
+                self.log.warning("the VMM says vCPU %d was already on; recorded as on", effect.vcpu)
+            elif status:
                 self.log.warning("the VMM could not power on vCPU %d (status %d); it stays off", effect.vcpu, status)
+        elif status == -errno.ESRCH and effect.kind is EffectKind.CPU_OFF:
+            self.power[effect.vcpu] = Power.OFF  # the VMM found it off already: it is off either way
         elif status and effect.kind is EffectKind.CPU_OFF:
             if self.power.get(effect.vcpu) is Power.OFF:
                 self.power[effect.vcpu] = Power.ON
