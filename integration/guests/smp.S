@@ -6,7 +6,8 @@
  * received in x0, sets a flag and waits.  Only one CPU prints at a time.
  * The boot CPU then checks AFFINITY_INFO (ON), that a second CPU_ON gives
  * ALREADY_ON, releases each secondary into CPU_OFF, polls AFFINITY_INFO
- * until it reads OFF, and ends with SYSTEM_OFF.
+ * until it reads OFF, asks for CPU 1 again at a misaligned entry point (an
+ * error, never a CPU that does not come), and ends with SYSTEM_OFF.
  *
  * Transcript lines:
  *   GUEST smp conduit=hvc el=0x1 mpidr=0x...
@@ -17,6 +18,7 @@
  *   CPU_ON_AGAIN target=0x1 x0=0xfffffffffffffffc
  *   CPU_OFF target=0x1 polls=0x... x0=0x1
  *   ...
+ *   CPU_ON_MISALIGNED target=0x1 x0=0x...  (INVALID_ADDRESS via hvcproxyd)
  *   SMP DONE
  *   SYSTEM_OFF
  */
@@ -95,6 +97,18 @@
 	add	x19, x19, #1
 	cmp	x19, #NCPUS
 	b.lo	4b
+
+	/* CPU 1 is off again: a CPU_ON at a misaligned AArch64 entry must fail. */
+	ldr	x0, =FN_PSCI_CPU_ON_64
+	mov	x1, #1
+	ldr	x2, =secondary_entry
+	add	x2, x2, #2
+	ldr	x3, =CONTEXT_BASE
+	bl	smccc
+	mov	x20, x0
+	ldr	x0, =str_cpu_on_misaligned
+	mov	x1, #1
+	bl	report
 
 	ldr	x0, =str_done
 	bl	puts
@@ -182,6 +196,7 @@ str_context:	.asciz	"context"
 str_x0:		.asciz	"x0"
 str_cpu_on:	.asciz	"CPU_ON"
 str_cpu_on_again: .asciz "CPU_ON_AGAIN"
+str_cpu_on_misaligned: .asciz "CPU_ON_MISALIGNED"
 str_cpu_off:	.asciz	"CPU_OFF"
 str_affinity:	.asciz	"AFFINITY_INFO"
 str_secondary:	.asciz	"SECONDARY"

@@ -94,6 +94,8 @@ def test_smp_cpu_on_off_via_daemon(start_daemon: StartDaemon, start_qemu: StartQ
         assert re.search(rf"^AFFINITY_INFO target=0x0*{n} x0=0x0+\s*$", out, re.MULTILINE), out  # ON
         assert re.search(rf"^CPU_OFF target=0x0*{n} x0=0x0*1\s*$", out, re.MULTILINE), out  # OFF
     assert re.search(rf"^CPU_ON_AGAIN target=0x0*1 x0=0x{ALREADY_ON:016x}\s*$", out, re.MULTILINE), out
+    # A misaligned AArch64 entry: INVALID_ADDRESS (-9), where a SUCCESS would leave the guest waiting.
+    assert re.search(r"^CPU_ON_MISALIGNED target=0x0*1 x0=0xfffffffffffffff7\s*$", out, re.MULTILINE), out
     assert "CPU_OFF_RETURNED" not in out
     assert "SMP DONE" in out and out.rstrip().endswith("SYSTEM_OFF"), out
     _assert_daemon_saw(daemon, 0xC4000003, 0xC4000004, 0x84000002, 0x84000008)
