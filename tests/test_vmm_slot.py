@@ -21,7 +21,7 @@ from hvcproxyd.unixsock import fds_ancdata
 from hvcproxyd.vmm.simulator import Simulator, SimVcpu
 
 from .conftest import Serve
-from .test_daemon import HELLO, config_text, run_sim
+from .test_daemon import COUNT, HELLO, config_text, run_sim
 from .waiting import wait_until
 
 
@@ -163,3 +163,29 @@ async def test_a_reconnect_right_after_a_clean_close_is_never_busy(make_config: 
         finally:
             sim.close()  # clean close; the next connects at once
     assert daemon.links.accepted == 20
+
+
+@pytest.mark.parametrize("fid", [HELLO, COUNT])  # answered inline in the reader; in the vCPU's worker
+async def test_a_stale_sequence_number_is_refused_never_run_again(make_config: Callable[[str], VmConfig],
+                                                                  serve: Serve, fid: int) -> None:
+    """Protocol §5: seqs only increase.  The same seq again is a replay (the same
+    answer, the handler not run); an older one is a protocol error, never a second run."""
+    config = make_config(config_text())
+    daemon = await serve(config)
+    sim = Simulator(config.socket)
+    try:
+        await sim.connect()
+        for seq in (5, 9, 9):  # 9 twice: the replay
+            await sim.send(wire.Call(seq, 0, fid, (0,) * 17))
+            with trio.fail_after(10):
+                reply = await sim.next_event()
+            assert isinstance(reply, wire.Reply) and reply.seq == seq, reply
+        runs = daemon.vm.stats.total()
+        await sim.send(wire.Call(5, 0, fid, (0,) * 17))  # seq 5 again, after 9
+        with trio.fail_after(10):
+            err = await sim.next_event()
+        assert isinstance(err, wire.Error) and err.code is wire.ErrorCode.PROTOCOL, err
+        assert "older than its last answered call (9)" in err.reason
+        assert daemon.vm.stats.total() == runs and daemon.vm.stats.replays == 1
+    finally:
+        sim.close()

@@ -29,6 +29,7 @@ from ..wire import (
     EffectKind,
     EventKind,
     Hello,
+    RemoteProtocolError,
     Reply,
     VmEvent,
     reply_to,
@@ -269,7 +270,13 @@ class VmService:
         run it without a task of its own; any other handler runs under its
         timeout."""
         last = self._last_reply.get(call.vcpu)
-        if last is not None and last.seq == call.seq:
+        if last is not None and call.seq <= last.seq:
+            if call.seq < last.seq:
+                # Protocol §5: seqs only increase for the VM process's life.  An older
+                # one is not a replay the daemon can answer (it keeps only the last
+                # reply): running it again could repeat a CPU_ON.  Refused instead.
+                raise RemoteProtocolError(f"CALL seq {call.seq} from vCPU {call.vcpu} is older than its last "
+                                          f"answered call ({last.seq}); sequence numbers only increase (§5)")
             self.stats.replays += 1  # a VMM re-sent after reconnect: same answer, no second run
             return last
         start = time.perf_counter()
