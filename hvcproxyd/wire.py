@@ -131,6 +131,8 @@ FEATURE_MEMFD: Final = 1 << 0
 FEATURE_EFFECT_DONE: Final = 1 << 1
 HELLO_FEATURES_KNOWN: Final = FEATURE_MEMFD | FEATURE_EFFECT_DONE
 HELLO_RECONNECT: Final = 1 << 0
+#: HELLO flag: the vCPUs implement EL2, the highest non-secure EL (where PSCI CPU_ON starts a vCPU).
+HELLO_EL2: Final = 1 << 1
 
 # CALL flag bits
 CALL_SMC: Final = 1 << 0
@@ -218,6 +220,8 @@ class Hello:
     conduit: PsciConduit = PsciConduit.HVC
     min_version: int = PROTOCOL_VERSIONS[0]
     max_version: int = PROTOCOL_VERSIONS[1]
+    #: The vCPUs implement EL2 (HELLO flag EL2).
+    el2: bool = False
     #: Received file descriptors (not encoded in the payload; carried by SCM_RIGHTS).
     fds: tuple[int, ...] = field(default=(), compare=False)
 
@@ -516,7 +520,8 @@ def encode(event: Event) -> bytes:
             name = event.name.encode()
             body = _HELLO_FIXED.pack(
                 MAGIC, event.min_version, event.max_version, event.features,
-                HELLO_RECONNECT if event.reconnect else 0, event.accel, event.ipa_bits,
+                (HELLO_RECONNECT if event.reconnect else 0) | (HELLO_EL2 if event.el2 else 0), event.accel,
+                event.ipa_bits,
                 event.conduit, 0, len(event.vcpus), len(event.regions),
                 len(event.filter_in_force), len(name), 0)
             body += b"".join(_VCPU.pack(v.mpidr, v.index, int(v.powered_on), int(v.aarch32), 0)
@@ -603,7 +608,7 @@ def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
     except UnicodeDecodeError as err:
         raise RemoteProtocolError("VM name is not UTF-8") from err
     return Hello(name, Accel(accel), ipa_bits, tuple(vcpus), tuple(regions), features,
-                 bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, fds)
+                 bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, bool(flags & HELLO_EL2), fds)
 
 
 def _call(seq: int, fields: tuple[int, ...]) -> Call:

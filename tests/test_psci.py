@@ -223,13 +223,19 @@ async def test_handle_is_dispatch() -> None:
 # ---------------------------------------------------------------- CPU_ON
 
 
-@pytest.mark.parametrize(("fid", "aarch32", "el"), [(CPU_ON64, False, 1), (CPU_ON, False, 2), (CPU_ON, True, 1)])
-def test_cpu_on_success(fid: int, aarch32: bool, el: int) -> None:
+@pytest.mark.parametrize(("fid", "aarch32", "el", "highest", "target_el"), [
+    (CPU_ON64, False, 1, 1, 1), (CPU_ON, False, 2, 2, 2), (CPU_ON, True, 1, 1, 1),
+    # With EL2, a caller at EL1 (an nVHE or pKVM Linux's kernel) still starts its target at EL2.
+    (CPU_ON64, False, 1, 2, 2), (CPU_ON, True, 1, 2, 2),
+])
+def test_cpu_on_success(fid: int, aarch32: bool, el: int, highest: int, target_el: int) -> None:
     h = handler()
+    FACTS[h.vm].highest_el = highest
     result = call(h, fid, mpidr(2), ENTRY, 0x1234, aarch32=aarch32, el=el)
     assert result.regs == (0, 0, 0, 0)
-    # The target starts at the caller's EL and execution state (DEN0022 §5.6).
-    assert result.effects == (Effect(EffectKind.CPU_ON, 2, ENTRY, 0x1234, el, 0 if aarch32 else EFFECT_AARCH64),)
+    # The target starts at the highest non-secure EL, in the caller's execution state (as QEMU's PSCI, TF-A).
+    assert result.effects == (Effect(EffectKind.CPU_ON, 2, ENTRY, 0x1234, target_el,
+                                     0 if aarch32 else EFFECT_AARCH64),)
     assert power(h) == [Power.ON, Power.OFF, Power.ON_PENDING, Power.OFF]
 
 

@@ -56,8 +56,8 @@ NOT_SUPPORTED = Result.of(SmcccResult.NOT_SUPPORTED)
 class VmFacts:
     """The VM as the VM service keeps it; handlers read it through :class:`VmContext`."""
 
-    __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "interfaces", "memory", "name", "peers",
-                 "vcpus", "versions")
+    __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "highest_el", "interfaces", "memory", "name",
+                 "peers", "vcpus", "versions")
 
     def __init__(self, name: str, versions: Mapping[str, str]) -> None:
         self.name = name
@@ -66,6 +66,7 @@ class VmFacts:
         self.by_mpidr: dict[int, int] = {}
         self.memory: GuestMemory | None = None
         self.accel = "tcg"
+        self.highest_el = 1
         self.attached = False
         self.confirms_effects = False
         self.peers: Mapping[str, Handler] = {}
@@ -108,6 +109,12 @@ class VmContext:
     @property
     def accel(self) -> str:
         return self._facts.accel
+
+    @property
+    def highest_el(self) -> int:
+        """The highest non-secure exception level the vCPUs implement: 2 when the
+        VMM says EL2 exists (HELLO flag EL2), else 1."""
+        return self._facts.highest_el
 
     @property
     def attached(self) -> bool:

@@ -198,6 +198,7 @@ class VmService:
         facts.set_vcpus(hello.vcpus)
         facts.memory = memory
         facts.accel = hello.accel.name.lower()
+        facts.highest_el = 2 if hello.el2 else 1
         facts.confirms_effects = bool(hello.features & FEATURE_EFFECT_DONE)
         self.vmm_power = {v.index: v.powered_on for v in hello.vcpus}
         if not hello.reconnect:

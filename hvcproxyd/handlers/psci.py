@@ -239,9 +239,11 @@ class PsciHandler(Handler):
         if not self._in_ram(entry, call.aarch32):
             return _ret(Ret.INVALID_ADDRESS)
         self.power[index] = Power.ON_PENDING
-        # The target starts at the caller's exception level and execution state (§5.6).
-        el = call.el if call.el in (1, 2) else 1
-        effect = Effect(EffectKind.CPU_ON, index, entry, context, el, 0 if call.aarch32 else EFFECT_AARCH64)
+        # The target starts at the highest non-secure EL the machine implements, as
+        # QEMU's own PSCI and TF-A do (an nVHE or pKVM Linux calls CPU_ON from EL1 and
+        # expects its secondaries at EL2), in the caller's execution state.
+        effect = Effect(EffectKind.CPU_ON, index, entry, context, self.vm.highest_el,
+                        0 if call.aarch32 else EFFECT_AARCH64)
         self._power_ons[index] = effect
         self.log.debug("vCPU %d: CPU_ON of vCPU %d at %#x", call.vcpu, index, entry)
         return _ret(Ret.SUCCESS, effects=(effect,))
