@@ -64,18 +64,16 @@ def esc(text: str) -> str:
     return "\n".join("\\&" + line if line[:1] in ".'" else line for line in text.splitlines())
 
 
-def bold_options(usage: str) -> str:
-    """Usage text with option names in bold and metavars in italics."""
+def synopsis(parser: argparse.ArgumentParser) -> str:
+    """The usage line: the command in bold, options bold, metavars and operands italic."""
+    usage = " ".join(parser.format_usage().removeprefix("usage:").split()).removeprefix(parser.prog)
+
     def one(m: re.Match[str]) -> str:
         word = m.group(0)
         if word.startswith("-"):
             return f"\\fB{esc(word)}\\fR"
-        return f"\\fI{esc(word)}\\fR" if word.isupper() or word.islower() and word.isalpha() else esc(word)
-    return re.sub(r"[^\s\[\]{}(),|.]+", one, usage)
-
-
-def usage_of(parser: argparse.ArgumentParser) -> str:
-    return " ".join(parser.format_usage().removeprefix("usage:").split())
+        return f"\\fI{esc(word)}\\fR" if word.isupper() or (word.islower() and word.isalpha()) else esc(word)
+    return f"\\fB{esc(parser.prog)}\\fR" + re.sub(r"[^\s\[\]{}(),|.]+", one, usage)
 
 
 def help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
@@ -85,13 +83,15 @@ def help_of(parser: argparse.ArgumentParser, action: argparse.Action) -> str:
 
 def invocation(action: argparse.Action) -> str:
     if not action.option_strings:
-        return f"\\fI{esc(action.metavar or action.dest)}\\fR"
+        name = action.metavar if isinstance(action.metavar, str) else action.dest
+        return f"\\fI{esc(name)}\\fR"
     metavar = ""
     if action.nargs != 0:
         if action.choices is not None and action.metavar is None:
             metavar = "{" + ",".join(map(str, action.choices)) + "}"
         else:
-            metavar = str(action.metavar or action.dest.upper())
+            metavar = " ".join(action.metavar) if isinstance(action.metavar, tuple) else \
+                action.metavar or action.dest.upper()
     return ", ".join(f"\\fB{esc(o)}\\fR" + (f" \\fI{esc(metavar)}\\fR" if metavar else "")
                      for o in action.option_strings)
 
@@ -124,7 +124,7 @@ def page(name: str, section: str, summary: str, parser: argparse.ArgumentParser,
         ".SH NAME", f"{esc(name)} \\- {esc(summary)}",
         # No hyphenation, ragged right: names and paths must not break at a '-'.
         ".nh", ".ad l",
-        ".SH SYNOPSIS", bold_options(usage_of(parser)),
+        ".SH SYNOPSIS", synopsis(parser),
     ]
     if parser.description:
         lines += [".SH DESCRIPTION", esc(parser.description)]
@@ -133,7 +133,7 @@ def page(name: str, section: str, summary: str, parser: argparse.ArgumentParser,
     if sub is not None and name != PROG:  # nested actions (memshare ls|watch): one section each
         lines.append(".SH ACTIONS")
         for action_name, child in sub.choices.items():
-            lines += [f".SS {esc(action_name)}", bold_options(usage_of(child))]
+            lines += [f".SS {esc(action_name)}", synopsis(child)]
             if child.description:
                 lines += [".PP", esc(child.description)]
             for action in child._actions:

@@ -7,6 +7,7 @@ hvcproxyd runs from its real paths.  Needs root, dpkg-dev, PyPI on a cold cache.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -42,8 +43,8 @@ def deb() -> Path:
 
 def subcommands() -> dict[str, str]:
     """Subcommand -> its man section, from the parser (as scripts/gen-manpages.py has it)."""
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    return {name: "1" if name == "demo" else "8" for name in sub.choices}  # type: ignore[attr-defined]
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return {name: "1" if name == "demo" else "8" for name in sub.choices}
 
 
 def contents(deb: Path) -> dict[str, str]:
@@ -146,7 +147,10 @@ def installed_root(deb: Path, tmp_path: Path) -> Iterator[Path]:
         mount -t tmpfs tmpfs "$t/root/tmp"
         mount -t tmpfs tmpfs "$t/root/run"
         cp {deb} "$t/root/tmp/"
-        chroot "$t/root" env DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/{deb.name} >&2
+        if ! chroot "$t/root" env DEBIAN_FRONTEND=noninteractive dpkg -i /tmp/{deb.name} \
+                >{tmp_path}/dpkg.log 2>&1; then
+            cat {tmp_path}/dpkg.log >&2; exit 1
+        fi
         exec chroot "$t/root" "$@"
         """))
     script.chmod(0o755)
@@ -161,7 +165,8 @@ def test_installed_package_runs(installed_root: Path) -> None:
     help_text = in_root("/usr/bin/hvcproxyd", "--help").stdout
     assert "usage: hvcproxyd" in help_text
     # The copy in /usr/lib/hvcproxyd runs, not the checkout's or the dev venv's.
-    where = in_root("/usr/lib/hvcproxyd/bin/python", "-c", "import hvcproxyd, sys; print(hvcproxyd.__file__, sys.prefix)")
+    where = in_root("/usr/lib/hvcproxyd/bin/python", "-c",
+                    "import hvcproxyd, sys; print(hvcproxyd.__file__, sys.prefix)")
     assert where.stdout.split() == ["/usr/lib/hvcproxyd/lib/python3.11/site-packages/hvcproxyd/__init__.py",
                                     "/usr/lib/hvcproxyd"]
     check = in_root("/usr/bin/hvcproxyd", "check", "/etc/hvcproxyd/vm-template.yaml")
