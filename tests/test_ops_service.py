@@ -8,6 +8,7 @@ import signal
 import socket
 from pathlib import Path
 
+from hvcproxyd.errors import ExitCode
 from hvcproxyd.ops.control import request_status
 from hvcproxyd.ops.sdnotify import Notifier
 
@@ -135,7 +136,8 @@ def test_startup_failure_is_one_clear_line(tmp_path: Path) -> None:
     config.write_text(ops_config(tmp_path).replace(f"vmm: {{uid: {os.getuid()}}}",
                                                    "vmm: {gid: no-such-group-here}"))
     with DaemonProcess(config) as daemon:
-        assert daemon.wait() == 1
+        # A missing group is permanent (ExitCode docs): the unit must not restart it.
+        assert daemon.wait() == ExitCode.CANTCREAT
     assert "cannot serve: vmm.gid: there is no group 'no-such-group-here'" in daemon.log
     assert "Traceback" not in daemon.log
 
