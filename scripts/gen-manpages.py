@@ -2,7 +2,7 @@
 """Write hvcproxyd's man pages, generated from its argparse parser
 (``hvcproxyd.cli.build_parser()``): hvcproxyd(8) and one page per subcommand
 (hvcproxyd-run(8), ..., hvcproxyd-demo(1)); memshare's actions are sections of
-hvcproxyd-memshare(8).
+hvcproxyd-memshare(8).  Also hvcproxyd-reftee(1), the reference TEE's.
 
     python scripts/gen-manpages.py OUTDIR
 
@@ -146,6 +146,29 @@ def page(name: str, section: str, summary: str, parser: argparse.ArgumentParser,
     return "\n".join(lines) + "\n"
 
 
+class _Captured(Exception):
+    def __init__(self, parser: argparse.ArgumentParser) -> None:
+        self.parser = parser
+
+
+def reftee_parser() -> argparse.ArgumentParser:
+    """hvcproxyd-reftee's parser, which its main() builds and parses at once:
+    taken from the parse_args() call, so the page is the parser's, not a copy."""
+    from hvcproxyd.handlers.tee_proxy import reftee
+
+    def capture(self: argparse.ArgumentParser, *args: object, **kwargs: object) -> argparse.Namespace:
+        raise _Captured(self)
+    saved = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = capture  # type: ignore[method-assign,assignment]
+    try:
+        reftee.main([])
+    except _Captured as got:
+        return got.parser
+    finally:
+        argparse.ArgumentParser.parse_args = saved  # type: ignore[method-assign]
+    raise RuntimeError("hvcproxyd-reftee's main() parsed no arguments")
+
+
 def first_clause(text: str) -> str:
     """The NAME line's summary: the help text up to its first ';' or '('."""
     return re.split(r"\s*[;(]", text, maxsplit=1)[0].strip()
@@ -186,6 +209,10 @@ def generate(outdir: Path) -> list[Path]:
         see = [f"\\fB{PROG}\\fR(8)"] + [f"\\fB{esc(r)}\\fR" for n, r in sorted(refs.items()) if n != name]
         write(f"{PROG}-{name}", section,
               page(f"{PROG}-{name}", section, first_clause(helps[name]), child, date=date, extra=extra, see_also=see))
+    tee = reftee_parser()
+    write("hvcproxyd-reftee", "1",
+          page("hvcproxyd-reftee", "1", tee.description or "", tee, date=date, extra=[],
+               see_also=[f"\\fB{PROG}\\fR(8)", "\\fBhvcproxyd-demo\\fR(1)"]))
     return written
 
 

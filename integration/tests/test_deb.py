@@ -67,7 +67,7 @@ def test_contents(deb: Path) -> None:
         f"{doc}/config.md", f"{doc}/protocol.md", f"{doc}/handlers.md", f"{doc}/handlers/psci.md",
         f"{doc}/examples/metrics-tcp.conf", f"{doc}/examples/tee-device.conf", f"{doc}/examples/psci.yaml",
         "/usr/lib/hvcproxyd/pyvenv.cfg", "/usr/lib/hvcproxyd/bin/hvcproxyd",
-        "/usr/share/man/man8/hvcproxyd.8.gz",
+        "/usr/share/man/man8/hvcproxyd.8.gz", "/usr/share/man/man1/hvcproxyd-reftee.1.gz",
     ]
     wanted += [f"/usr/share/man/man{s}/hvcproxyd-{n}.{s}.gz" for n, s in subcommands().items()]
     missing = [p for p in wanted if p not in files]
@@ -178,5 +178,8 @@ def test_installed_package_runs(installed_root: Path) -> None:
     assert "hvcproxyd-run - serve one VM until SIGTERM" in page.stdout.replace("\u2010", "-")
     assert "EXIT STATUS" in page.stdout and "78" in page.stdout
     assert page.stderr == "", page.stderr  # groff has no warnings about the generated roff
+    every = in_root("sh", "-c", "for f in /usr/share/man/man?/hvcproxyd*; do "
+                    "MANWIDTH=80 man --warnings -l $f >/dev/null || exit 1; echo $f; done")
+    assert every.stderr == "" and len(every.stdout.split()) == len(subcommands()) + 2  # + hvcproxyd, -reftee
     reftee = in_root("/usr/bin/hvcproxyd-reftee", "--help")
     assert "usage: hvcproxyd-reftee" in reftee.stdout
