@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import subprocess
 import textwrap
@@ -181,5 +182,12 @@ def test_installed_package_runs(installed_root: Path) -> None:
     every = in_root("sh", "-c", "for f in /usr/share/man/man?/hvcproxyd*; do "
                     "MANWIDTH=80 man --warnings -l $f >/dev/null || exit 1; echo $f; done")
     assert every.stderr == "" and len(every.stdout.split()) == len(subcommands()) + 2  # + hvcproxyd, -reftee
+    # The installed unit, as systemd reads it: ExecStart= resolves, the user exists, and the
+    # sandbox scores as well as the repo's unit (offline: no systemd runs here).
+    unit = in_root("sh", "-c", "cp /etc/hvcproxyd/vm-template.yaml /etc/hvcproxyd/vm1.yaml && "
+                   "systemd-analyze verify --man=no hvcproxyd@vm1.service && "
+                   "systemd-analyze security --offline=yes hvcproxyd@vm1.service")
+    score = re.search(r"Overall exposure level for hvcproxyd@vm1\.service: ([0-9.]+)", unit.stdout)
+    assert score and float(score.group(1)) <= 2.0, unit.stdout[-500:]  # test_ops_units' bar
     reftee = in_root("/usr/bin/hvcproxyd-reftee", "--help")
     assert "usage: hvcproxyd-reftee" in reftee.stdout
