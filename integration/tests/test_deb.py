@@ -71,6 +71,10 @@ def test_contents(deb: Path) -> None:
         "/usr/share/man/man8/hvcproxyd.8.gz", "/usr/share/man/man1/hvcproxyd-reftee.1.gz",
     ]
     wanted += [f"/usr/share/man/man{s}/hvcproxyd-{n}.{s}.gz" for n, s in subcommands().items()]
+    # Everything under docs/, every drop-in and every example config but the template (in /etc).
+    wanted += [f"{doc}/{p.relative_to(REPO / 'docs')}" for p in (REPO / "docs").rglob("*") if p.is_file()]
+    wanted += [f"{doc}/examples/{p.name}" for p in (REPO / "systemd").glob("*.conf")]
+    wanted += [f"{doc}/examples/{p.name}" for p in (REPO / "config").glob("*.yaml") if p.name != "vm-template.yaml"]
     missing = [p for p in wanted if p not in files]
     assert not missing, f"not in the package: {missing}"
     for launcher in ("/usr/bin/hvcproxyd", "/usr/bin/hvcproxyd-reftee"):
