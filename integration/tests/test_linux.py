@@ -7,6 +7,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from qemu_harness import Daemon, Qemu
 
 LINUX_BOOT_TIMEOUT = 240
@@ -15,11 +16,12 @@ StartQemu = Callable[..., Qemu]
 StartDaemon = Callable[..., Daemon]
 
 
-def _boot(start_qemu: StartQemu, linux_guest: Path, daemon: Daemon, cmdline: str = "") -> Qemu:
+def _boot(start_qemu: StartQemu, linux_guest: Path, daemon: Daemon, cmdline: str = "",
+          machine: str = "virt") -> Qemu:
     return start_qemu(
         "-kernel", str(linux_guest / "vmlinuz"), "-initrd", str(linux_guest / "initramfs.cpio.gz"),
         "-append", f"console=ttyAMA0 rdinit=/init panic=-1 {cmdline}".strip(),
-        forwarder=daemon.socket, smp=4, memory="512M")
+        forwarder=daemon.socket, smp=4, memory="512M", machine=machine)
 
 
 def _assert_boot_ok(out: str) -> None:
@@ -43,6 +45,23 @@ def test_linux_smp_hotplug_and_poweroff(start_daemon: StartDaemon, start_qemu: S
     log = daemon.log.lower()
     for fid in (0xC4000003, 0x84000002, 0x84000008):  # CPU_ON, CPU_OFF, SYSTEM_OFF
         assert f"{fid:#010x}" in log, f"no {fid:#010x} in the daemon log:\n{daemon.log[-4000:]}"
+
+
+@pytest.mark.parametrize("mode", ["nvhe", "protected"])
+def test_linux_at_el2_brings_its_secondaries_up_at_el2(start_daemon: StartDaemon, start_qemu: StartQemu,
+                                                      linux_guest: Path, mode: str) -> None:
+    """With EL2 (virtualization=on) an nVHE or protected-mode (pKVM) Linux calls
+    CPU_ON from EL1 and needs its secondaries at EL2, where QEMU's own PSCI and
+    TF-A start them: through hvcproxyd all four come online."""
+    daemon = start_daemon()
+    q = _boot(start_qemu, linux_guest, daemon, f"kvm-arm.mode={mode} hvctest=poweroff",
+              machine="virt,virtualization=on")
+    rc = q.wait(LINUX_BOOT_TIMEOUT)
+    out = q.output()
+    assert rc == 0, f"QEMU exited with {rc}:\n{out[-6000:]}"
+    assert "CPU: All CPU(s) started at EL2" in out, out[-6000:]
+    assert "HVCTEST: online=0-3" in out, out[-6000:]
+    assert "0xc4000003" in daemon.log.lower(), daemon.log[-3000:]  # the CPU_ONs were the daemon's
 
 
 def test_linux_reboot_resets_vm(start_daemon: StartDaemon, start_qemu: StartQemu, linux_guest: Path) -> None:
