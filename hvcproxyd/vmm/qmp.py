@@ -49,6 +49,18 @@ def _aio(fn: Callable[..., Any]) -> Callable[..., Any]:
     return trio_asyncio.aio_as_trio(fn)  # type: ignore[no-any-return]
 
 
+class _QuietWhileConnecting(logging.Filter):
+    """qemu.qmp logs every refused connect at ERROR (and its traceback at DEBUG).
+    While the watcher retries, its own warning, once, says what an operator needs."""
+
+    def __init__(self, watcher: QmpWatcher) -> None:
+        super().__init__()
+        self.watcher = watcher
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.watcher.state is not QmpState.CONNECTING
+
+
 class QmpWatcher:
     """Keeps a QMP connection to one VM's QEMU for as long as the daemon runs.
 
@@ -65,13 +77,20 @@ class QmpWatcher:
         self.events_seen = 0
         self._client: QMPClient | None = None
         self._connected = trio.Event()
+        quiet = _QuietWhileConnecting(self)
+        for part in ("protocol", "qmp_client"):  # the library's per-client loggers
+            logging.getLogger(f"qemu.qmp.{part}.{self.client_name}").addFilter(quiet)
+
+    @property
+    def client_name(self) -> str:
+        return f"hvcproxyd-{self.vm_name}"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
         warned = False
         while True:
             self.state = QmpState.CONNECTING
-            client = QMPClient(f"hvcproxyd-{self.vm_name}")
+            client = QMPClient(self.client_name)
             try:
                 await _aio(client.connect)(self.path)
             except (QMPError, OSError) as err:

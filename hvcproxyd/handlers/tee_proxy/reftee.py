@@ -351,9 +351,12 @@ class RefTee:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="hvcproxyd-reftee", description="the reference TEE for hvcproxyd's "
                                      "tee-proxy handler, on a UNIX socket")
-    parser.add_argument("socket")
-    parser.add_argument("--threads", type=int, default=4)
+    parser.add_argument("socket", help="the UNIX socket to listen on: a tee-proxy handler's `socket` option")
+    parser.add_argument("--threads", type=int, default=4,
+                        help="TEE threads, i.e. how many calls may be in progress at once (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be 1 or more, not {args.threads}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     log.info("reference TEE on %s (%d threads) at %s", args.socket, args.threads, time.strftime("%H:%M:%S"))
     try:
