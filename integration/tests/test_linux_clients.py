@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -129,17 +131,43 @@ def _assert_boot_shares(out: str, pages: set[int]) -> set[int]:
     return atomic
 
 
-def test_pkvm_guest_shares_its_dma_pool(qemu_bin: Path, client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
-                                        start_qemu: StartQemu, workdir: Path) -> None:
+@dataclass
+class BootedGuest:
+    daemon: Daemon
+    ms_sock: Path
+    watcher: Watcher
+    q: Qemu
+    con: Console
+    pool: RestrictedPool
+    disk: Path
+    md5: str
+
+
+@contextmanager
+def _booted_with_a_watcher(qemu_bin: Path, kernel: Path, start_daemon: StartDaemon, start_qemu: StartQemu,
+                           workdir: Path) -> Iterator[BootedGuest]:
+    """The memshare daemon, a subscriber that has its first snapshot, and the client
+    kernel booted to its prompt with the restricted DMA pool and a virtio disk; the
+    subscriber is stopped on the way out, whatever the test did."""
     daemon, ms_sock = _start(start_daemon, workdir)
     watcher = Watcher(ms_sock, workdir / "watch.log")
     try:
         watcher.wait_for(lambda r: r and r[0]["type"] == "snapshot", 20, "snapshot")
         dtb, pool = _pool_dtb(qemu_bin, workdir)
         disk, md5 = _disk(workdir)
-        q = _boot(start_qemu, client_kernel, daemon, dtb, disk)
+        q = _boot(start_qemu, kernel, daemon, dtb, disk)
         con = Console(q)
         con.wait(r"^HVCTEST: ready", BOOT_TIMEOUT)
+        yield BootedGuest(daemon, ms_sock, watcher, q, con, pool, disk, md5)
+    finally:
+        watcher.stop()
+
+
+def test_pkvm_guest_shares_its_dma_pool(qemu_bin: Path, client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
+                                        start_qemu: StartQemu, workdir: Path) -> None:
+    with _booted_with_a_watcher(qemu_bin, client_kernel, start_daemon, start_qemu, workdir) as g:
+        daemon, ms_sock, watcher, q, con = g.daemon, g.ms_sock, g.watcher, g.q, g.con
+        pool, disk, md5 = g.pool, g.disk, g.md5
         out = q.output()
         _assert_probe(out)
         assert re.search(r"virtio_blk virtio0: .*\[vda\] 2048 512-byte logical blocks", out), out
@@ -207,8 +235,6 @@ def test_pkvm_guest_shares_its_dma_pool(qemu_bin: Path, client_kernel: Path, sta
 
         assert q.wait(60) == 0, q.output()[-3000:]
         assert disk.read_bytes().startswith(b"HVCPROXYD-LINUX-WAS-HERE")
-    finally:
-        watcher.stop()
     daemon_log = daemon.log.lower()
     for fid in (0x8600FF01, 0x86000000, 0xC6000002, 0xC6000003, 0xC6000004):  # UID, FEATURES, MEMINFO, SHARE, UNSHARE
         assert f"{fid:#010x}" in daemon_log, f"no {fid:#010x} in the daemon log:\n{daemon.log[-3000:]}"
@@ -217,15 +243,8 @@ def test_pkvm_guest_shares_its_dma_pool(qemu_bin: Path, client_kernel: Path, sta
 def test_pkvm_guest_reboot_empties_the_ledger(qemu_bin: Path, client_kernel: Path,  # noqa: F811
                                               start_daemon: StartDaemon, start_qemu: StartQemu,
                                               workdir: Path) -> None:
-    daemon, ms_sock = _start(start_daemon, workdir)
-    watcher = Watcher(ms_sock, workdir / "watch.log")
-    try:
-        watcher.wait_for(lambda r: r and r[0]["type"] == "snapshot", 20, "snapshot")
-        dtb, _ = _pool_dtb(qemu_bin, workdir)
-        disk, _ = _disk(workdir)
-        q = _boot(start_qemu, client_kernel, daemon, dtb, disk)
-        con = Console(q)
-        con.wait(r"^HVCTEST: ready", BOOT_TIMEOUT)
+    with _booted_with_a_watcher(qemu_bin, client_kernel, start_daemon, start_qemu, workdir) as g:
+        daemon, ms_sock, watcher, q, con = g.daemon, g.ms_sock, g.watcher, g.q, g.con
         boot_pages = _ledger_pages(ms_sock)
         _assert_boot_shares(q.output(), boot_pages)
         con.run("insmod")
@@ -259,8 +278,6 @@ def test_pkvm_guest_reboot_empties_the_ledger(qemu_bin: Path, client_kernel: Pat
         assert snap["counters"]["resets"] >= 1, snap
         q.send("poweroff\n")
         assert q.wait(60) == 0
-    finally:
-        watcher.stop()
 
 
 def test_pkvm_guest_mmio_guard(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
