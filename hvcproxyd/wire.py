@@ -107,6 +107,8 @@ class EffectKind(enum.IntEnum):
     SYSTEM_RESET = 4
     SYSTEM_SUSPEND = 5
     CPU_SUSPEND = 6
+    #: Wait for a wake-up event, then return with the reply's registers (protocol §3.5).
+    CPU_STANDBY = 7
 
 
 class EventKind(enum.IntEnum):

@@ -428,16 +428,18 @@ EXT_POWERDOWN = 1 << 30
 
 @pytest.mark.parametrize("fid", [CPU_SUSPEND, CPU_SUSPEND64])
 @pytest.mark.parametrize("mode", ["standby-only", "full"])
-def test_cpu_suspend_standby_returns_success(fid: int, mode: str) -> None:
+def test_cpu_suspend_standby_waits_in_the_vmm(fid: int, mode: str) -> None:
     h = handler(PsciOptions(cpu_suspend=mode))  # type: ignore[arg-type]
     for state in (0, 0x1234, 0x0300_0000 | 0x42):  # StateIDs and power levels 0..3, StateType standby
-        result = call(h, fid, state, 0, 0)  # entry and context are ignored for standby
-        assert x0(result) == SUCCESS and not result.effects
+        result = call(h, fid, state, 0, 0, vcpu=0)  # entry and context are ignored for standby
+        assert x0(result) == SUCCESS
+        assert result.effects == (Effect(EffectKind.CPU_STANDBY, 0),)  # the VMM waits for an interrupt
 
 
 def test_cpu_suspend_powerdown_standby_only_is_wfi() -> None:
     result = call(handler(), CPU_SUSPEND64, ORIG_POWERDOWN | 0x0100_0000, 0, 0)
-    assert x0(result) == SUCCESS and not result.effects  # as KVM: no entry check, registers kept
+    assert x0(result) == SUCCESS  # as KVM: no entry check, registers kept
+    assert result.effects == (Effect(EffectKind.CPU_STANDBY, 0),)
 
 
 def test_cpu_suspend_powerdown_full() -> None:
@@ -472,7 +474,8 @@ def test_cpu_suspend_reserved_bits(fmt: str, state: int, mode: str) -> None:
 def test_cpu_suspend_extended_format() -> None:
     h = handler(PsciOptions(cpu_suspend="full", power_state_format="extended"))
     standby = call(h, CPU_SUSPEND, ORIG_POWERDOWN | 0x0FFF_FFFF & ~ORIG_POWERDOWN, ENTRY, 0)
-    assert x0(standby) == SUCCESS and not standby.effects  # bit 16 is StateID here
+    assert x0(standby) == SUCCESS  # bit 16 is StateID here
+    assert standby.effects == (Effect(EffectKind.CPU_STANDBY, 0),)
     assert x0(call(h, CPU_SUSPEND, 0x0FFF_FFFF, ENTRY, 0)) == SUCCESS
     down = call(h, CPU_SUSPEND, EXT_POWERDOWN | 0x0ABC_DEF0, ENTRY, 3)
     assert down.effects == (Effect(EffectKind.CPU_SUSPEND, 0, ENTRY, 3),)
@@ -862,9 +865,9 @@ class PsciStateMachine(RuleBasedStateMachine):
             if not fails:
                 self.vmm.running.discard(caller)
             self.h.effect_done(effect, -16 if fails else 0)
-        elif kind in (EffectKind.CPU_SUSPEND, EffectKind.SYSTEM_SUSPEND):
+        elif kind in (EffectKind.CPU_SUSPEND, EffectKind.SYSTEM_SUSPEND, EffectKind.CPU_STANDBY):
             assert effect.vcpu == caller
-            self.h.effect_done(effect, 0)  # woken at once; resumes at its entry point
+            self.h.effect_done(effect, 0)  # woken at once (a standby returns, the others resume at entry)
         elif kind is EffectKind.SYSTEM_OFF:
             self.vmm.stopped = True
         elif kind is EffectKind.SYSTEM_RESET:

@@ -204,10 +204,10 @@ class PsciHandler(Handler):
         if power_state & ~valid:
             return _ret(Ret.INVALID_PARAMETERS)  # reserved bits set (§5.4.2)
         if not powerdown or self.options.cpu_suspend == "standby-only":
-            # Standby returns on any wake-up event, and an implementation may serve a
+            # Standby returns on a wake-up event, and an implementation may serve a
             # powerdown request with a shallower state (§5.4.2); KVM does both as a WFI.
-            # With no interrupt model here the wake-up is immediate: a spurious one.
-            return _ret(Ret.SUCCESS)
+            # The VMM does the waiting: it has the interrupts.
+            return _ret(Ret.SUCCESS, effects=(Effect(EffectKind.CPU_STANDBY, call.vcpu),))
         if not self._in_ram(entry, call.aarch32):
             return _ret(Ret.INVALID_ADDRESS)
         # x0 stays SUCCESS: what a caller woken early, before the state is entered, reads.

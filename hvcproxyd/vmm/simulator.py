@@ -338,6 +338,8 @@ class Simulator:
             cpu.powered_on = False
             await self._confirm(reply.seq, index)
             raise PoweredOff(cpu.index)
+        elif e.kind is kind.CPU_STANDBY:
+            await self._confirm(reply.seq, index)  # no interrupt model: a spurious wake-up, at once
         elif e.kind in (kind.CPU_SUSPEND, kind.SYSTEM_SUSPEND):
             # Wake at once (no interrupt model): resume at the entry point with the context.
             await self._confirm(reply.seq, index)

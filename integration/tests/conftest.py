@@ -21,3 +21,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if HERE in item.path.parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(params=[False, True], ids=["socket", "line"])
+def line(request: pytest.FixtureRequest) -> bool:
+    """Whether a serial line (a pty and the line adapter) stands between QEMU and the handler."""
+    return bool(request.param)

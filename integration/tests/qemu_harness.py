@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -131,6 +132,8 @@ class Qemu:
     err_path: Path  # QEMU's own messages (stderr)
     qmp_path: Path  # its QMP socket (server=on, wait=off)
     argv: list[str] = field(default_factory=list)
+    #: line=True: integration/nested/line_adapter.py, joining QEMU's pty to the handler's socket.
+    adapter: subprocess.Popen[bytes] | None = None
 
     def wait_qmp(self, timeout: float = 30.0) -> Path:
         """The QMP socket, once QEMU listens on it."""
@@ -185,6 +188,23 @@ class Qemu:
 
     def stop(self) -> None:
         _stop(self.proc)
+        if self.adapter is not None:
+            _stop(self.adapter)
+
+
+def _start_line_adapter(pty: Path, handler_socket: Path, log_path: Path) -> subprocess.Popen[bytes]:
+    """The line adapter, with a pty whose other end (`pty` links to it) is the forwarder's chardev."""
+    argv = [sys.executable, str(INTEGRATION / "nested" / "line_adapter.py"), "--pty", str(pty),
+            "--daemon", str(handler_socket)]
+    with log_path.open("wb") as log:
+        adapter = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+
+    def linked() -> bool:
+        if adapter.poll() is not None:
+            pytest.fail(f"the line adapter exited ({adapter.returncode}):\n{log_path.read_text()[-3000:]}")
+        return pty.is_symlink()
+    poll(linked, f"the line adapter's pty {pty}", timeout=30, log=log_path)
+    return adapter
 
 
 @pytest.fixture
@@ -192,20 +212,28 @@ def start_qemu(qemu_bin: Path, workdir: Path) -> Iterator[Callable[..., Qemu]]:
     """Start qemu-system-aarch64 with the guest's serial port on stdio, logged to a file.
 
     `forwarder` names the hvcproxyd socket to connect with an hvc-forwarder object;
-    None runs QEMU without one (stock behaviour).  The n-th QEMU of a test listens
-    for QMP on workdir/qmp<n>.sock (Qemu.qmp_path).
+    None runs QEMU without one (stock behaviour).  line=True puts a serial line
+    between them instead of a socket, as the nested-KVM tier has (protocol §1,
+    "Serial lines"): the forwarder's chardev is a pty, and the line adapter joins
+    it to the socket.  The n-th QEMU of a test listens for QMP on
+    workdir/qmp<n>.sock (Qemu.qmp_path).
     """
     started: list[Qemu] = []
 
     def start(*args: str, forwarder: Path | None = None, machine: str = "virt", smp: int = 1,
-              cpu: str = "max", memory: str = "256M", forwarder_opts: str = ",vm-name=guests") -> Qemu:
+              cpu: str = "max", memory: str = "256M", forwarder_opts: str = ",vm-name=guests",
+              line: bool = False) -> Qemu:
         qmp = workdir / f"qmp{len(started)}.sock"
         argv = [str(qemu_bin), "-M", machine, "-cpu", cpu, "-smp", str(smp), "-m", memory,
                 "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
                 "-serial", "stdio", "-nic", "none", "-qmp", f"unix:{qmp},server=on,wait=off"]
+        adapter = None
         if forwarder is not None:
-            argv += ["-chardev", f"socket,id=hvc0,path={forwarder},reconnect-ms=200",
-                     "-object", f"hvc-forwarder,id=hf0,chardev=hvc0{forwarder_opts}"]
+            pty = workdir / f"line{len(started)}.pty"
+            if line:
+                adapter = _start_line_adapter(pty, forwarder, workdir / f"adapter{len(started)}.log")
+            chardev = f"serial,id=hvc0,path={pty}" if line else f"socket,id=hvc0,path={forwarder},reconnect-ms=200"
+            argv += ["-chardev", chardev, "-object", f"hvc-forwarder,id=hf0,chardev=hvc0{forwarder_opts}"]
         argv += list(args)
         log_path = workdir / f"qemu{len(started)}.log"
         err_path = workdir / f"qemu{len(started)}.err"
@@ -213,6 +241,7 @@ def start_qemu(qemu_bin: Path, workdir: Path) -> Iterator[Callable[..., Qemu]]:
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=log, stderr=err, start_new_session=True)
         q = Qemu(proc, log_path, err_path, qmp, argv)
         started.append(q)
+        q.adapter = adapter
         return q
 
     yield start

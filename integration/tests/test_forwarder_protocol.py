@@ -108,8 +108,8 @@ def elf_first_segment(path: Path, n: int) -> bytes:
 
 
 def test_handshake_registers_and_guest_memory(start_qemu: StartQemu, guests: Path,
-                                              handler: ScriptedHandler) -> None:
-    q = run_calls_guest(start_qemu, guests, handler, smp=2, forwarder_opts=",vm-name=scripted-vm")
+                                              handler: ScriptedHandler, line: bool) -> None:
+    q = run_calls_guest(start_qemu, guests, handler, smp=2, forwarder_opts=",vm-name=scripted-vm", line=line)
     s = handler.accept()
     hello = s.handshake(RANGES)
     assert hello.name == "scripted-vm"
@@ -179,8 +179,8 @@ def test_memfd_ram_is_passed_as_fd(start_qemu: StartQemu, guests: Path, handler:
 
 
 def test_call_in_flight_is_replayed_after_reconnect(start_qemu: StartQemu, guests: Path,
-                                                    handler: ScriptedHandler) -> None:
-    q = run_calls_guest(start_qemu, guests, handler)
+                                                    handler: ScriptedHandler, line: bool) -> None:
+    q = run_calls_guest(start_qemu, guests, handler, line=line)
     s = handler.accept()
     s.handshake(RANGES)
     answer(s, expect_call(s, PSCI_VERSION))
@@ -205,8 +205,8 @@ def test_call_in_flight_is_replayed_after_reconnect(start_qemu: StartQemu, guest
 
 
 def test_changed_filter_on_reconnect_is_refused(start_qemu: StartQemu, guests: Path,
-                                                handler: ScriptedHandler) -> None:
-    q = run_calls_guest(start_qemu, guests, handler)
+                                                handler: ScriptedHandler, line: bool) -> None:
+    q = run_calls_guest(start_qemu, guests, handler, line=line)
     s = handler.accept()
     s.handshake(RANGES)
     c = expect_call(s, PSCI_VERSION)
@@ -246,8 +246,8 @@ def test_call_timeout_gives_not_supported(start_qemu: StartQemu, guests: Path,
     assert re.search(r"call 0xc2000001 from vCPU 0 timed out after 300 ms", q.messages()), q.messages()
 
 
-def test_refused_vm_stops_qemu(start_qemu: StartQemu, guests: Path, handler: ScriptedHandler) -> None:
-    q = run_calls_guest(start_qemu, guests, handler)
+def test_refused_vm_stops_qemu(start_qemu: StartQemu, guests: Path, handler: ScriptedHandler, line: bool) -> None:
+    q = run_calls_guest(start_qemu, guests, handler, line=line)
     s = handler.accept()
     s.expect(wire.Hello)
     s.send(wire.Error(wire.ErrorCode.REFUSED, "not this VM"))

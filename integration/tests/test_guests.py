@@ -60,9 +60,9 @@ def _assert_daemon_saw(daemon: Daemon, *func_ids: int) -> None:
         assert f"{fid:#010x}" in log, f"daemon log has no call {fid:#010x}:\n{daemon.log[-4000:]}"
 
 
-def test_hvc_from_el1_forwarded(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path) -> None:
+def test_hvc_from_el1_forwarded(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path, line: bool) -> None:
     daemon = start_daemon()
-    q = start_qemu("-kernel", str(guests / "calls-hvc.elf"), forwarder=daemon.socket)
+    q = start_qemu("-kernel", str(guests / "calls-hvc.elf"), forwarder=daemon.socket, line=line)
     out = _run_to_exit(q)
     _assert_forwarded_transcript(out, el=1, conduit="hvc")
     daemon.wait_log(r"VMM attached")
@@ -83,9 +83,10 @@ def test_smc_from_el2_forwarded(start_daemon: StartDaemon, start_qemu: StartQemu
     _assert_daemon_saw(daemon, 0x84000000, 0xC2000001, 0x84000008)
 
 
-def test_smp_cpu_on_off_via_daemon(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path) -> None:
+def test_smp_cpu_on_off_via_daemon(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path,
+                                   line: bool) -> None:
     daemon = start_daemon()
-    q = start_qemu("-kernel", str(guests / "smp.elf"), forwarder=daemon.socket, smp=4)
+    q = start_qemu("-kernel", str(guests / "smp.elf"), forwarder=daemon.socket, smp=4, line=line)
     out = _run_to_exit(q)
     for n in (1, 2, 3):
         assert re.search(rf"^SECONDARY mpidr=0x0*8000000{n} context=0x0*c0de000{n} el=0x0*1\s*$", out,
