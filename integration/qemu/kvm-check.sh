@@ -33,7 +33,7 @@ mkdir -p "$asm/asm"
 cp -r /usr/aarch64-linux-gnu/include/asm/. "$asm/asm/"
 cp -r "$src/linux-headers/asm-arm64/." "$asm/asm/"
 
-log "checking target/arm/kvm.c and hw/arm/hvc-forwarder.c with CONFIG_KVM"
+log "checking target/arm/kvm.c, arm-powerctl.c and hw/arm/hvc-forwarder.c with CONFIG_KVM"
 python3 - "$build" "$asm" "$src" <<'EOF'
 import json, shlex, subprocess, sys
 build, asm, src = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -52,7 +52,7 @@ for a in shlex.split(ref["command"]):
     argv.append(a)
 argv = [argv[0], "-isystem", asm, *argv[1:], "-DCONFIG_KVM=1", "-fsyntax-only", "-Werror"]
 rc = 0
-for f in ("target/arm/kvm.c", "hw/arm/hvc-forwarder.c"):
+for f in ("target/arm/kvm.c", "target/arm/arm-powerctl.c", "hw/arm/hvc-forwarder.c"):
     r = subprocess.run(argv + [f"{src}/{f}"], cwd=build, capture_output=True, text=True)
     print(f"[kvm-check] {f}: {'OK' if r.returncode == 0 else 'FAILED'}", file=sys.stderr)
     if r.returncode:

@@ -15,3 +15,4 @@ def test_kvm_code_compiles(qemu_bin: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-6000:]
     assert "target/arm/kvm.c: OK" in proc.stderr
     assert "hw/arm/hvc-forwarder.c: OK" in proc.stderr
+    assert "target/arm/arm-powerctl.c: OK" in proc.stderr
