@@ -396,6 +396,7 @@ main() {
     out="$ROOT/$key"
     if [ "$FORCE" = no ] && [ -f "$out/done" ] && [ -x "$out/bin/qemu-system-aarch64" ]; then
         log "up to date: $out (key $key)"
+        ln -sfn "$key" "$ROOT/current"
         printf '%s\n' "$out"
         return
     fi
