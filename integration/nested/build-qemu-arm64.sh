@@ -6,9 +6,10 @@
 #   qemu-system-aarch64 -M virt -accel kvm -cpu host -nographic -nic none \
 #       -kernel X -initrd Y -serial mon:stdio -chardev serial,id=c,path=/dev/ttyAMA1 ...
 #
-# Same source and patches as ../qemu/build.sh: Debian's orig tarball (size
-# and sha256 pinned in ../lib.sh), ../qemu/patches/*.patch applied with git
-# am onto a git repository of the tarball.  The arm64 libraries (glib,
+# Same source and patches as ../qemu/build.sh, with the same steps
+# (../qemu/source.sh): Debian's orig tarball (size and sha256 pinned in
+# ../lib.sh), ../qemu/patches/*.patch applied with git am onto a git
+# repository of the tarball.  The arm64 libraries (glib,
 # pcre2, zlib, libfdt) come from Debian arm64 -dev packages fetched with
 # "apt-get download" through the private apt configuration (../lib.sh) and
 # unpacked with "dpkg-deb -x" into a sysroot: dpkg's state is left alone.
@@ -19,7 +20,8 @@
 # Cache, under ${HVCPROXYD_CACHE:-~/.cache/hvcproxyd}/nested/qemu-arm64/:
 #   <key>/bin/qemu-system-aarch64  the static binary; key = hash(tarball,
 #                                  configure flags, device config, arm64
-#                                  packages, meson, this script, every patch)
+#                                  packages, meson, this script,
+#                                  ../qemu/source.sh, every patch)
 #   current -> <key>               the last build
 #   work/{src,build,sysroot}       source tree (git: "base" + the patches),
 #                                  build directory and sysroot, kept for
@@ -104,125 +106,16 @@ CONFIGURE_FLAGS=(
     --disable-download
 )
 
-GIT_ID=(-c user.name=hvcproxyd-build -c user.email=hvcproxyd-build@localhost
-        -c commit.gpgsign=false -c core.autocrlf=false)
-
-patch_files() {
-    find "$QEMU_DIR/patches" -maxdepth 1 -name '*.patch' | LC_ALL=C sort
-}
+# shellcheck source=../qemu/source.sh
+source "$QEMU_DIR/source.sh"
 
 # Bump when prepare_source(), the sysroot or the build layout changes.
 TREE_FORMAT=1
 
-# What the source tree, sysroot and build directory depend on.
-base_key() {
-    {
-        echo "tarball $QEMU_TARBALL_SHA256"
-        echo "configure ${CONFIGURE_FLAGS[*]}"
-        echo "devices $DEVICES_MAK"
-        echo "packages ${SYSROOT_PACKAGES[*]}"
-        echo "meson $MESON_VERSION"
-        echo "tree format $TREE_FORMAT"
-    } | sha256sum | cut -c1-16
-}
-
-# What one binary depends on.
-build_key() {
-    {
-        echo "base $1"
-        echo "script $(sha256_of "$SELF")"
-        local p
-        while read -r p; do
-            [ -n "$p" ] && echo "patch $(basename "$p") $(sha256_of "$p")"
-        done < <(patch_files)
-    } | sha256sum | cut -c1-16
-}
-
-# --- source tarball, source tree, patches (as in ../qemu/build.sh) ---
-
-tarball_ok() {
-    [ -f "$1" ] &&
-    [ "$(stat -c %s "$1")" = "$QEMU_TARBALL_SIZE" ] &&
-    [ "$(sha256_of "$1")" = "$QEMU_TARBALL_SHA256" ]
-}
-
-# Print the path of a verified tarball, fetching it if needed.  The
-# tarball is shared with ../qemu/build.sh ($HVC_CACHE/src); a fetched one
-# is moved into place whole.
-get_tarball() {
-    local dir="$HVC_CACHE/src" t
-    t="$dir/$QEMU_TARBALL"
-    mkdir -p "$dir"
-    if tarball_ok "$t"; then
-        printf '%s\n' "$t"
-        return
-    fi
-    log "fetching $QEMU_TARBALL with apt-get source (bookworm-backports)"
-    local tmp
-    tmp=$(mktemp -d "$dir/apt-source.XXXXXX")
-    if private_apt_update || [ -d "$PRIVATE_APT/lists" ]; then
-        ( cd "$tmp" && apt-get -q source --download-only qemu/bookworm-backports ) \
-            >"$tmp.log" 2>&1 || true
-    fi
-    if tarball_ok "$tmp/$QEMU_TARBALL"; then
-        mv "$tmp/$QEMU_TARBALL" "$t"
-    elif tarball_ok "$QEMU_TARBALL_FALLBACK"; then
-        log "the mirror did not deliver a verified tarball; using $QEMU_TARBALL_FALLBACK"
-        cp "$QEMU_TARBALL_FALLBACK" "$tmp/copy" && mv "$tmp/copy" "$t"
-    else
-        rm -rf "$tmp"
-        die "no verified $QEMU_TARBALL (sha256 $QEMU_TARBALL_SHA256): apt-get source failed (see $tmp.log) and the fallback $QEMU_TARBALL_FALLBACK is missing or differs"
-    fi
-    rm -rf "$tmp"
-    tarball_ok "$t" || die "$t does not match the pinned sha256"
-    printf '%s\n' "$t"
-}
-
-# Unpack the tarball into a git repository whose first commit is tagged "base".
-prepare_source() {
-    local tarball=$1 src=$2
-    log "extracting $(basename "$tarball")"
-    rm -rf "$src" "$src.tmp"
-    mkdir -p "$src.tmp"
-    tar -C "$src.tmp" --strip-components=1 --no-same-owner -xf "$tarball"
-    # Debian's +ds repack drops the prebuilt firmware; QEMU's build wants
-    # the EDK2 images when bzip2 exists: empty ones (see ../qemu/build.sh).
-    local f
-    for f in $(sed -n '/fds = \[/,/\]/p' "$src.tmp/pc-bios/meson.build" |
-               grep -o "'edk2-[^']*'" | tr -d "'"); do
-        [ -e "$src.tmp/pc-bios/$f.bz2" ] || bzip2 -c </dev/null >"$src.tmp/pc-bios/$f.bz2"
-    done
-    git "${GIT_ID[@]}" -C "$src.tmp" init -q
-    git "${GIT_ID[@]}" -C "$src.tmp" add -A
-    git "${GIT_ID[@]}" -C "$src.tmp" commit -q -m "QEMU $QEMU_VERSION (Debian $QEMU_TARBALL)"
-    git -C "$src.tmp" tag base
-    mv "$src.tmp" "$src"
-}
-
-# Check out base + the patches in $src, touching only files that change.
-checkout_patches() {
-    local src=$1 patches=() target am="$1.am"
-    mapfile -t patches < <(patch_files)
-    if [ ${#patches[@]} -eq 0 ]; then
-        log "no patches in $QEMU_DIR/patches: stock QEMU"
-        target=$(git -C "$src" rev-parse base)
-    else
-        log "applying ${#patches[@]} patch(es) with git am"
-        git -C "$src" worktree remove --force "$am" >/dev/null 2>&1 || rm -rf "$am"
-        git -C "$src" worktree prune
-        git -C "$src" worktree add -q --detach "$am" base
-        if ! git "${GIT_ID[@]}" -C "$am" am -q --whitespace=nowarn "${patches[@]}"; then
-            git -C "$am" am --show-current-patch=diff 2>/dev/null | head -20 >&2 || true
-            die "git am failed; the half-applied tree is in $am"
-        fi
-        target=$(git -C "$am" rev-parse HEAD)
-        git -C "$src" worktree remove --force "$am"
-    fi
-    git -C "$src" reset -q --hard
-    git -C "$src" checkout -q --detach "$target"
-    git -C "$src" log --oneline base..HEAD >&2
-    # The device configuration (untracked; rewritten only when it differs).
-    local mak="$src/configs/devices/aarch64-softmmu/$DEVICES.mak"
+# The device configuration in the source tree (untracked; rewritten only
+# when it differs).
+write_devices_mak() {
+    local mak="$1/configs/devices/aarch64-softmmu/$DEVICES.mak"
     if [ "$(cat "$mak" 2>/dev/null)" != "$DEVICES_MAK" ]; then
         printf '%s\n' "$DEVICES_MAK" > "$mak"
     fi
@@ -325,44 +218,9 @@ check_tools() {
 
 configure_and_build() {
     local src=$1 build=$2
-    if [ ! -f "$build/build.ninja" ]; then
-        log "configuring: ${CONFIGURE_FLAGS[*]}"
-        rm -rf "$build"
-        mkdir -p "$build"
-        ( cd "$build" && PKG_CONFIG="$WORK/pkg-config" "$src/configure" \
-              --python="$HVC_CACHE/meson-venv/bin/python3" "${CONFIGURE_FLAGS[@]}" ) \
-            >"$build.configure.log" 2>&1 || {
-            tail -30 "$build.configure.log" >&2
-            rm -f "$build/build.ninja"
-            die "configure failed (full log: $build.configure.log)"
-        }
-    fi
+    configure_qemu "$src" "$build" PKG_CONFIG="$WORK/pkg-config"
     log "building qemu-system-aarch64 with nice ninja -j2 (log: $build.ninja.log)"
-    local start=$SECONDS
-    if ! nice -n 5 ninja -C "$build" -j2 qemu-system-aarch64 2>&1 | tee "$build.ninja.log" |
-         awk '/^\[[0-9]+\/[0-9]+\]/ { split(substr($1, 2), a, "/");
-                                      if (a[1] % 100 == 0 || a[1] == a[2]) {
-                                          printf "[qemu-arm64]   %s\n", $1 > "/dev/stderr" } }
-              /error:|FAILED/ { print > "/dev/stderr" }'; then
-        die "build failed (log: $build.ninja.log)"
-    fi
-    log "ninja finished in $((SECONDS - start)) s"
-}
-
-# Keep the newest three builds.
-prune_old() {
-    local keep_key=$1 d n=0
-    while read -r d; do
-        case "$(basename "$d")" in
-        "$keep_key" | work | debs) continue ;;
-        esac
-        n=$((n + 1))
-        if [ $n -ge 3 ]; then
-            log "removing old build $d"
-            rm -rf "$d"
-        fi
-    done < <(find "$ROOT" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' |
-             sort -rn | cut -d' ' -f2-)
+    ninja_build "$build" 2 nice -n 5
 }
 
 install_output() {
@@ -391,8 +249,8 @@ install_output() {
 
 main() {
     local base key out
-    base=$(base_key)
-    key=$(build_key "$base")
+    base=$(base_key "devices $DEVICES_MAK" "packages ${SYSROOT_PACKAGES[*]}")
+    key=$(build_key "$base" "$SELF")
     out="$ROOT/$key"
     if [ "$FORCE" = no ] && [ -f "$out/done" ] && [ -x "$out/bin/qemu-system-aarch64" ]; then
         log "up to date: $out (key $key)"
@@ -421,12 +279,13 @@ main() {
         fi
         echo "$base" > "$WORK/base-key"
         checkout_patches "$WORK/src"
+        write_devices_mak "$WORK/src"
         configure_and_build "$WORK/src" "$WORK/build"
         install_output "$WORK/build" "$out"
         log "built $out/bin/qemu-system-aarch64 ($(du -h "$out/bin/qemu-system-aarch64" | cut -f1), static)"
     fi
     ln -sfn "$key" "$ROOT/current"
-    prune_old "$key"
+    prune_old "$ROOT" "$key"
     printf '%s\n' "$out"
 }
 
