@@ -2,7 +2,8 @@
  * Guest: power cycles on four CPUs (-smp 4, EL1, HVC conduit).
  *
  * The boot CPU powers the secondaries on and off CYCLES times, one at a
- * time and in turn (CPU 1, 2, 3, 1, ...): CPU_ON with a context ID unique
+ * time: CYCLES_SAME times CPU 1 (a CPU_ON right after the same CPU's
+ * CPU_OFF), then in turn (CPU 1, 2, 3, 1, ...): CPU_ON with a context ID unique
  * to the cycle, a wait until the secondary has stored that context ID
  * (it prints nothing, then calls CPU_OFF), and AFFINITY_INFO polled until
  * it reads OFF, before the next CPU_ON.  Every wait is bounded by the
@@ -27,6 +28,7 @@
 
 #define NCPUS		4
 #define CYCLES		120
+#define CYCLES_SAME	60	/* the first ones all on CPU 1, then in turn */
 #define MAX_FAILED	4
 #define WAIT_SECONDS	10
 #define CYCLE_CONTEXT	0xc9c10000	/* + the cycle number */
@@ -118,6 +120,8 @@ failed:
 
 next:
 	add	x19, x19, #1
+	cmp	x19, #CYCLES_SAME
+	b.lo	5f			/* the first CYCLES_SAME cycles: CPU 1 only */
 	add	x20, x20, #1
 	cmp	x20, #NCPUS
 	b.lo	5f

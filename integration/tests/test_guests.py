@@ -217,7 +217,8 @@ def _assert_power_cycles(out: str) -> None:
 
 def test_secondary_power_cycles(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path,
                                 line: bool) -> None:
-    """120 CPU_ON/CPU_OFF cycles of the secondaries in turn (-smp 4), each waited for with AFFINITY_INFO."""
+    """120 CPU_ON/CPU_OFF cycles (-smp 4), 60 of CPU 1 back to back, then of the secondaries in turn, each
+    waited for with AFFINITY_INFO before the next CPU_ON."""
     daemon = start_daemon()
     q = start_qemu("-kernel", str(guests / "cycles.elf"), forwarder=daemon.socket, smp=4, line=line)
     out = _run_to_exit(q)
