@@ -144,3 +144,89 @@ def test_qemu_waits_for_the_daemon_at_startup(start_daemon: StartDaemon, start_q
     out = _run_to_exit(q)
     _assert_forwarded_transcript(out, el=1, conduit="hvc")
     daemon.wait_log(r"VMM attached")
+
+
+STANDBY_RE = re.compile(r"^STANDBY name=(?P<name>\w+) x0=0x(?P<x0>[0-9a-f]+) waited=0x(?P<waited>[0-9a-f]+)"
+                        r" wanted=0x(?P<wanted>[0-9a-f]+) freq=0x(?P<freq>[0-9a-f]+)\s*$", re.MULTILINE)
+
+
+def _standby_calls(out: str) -> dict[str, tuple[int, int, int]]:
+    """standby.elf's STANDBY lines: name -> (x0, waited, wanted), in CNTVCT ticks."""
+    assert re.search(r"^GUEST standby conduit=hvc el=0x0*1 ", out, re.MULTILINE), out
+    assert "TIMEOUT" not in out and "EXCEPTION" not in out, out
+    assert "STANDBY DONE" in out and out.rstrip().endswith("SYSTEM_OFF"), out
+    found = {m["name"]: (int(m["x0"], 16), int(m["waited"], 16), int(m["wanted"], 16))
+             for m in STANDBY_RE.finditer(out)}
+    assert set(found) == {"timer", "powerdown", "pending"}, out
+    return found
+
+
+def _assert_standby_waited(out: str) -> None:
+    calls = _standby_calls(out)
+    for name in ("timer", "powerdown"):  # power-down is served as standby (standby-only; QEMU's own PSCI)
+        x0, waited, wanted = calls[name]
+        assert x0 == 0, out  # SUCCESS
+        # A lower bound only: a loaded machine may wait longer, never less.
+        assert wanted > 0 and waited >= wanted, f"{name}: CPU_SUSPEND returned before the timer fired:\n{out}"
+    # With an interrupt already pending (an SGI, I masked) the standby ends at once: it returned.
+    assert calls["pending"][0] == 0, out
+
+
+def _assert_daemon_log_clean(daemon: Daemon) -> None:
+    log = daemon.log
+    assert "Traceback" not in log, log[-4000:]
+    assert not re.search(r"\b(ERROR|CRITICAL)\b", log), log[-4000:]
+
+
+def test_cpu_suspend_standby_waits_for_the_timer(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path,
+                                                 line: bool) -> None:
+    """CPU_SUSPEND via hvcproxyd: SUCCESS and a CPU_STANDBY effect; QEMU keeps the caller in WFI until the
+    virtual timer's interrupt is pending (DAIF.I masked), as QEMU's own PSCI does."""
+    daemon = start_daemon()
+    q = start_qemu("-kernel", str(guests / "standby.elf"), forwarder=daemon.socket, machine="virt,gic-version=3",
+                   line=line)
+    out = _run_to_exit(q)
+    _assert_standby_waited(out)
+    _assert_daemon_saw(daemon, 0xC4000001, 0x84000008)
+    _assert_daemon_log_clean(daemon)
+
+
+def test_cpu_suspend_standby_waits_on_stock_qemu(start_qemu: StartQemu, guests: Path) -> None:
+    """The baseline: QEMU's own PSCI does a WFI for CPU_SUSPEND too."""
+    out = _run_to_exit(start_qemu("-kernel", str(guests / "standby.elf"), machine="virt,gic-version=3"))
+    _assert_standby_waited(out)
+
+
+CYCLES_RE = re.compile(r"^CYCLES done=0x(?P<done>[0-9a-f]+) failed=0x(?P<failed>[0-9a-f]+)"
+                       r" cycles=0x(?P<cycles>[0-9a-f]+)\s*$", re.MULTILINE)
+
+
+def _assert_power_cycles(out: str) -> None:
+    assert re.search(r"^GUEST cycles conduit=hvc el=0x0*1 ", out, re.MULTILINE), out
+    m = CYCLES_RE.search(out)
+    assert m, out
+    assert "CYCLE_FAIL" not in out and int(m["failed"], 16) == 0, out
+    assert int(m["done"], 16) >= 100 and int(m["done"], 16) == int(m["cycles"], 16), out
+    for n in (1, 2, 3):
+        assert re.search(rf"^SECONDARY mpidr=0x0*8000000{n} context=0x0*f1a1000{n} el=0x0*1\s*$", out,
+                         re.MULTILINE), out
+        assert re.search(rf"^FINAL_OFF target=0x0*{n} x0=0x0*1\s*$", out, re.MULTILINE), out  # OFF
+    assert "FINAL_FAIL" not in out and "EXCEPTION" not in out, out
+    assert "CYCLES DONE" in out and out.rstrip().endswith("SYSTEM_OFF"), out
+
+
+def test_secondary_power_cycles(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path,
+                                line: bool) -> None:
+    """120 CPU_ON/CPU_OFF cycles (-smp 4), 60 of CPU 1 back to back, then of the secondaries in turn, each
+    waited for with AFFINITY_INFO before the next CPU_ON."""
+    daemon = start_daemon()
+    q = start_qemu("-kernel", str(guests / "cycles.elf"), forwarder=daemon.socket, smp=4, line=line)
+    out = _run_to_exit(q)
+    _assert_power_cycles(out)
+    _assert_daemon_saw(daemon, 0xC4000003, 0xC4000004, 0x84000002, 0x84000008)
+    _assert_daemon_log_clean(daemon)
+
+
+def test_secondary_power_cycles_on_stock_qemu(start_qemu: StartQemu, guests: Path) -> None:
+    """The baseline: the same guest through QEMU's own PSCI."""
+    _assert_power_cycles(_run_to_exit(start_qemu("-kernel", str(guests / "cycles.elf"), smp=4)))
