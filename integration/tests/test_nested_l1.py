@@ -1,0 +1,122 @@
+"""L1, the emulated arm64 KVM host (integration/nested/): Debian's arm64 kernel at
+EL2 under TCG in the patched QEMU, with KVM in VHE mode, /dev/kvm and the second
+UART (ttyAMA1) that hvcproxyd's line will use.
+
+One L1 boot serves the module.  With the arm64 QEMU bundle (HVCIT_QEMU_ARM64=DIR,
+or the output of integration/nested/build-qemu-arm64.sh when that script exists),
+L1 also runs that QEMU and a bare-metal L2 guest under KVM; without it those two
+tests are skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from nested import NESTED, L1Host, build_l1
+
+BOOT_TIMEOUT = 600.0
+L2_TIMEOUT = 300.0
+
+
+def _qemu_bundle() -> Path | None:
+    """The arm64 QEMU bundle: $HVCIT_QEMU_ARM64, else build-qemu-arm64.sh's output
+    (it prints its directory; run only when the script exists)."""
+    if env := os.environ.get("HVCIT_QEMU_ARM64"):
+        return Path(env)
+    script = NESTED / "build-qemu-arm64.sh"
+    if not script.exists():
+        return None
+    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=90 * 60, stdin=subprocess.DEVNULL)
+    if proc.returncode != 0:
+        pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    lines = proc.stdout.strip().splitlines()
+    return Path(lines[-1]) if lines else None
+
+
+@pytest.fixture(scope="module")
+def l1_dir() -> Iterator[Path]:
+    """The module's work and log directory (HVCIT_KEEP=1 keeps it)."""
+    d = Path(tempfile.mkdtemp(prefix="hvcit-l1-", dir="/tmp"))
+    yield d
+    if os.environ.get("HVCIT_KEEP"):
+        print(f"logs kept in {d}")
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def qemu_bundle() -> Path | None:
+    return _qemu_bundle()
+
+
+@pytest.fixture(scope="module")
+def l1(qemu_bin: Path, qemu_bundle: Path | None, l1_dir: Path) -> Iterator[L1Host]:
+    image = build_l1(qemu_bundle)
+    with L1Host(qemu_bin, image, l1_dir, boot_timeout=BOOT_TIMEOUT) as host:
+        yield host
+        # The console transcript for the test's log (shown with -rA or on failure).
+        print(f"--- L1 console ({host.log_path}) ---\n{host.console_log()[-8000:]}")
+
+
+def test_l1_kvm_vhe(l1: L1Host) -> None:
+    print(f"L0+L1 boot: {l1.boot_seconds:.1f}s\n" + (l1.workdir / "l1-report.txt").read_text())
+    assert "VHE mode initialized successfully" in l1.report["kvm_mode"], l1.report
+    assert l1.report["uname"].endswith("-arm64"), l1.report
+    assert l1.report["cpus"] == "2", l1.report
+    assert "started at EL2" in l1.report["current_el_hint"], l1.report
+
+
+def test_l1_dev_kvm(l1: L1Host) -> None:
+    assert l1.report["dev_kvm"] == "yes", l1.report
+    assert l1.check("test -c /dev/kvm && echo ok", timeout=30).strip() == "ok"
+
+
+def test_l1_second_uart(l1: L1Host) -> None:
+    # virt's second PL011 (0x9040000), raw for hvcproxyd's binary frames.
+    assert "ttyAMA1 9040000.pl011" in l1.report["tty_dev"], l1.report
+    stty = l1.check("stty -F /dev/ttyAMA1 -a", timeout=30)
+    for flag in ("-icanon", "-echo", "-opost", "-isig", "-ixon", "-crtscts"):
+        assert flag in stty.split(), stty
+    # No console or getty on it.
+    assert "ttyAMA1" not in l1.report["cmdline"], l1.report
+    assert l1.check("cat /proc/consoles", timeout=30).split()[0] == "ttyAMA0"
+
+
+def test_l1_run_status_and_output(l1: L1Host) -> None:
+    status, out = l1.run("echo one; echo two >&2; exit 3", timeout=30)
+    assert (status, out) == (3, "one\ntwo\n")
+
+
+def _need_bundle(l1: L1Host, bundle: Path | None) -> None:
+    if bundle is None or l1.report.get("qemu") != "yes":
+        pytest.skip("no arm64 QEMU bundle (integration/nested/build-qemu-arm64.sh absent; "
+                    "HVCIT_QEMU_ARM64=DIR names one)")
+
+
+def test_l1_qemu_version(l1: L1Host, qemu_bundle: Path | None) -> None:
+    _need_bundle(l1, qemu_bundle)
+    out = l1.check("/opt/qemu/bin/qemu-system-aarch64 --version", timeout=120)
+    assert "QEMU emulator version" in out, out
+
+
+def test_l2_bare_metal_under_kvm(l1: L1Host, qemu_bundle: Path | None) -> None:
+    """A bare-metal guest at EL1 under L1's KVM: its SMCCC calls and the closing PSCI
+    SYSTEM_OFF are answered by KVM itself (no forwarder)."""
+    _need_bundle(l1, qemu_bundle)
+    start = time.monotonic()
+    status, out = l1.run("timeout 240 /opt/qemu/bin/qemu-system-aarch64 -M virt -accel kvm -cpu host -m 128"
+                         " -nographic -nodefaults -serial stdio -monitor none -kernel /l2/guests/calls-hvc.elf",
+                         timeout=L2_TIMEOUT)
+    elapsed = time.monotonic() - start
+    print(f"L2 bare-metal run under KVM: {elapsed:.1f}s\n{out}")
+    (l1.workdir / "l2-calls-hvc.log").write_text(out)
+    assert status == 0, out
+    assert "GUEST calls conduit=hvc el=0x1" in out, out
+    assert out.rstrip().endswith("SYSTEM_OFF"), out
