@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import tempfile
 import time
@@ -57,9 +58,20 @@ def qemu_bundle() -> Path | None:
 
 
 @pytest.fixture(scope="module")
-def l1(qemu_bin: Path, qemu_bundle: Path | None, l1_dir: Path) -> Iterator[L1Host]:
+def line_server(l1_dir: Path) -> Iterator[socket.socket]:
+    """The host end of L1's ttyAMA1: a listening UNIX socket L0 connects to."""
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(l1_dir / "line.sock"))
+    srv.listen(1)
+    srv.settimeout(60)
+    with srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def l1(qemu_bin: Path, qemu_bundle: Path | None, l1_dir: Path, line_server: socket.socket) -> Iterator[L1Host]:
     image = build_l1(qemu_bundle)
-    with L1Host(qemu_bin, image, l1_dir, boot_timeout=BOOT_TIMEOUT) as host:
+    with L1Host(qemu_bin, image, l1_dir, line=l1_dir / "line.sock", boot_timeout=BOOT_TIMEOUT) as host:
         yield host
         # The console transcript for the test's log (shown with -rA or on failure).
         print(f"--- L1 console ({host.log_path}) ---\n{host.console_log()[-8000:]}")
@@ -87,6 +99,28 @@ def test_l1_second_uart(l1: L1Host) -> None:
     # No console or getty on it.
     assert "ttyAMA1" not in l1.report["cmdline"], l1.report
     assert l1.check("cat /proc/consoles", timeout=30).split()[0] == "ttyAMA0"
+
+
+def test_l1_line_is_binary_clean(l1: L1Host, line_server: socket.socket) -> None:
+    """Bytes cross ttyAMA1 <-> L0's second UART <-> the host socket unchanged, both ways
+    (NUL, 0xff, LF without CR, XON/XOFF, ^C)."""
+    conn, _ = line_server.accept()
+    with conn:
+        conn.settimeout(60)
+        payload = bytes([0x00, 0xFF, 0x0A, 0x0D, 0x11, 0x13, 0x03, 0x7F])
+        l1.check("printf '\\000\\377\\n\\r\\021\\023\\003\\177' > /dev/ttyAMA1", timeout=30)
+        got = b""
+        while len(got) < len(payload):
+            chunk = conn.recv(64)
+            assert chunk, f"line closed after {got!r}"
+            got += chunk
+        assert got == payload
+        # Host -> L1: a reader on ttyAMA1 first (bytes for a closed tty are dropped).
+        l1.check(f"(dd if=/dev/ttyAMA1 bs=1 count={len(payload)} 2>/dev/null | od -An -tx1 > /tmp/rx.tmp;"
+                 " mv /tmp/rx.tmp /tmp/rx) & sleep 1", timeout=30)
+        conn.sendall(payload)
+        out = l1.check("for i in $(seq 100); do [ -e /tmp/rx ] && break; sleep 0.2; done; cat /tmp/rx", timeout=60)
+        assert out.split() == [f"{b:02x}" for b in payload], out
 
 
 def test_l1_run_status_and_output(l1: L1Host) -> None:
