@@ -21,8 +21,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nested import NESTED, L1Host, build_l1
-from qemu_harness import parse_calls
+from nested import NESTED, L1Host, LineRelay, build_l1
+from qemu_harness import GUESTS_CONFIG, parse_calls
+
+from tests.process import DaemonProcess
 
 BOOT_TIMEOUT = 600.0
 L2_TIMEOUT = 300.0
@@ -159,3 +161,46 @@ def test_l2_bare_metal_under_kvm(l1: L1Host, qemu_bundle: Path | None) -> None:
     assert calls["PSCI_VERSION"][0] >= 0x10000, out  # KVM's in-kernel PSCI (1.x)
     assert calls["AFFINITY_INFO_SELF"][0] == 0, out  # ON
     assert out.rstrip().endswith("SYSTEM_OFF"), out
+
+
+#: Patch 0001's kvm_arm_set_smccc_filter() asks kvm_vm_check_attr() first, which is 0
+#: unless KVM reports KVM_CAP_VM_ATTRIBUTES -- and arm64 KVM does not (6.12), although
+#: it implements KVM_HAS_DEVICE_ATTR for KVM_ARM_VM_SMCCC_FILTER.  So under real KVM
+#: every filter range is refused with ENOTSUP.
+FILTER_REFUSED = "KVM refused SMCCC filter range 0: Operation not supported"
+
+
+def test_l2_forwarded_through_the_line(l1: L1Host, qemu_bundle: Path | None, line_server: socket.socket,
+                                        l1_dir: Path) -> None:
+    """hvcproxyd on the host answers an L2 guest's calls: L2 QEMU's hvc-forwarder
+    (a socket chardev to a busybox nc relay on L1's loopback: the forwarder's blocking
+    reads need a socket chardev, ``-chardev serial`` has no synchronous read) ->
+    ttyAMA1 -> L0's second UART -> the line socket -> LineRelay -> hvcproxyd."""
+    _need_bundle(l1, qemu_bundle)
+    l1.check("rm -f /tmp/fw.rc /tmp/fw.log; (nc -l -p 5555 </dev/ttyAMA1 >/dev/ttyAMA1) & sleep 1", timeout=30)
+    l1.check("(timeout 200 qemu-system-aarch64 -M virt -accel kvm -cpu host -m 128 -nographic -nodefaults"
+             " -serial stdio -monitor none -chardev socket,id=fw,host=127.0.0.1,port=5555"
+             " -object hvc-forwarder,id=hf0,chardev=fw,vm-name=guests -kernel /l2/guests/calls-hvc.elf"
+             " >/tmp/fw.log 2>&1; echo $? >/tmp/fw.rc) & sleep 2", timeout=60)
+    sock = l1_dir / "guests.sock"
+    with DaemonProcess(GUESTS_CONFIG, socket=sock, log_path=l1_dir / "daemon-fw.log", log_level="DEBUG") as daemon:
+        daemon.wait_listening()
+        start = time.monotonic()
+        with LineRelay(line_server, sock) as relay:
+            out = l1.check("for i in $(seq 1000); do [ -e /tmp/fw.rc ] && break; sleep 0.2; done;"
+                           " cat /tmp/fw.rc /tmp/fw.log", timeout=L2_TIMEOUT)
+        elapsed = time.monotonic() - start
+        summary = (f"L2 forwarded run: {elapsed:.1f}s, {relay.up} bytes up, {relay.down} down\n{out}\n"
+                   f"--- daemon ---\n{daemon.log[-3000:]}")
+    print(summary)
+    (l1_dir / "l2-forwarded.log").write_text(summary)
+    l1.run("kill $(pidof nc) 2>/dev/null", timeout=30)
+    if FILTER_REFUSED in out:
+        pytest.xfail(f"the handshake crossed the line ({relay.up} bytes up, {relay.down} down), "
+                     "then KVM's SMCCC filter was refused: patch 0001 checks KVM_CAP_VM_ATTRIBUTES, "
+                     "which arm64 KVM does not report")
+    rc, _, transcript = out.partition("\n")
+    assert rc == "0", out
+    calls = parse_calls(transcript)
+    assert calls["STATIC"] == (0, 0x48564350, 0x1234, 0x5678), out
+    assert transcript.rstrip().endswith("SYSTEM_OFF"), out
