@@ -97,12 +97,13 @@ def test_l1_dev_kvm(l1: L1Host) -> None:
 def test_l1_second_uart(l1: L1Host) -> None:
     # virt's second PL011 (0x9040000), raw for hvcproxyd's binary frames.
     assert "ttyAMA1 9040000.pl011" in l1.report["tty_dev"], l1.report
+    assert l1.report["dt_uart"].split() == ["pl011@9000000", "pl011@9040000"], l1.report
     stty = l1.check("stty -F /dev/ttyAMA1 -a", timeout=30)
     for flag in ("-icanon", "-echo", "-opost", "-isig", "-ixon", "-crtscts"):
         assert flag in stty.split(), stty
     # No console or getty on it.
     assert "ttyAMA1" not in l1.report["cmdline"], l1.report
-    assert l1.check("cat /proc/consoles", timeout=30).split()[0] == "ttyAMA0"
+    assert l1.report["consoles"] == "ttyAMA0", l1.report
 
 
 def test_l1_line_is_binary_clean(l1: L1Host, line_server: socket.socket) -> None:
