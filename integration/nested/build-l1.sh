@@ -46,7 +46,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -n "$QEMU_BUNDLE" ]; then
-    QEMU_BUNDLE=$(cd "$QEMU_BUNDLE" 2>/dev/null && pwd -P) || die "no QEMU bundle directory: $QEMU_BUNDLE"
+    bundle=$(cd "$QEMU_BUNDLE" 2>/dev/null && pwd -P) || die "no QEMU bundle directory: $QEMU_BUNDLE"
+    QEMU_BUNDLE=$bundle
     [ -x "$QEMU_BUNDLE/bin/qemu-system-aarch64" ] ||
         die "$QEMU_BUNDLE/bin/qemu-system-aarch64 missing: not a QEMU bundle"
 fi
