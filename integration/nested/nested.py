@@ -226,14 +226,15 @@ class L1Host:
 
 
 class LineRelay:
-    """Joins L1's host line to a daemon socket: accepts L0's connection on the listening
-    ``line`` socket, connects to ``target`` (a UNIX socket, e.g. hvcproxyd's VMM socket)
-    and copies bytes both ways in a thread until either side closes or ``with`` ends.
+    """Joins L1's host line to another UNIX socket: accepts L0's connection on the
+    listening ``line`` socket, connects to ``target`` (line_adapter.py's ``--line``
+    socket, or a daemon's VMM socket) and copies bytes both ways in a thread until
+    either side closes or ``with`` ends.  Bytes only: line_adapter.py does the framing.
 
-    Connect it only once L1's side is ready (the L2 QEMU started): what L1 sends before
-    waits in the line socket's buffer, and hvcproxyd drops a connection that has not
-    shaken hands within its handshake timeout.  Every byte is counted (``up``: L1 to
-    target, ``down``: target to L1)."""
+    Straight to hvcproxyd, connect it only once L1's side is ready (the L2 QEMU
+    started): what L1 sends before waits in the line socket's buffer, and hvcproxyd
+    drops a connection that has not shaken hands within its handshake timeout.  Every
+    byte is counted (``up``: L1 to target, ``down``: target to L1)."""
 
     def __init__(self, line: socket.socket, target: Path, *, accept_timeout: float = 60.0) -> None:
         self.line = line
