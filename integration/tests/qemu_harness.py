@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,9 +39,9 @@ GUESTS_CONFIG = CONFIGS / "guests.yaml"
 BUILD_TIMEOUT = 45 * 60
 
 
-def _run_build(script: str, timeout: float = BUILD_TIMEOUT) -> Path:
+def _run_build(script: str, timeout: float = BUILD_TIMEOUT, args: Sequence[str] = ()) -> Path:
     """Run an integration build script; it prints its artifact's path last on stdout."""
-    cmd = [str(INTEGRATION / script)]
+    cmd = [str(INTEGRATION / script), *args]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired as e:
