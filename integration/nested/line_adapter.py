@@ -44,8 +44,8 @@ log = logging.getLogger("line-adapter")
 _HEADER = wire.HEADER
 _MAGIC = struct.Struct("<I")
 _TYPES = frozenset(int(t) for t in wire.MsgType)
-#: How long a HELLO waits for the daemon to come (back) up before it is dropped;
-#: the forwarder re-sends it a second after the ERROR that follows.
+#: How long a HELLO waits for the daemon to come (back) up before the adapter gives up
+#: with ERROR(SHUTDOWN); the forwarder sends HELLO again a second later.
 CONNECT_PATIENCE = 30.0
 _SHUTDOWN_ERROR = wire.encode(wire.Error(wire.ErrorCode.SHUTDOWN, "the handler closed the connection"))
 
@@ -153,6 +153,7 @@ class Adapter:
             await self._close_daemon()
             stream = await self._connect()
             if stream is None:
+                await self._to_line(_SHUTDOWN_ERROR)  # the forwarder tries again a second later
                 return
             self._daemon = stream
             self.sessions += 1

@@ -196,21 +196,27 @@ class L1Host:
         self.proc.stdin.write(text.encode())
         self.proc.stdin.flush()
 
-    def run(self, command: str, timeout: float) -> tuple[int, str]:
-        """Run ``command`` (shell text; a subshell, so ``cd`` or ``exit`` stay inside it)
-        in L1 and return its exit status and output (stdout and stderr).
+    def start(self, command: str, *, stdin: bool = False) -> Job:
+        """Start ``command`` (shell text; a subshell, so ``cd`` or ``exit`` stay inside it)
+        in L1 and return at once.  With ``stdin`` the command reads the console (what
+        :meth:`send` types), as an L2 QEMU on ``-serial mon:stdio`` must; otherwise
+        /dev/null, so it cannot eat the next command.
 
         The output is framed by markers with a fresh token that the command line itself
         does not contain (printf joins it), so neither the echo of the input nor earlier
-        output can be mistaken for them.  Raises with the console's tail on timeout."""
+        output can be mistaken for them."""
         token = secrets.token_hex(6)
         mark = len(self.console_log())
-        self.send(f"printf '%s_%s\\n' @@L1B {token}; ( {command}\n) </dev/null 2>&1; "
+        redirect = "" if stdin else " </dev/null"
+        self.send(f"printf '%s_%s\\n' @@L1B {token}; ( {command}\n){redirect} 2>&1; "
                   f"printf '%s_%s_%s@@\\n' @@L1E {token} $?\n")
-        begin = self._wait_for(rf"@@L1B_{token}$", f"the start of {command!r}", timeout, mark)
-        end = self._wait_for(rf"@@L1E_{token}_(\d+)@@$", f"{command!r} to finish", timeout, begin.end())
-        out = self.console_log()[begin.end():end.start()]
-        return int(end[1]), out.removeprefix("\n")
+        begin = self._wait_for(rf"@@L1B_{token}$", f"the start of {command!r}", 60.0, mark)
+        return Job(self, command, token, begin.end())
+
+    def run(self, command: str, timeout: float) -> tuple[int, str]:
+        """:meth:`start` ``command`` and wait for it: its exit status and output (stdout
+        and stderr).  Raises with the console's tail on timeout."""
+        return self.start(command).wait(timeout)
 
     def check(self, command: str, timeout: float) -> str:
         """``run`` that fails the test unless the command exits with 0; its output."""
@@ -223,6 +229,46 @@ class L1Host:
         """The first match of ``pattern`` (multiline regex) in the console output."""
         return poll(lambda: re.search(pattern, self.console_log(), re.MULTILINE), f"L1 console /{pattern}/",
                     timeout=timeout, log=self.log_path)
+
+
+class Job:
+    """A command :meth:`L1Host.start` started on L1's console."""
+
+    def __init__(self, host: L1Host, command: str, token: str, begin: int) -> None:
+        self.host = host
+        self.command = command
+        self.token = token
+        self.begin = begin
+
+    def output(self) -> str:
+        """What the command printed so far."""
+        text = self.host.console_log()[self.begin:]
+        end = re.search(rf"@@L1E_{self.token}_(\d+)@@$", text, re.MULTILINE)
+        return (text[:end.start()] if end else text).removeprefix("\n")
+
+    def expect(self, pattern: str, timeout: float, count: int = 1) -> re.Match[str]:
+        """The ``count``-th match of ``pattern`` (multiline regex) in the command's output."""
+        rx = re.compile(pattern, re.MULTILINE)
+
+        def found() -> re.Match[str] | None:
+            matches = list(rx.finditer(self.output()))
+            if len(matches) >= count:
+                return matches[count - 1]
+            if not self.host.running:
+                raise AssertionError(f"L0 exited while {self.command!r} ran:\n{self.host._tail()}")
+            return None
+        return poll(found, f"/{pattern}/ x{count} from {self.command!r}", timeout=timeout,
+                    log=self.host.log_path)
+
+    def send(self, text: str) -> None:
+        """Type ``text`` to the command (started with ``stdin=True``)."""
+        self.host.send(text)
+
+    def wait(self, timeout: float) -> tuple[int, str]:
+        """Its exit status and output, once it ends."""
+        end = self.host._wait_for(rf"@@L1E_{self.token}_(\d+)@@$", f"{self.command!r} to finish", timeout,
+                                  self.begin)
+        return int(end[1]), self.output()
 
 
 class LineRelay:
