@@ -19,9 +19,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-import select
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -269,67 +267,3 @@ class Job:
         end = self.host._wait_for(rf"@@L1E_{self.token}_(\d+)@@$", f"{self.command!r} to finish", timeout,
                                   self.begin)
         return int(end[1]), self.output()
-
-
-class LineRelay:
-    """Joins L1's host line to another UNIX socket: accepts L0's connection on the
-    listening ``line`` socket, connects to ``target`` (line_adapter.py's ``--line``
-    socket, or a daemon's VMM socket) and copies bytes both ways in a thread until
-    either side closes or ``with`` ends.  Bytes only: line_adapter.py does the framing.
-
-    Straight to hvcproxyd, connect it only once L1's side is ready (the L2 QEMU
-    started): what L1 sends before waits in the line socket's buffer, and hvcproxyd
-    drops a connection that has not shaken hands within its handshake timeout.  Every
-    byte is counted (``up``: L1 to target, ``down``: target to L1)."""
-
-    def __init__(self, line: socket.socket, target: Path, *, accept_timeout: float = 60.0) -> None:
-        self.line = line
-        self.target = target
-        self.accept_timeout = accept_timeout
-        self.up = 0
-        self.down = 0
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._socks: list[socket.socket] = []
-
-    def __enter__(self) -> LineRelay:
-        self.line.settimeout(self.accept_timeout)
-        conn, _ = self.line.accept()
-        peer = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            peer.connect(str(self.target))
-        except OSError:
-            conn.close()
-            peer.close()
-            raise
-        self._socks = [conn, peer]
-        self._thread = threading.Thread(target=self._pump, args=(conn, peer), name="l1-line-relay", daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        for s in self._socks:
-            s.close()
-
-    def _pump(self, conn: socket.socket, peer: socket.socket) -> None:
-        other = {conn: peer, peer: conn}
-        while not self._stop.is_set():
-            ready, _, _ = select.select([conn, peer], [], [], 0.1)
-            for src in ready:
-                try:
-                    data = src.recv(65536)
-                except OSError:
-                    return
-                if not data:
-                    return
-                try:
-                    other[src].sendall(data)
-                except OSError:
-                    return
-                if src is conn:
-                    self.up += len(data)
-                else:
-                    self.down += len(data)

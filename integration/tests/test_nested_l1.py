@@ -2,10 +2,10 @@
 EL2 under TCG in the patched QEMU, with KVM in VHE mode, /dev/kvm and the second
 UART (ttyAMA1) that hvcproxyd's line will use.
 
-One L1 boot serves the module.  With the arm64 QEMU bundle (HVCIT_QEMU_ARM64=DIR,
-or the output of integration/nested/build-qemu-arm64.sh when that script exists),
-L1 also runs that QEMU and a bare-metal L2 guest under KVM; without it those two
-tests are skipped.
+One L1 boot serves the module.  L1 also runs the arm64 QEMU
+(integration/nested/build-qemu-arm64.sh, or HVCIT_QEMU_ARM64=DIR) and a bare-metal
+L2 guest under KVM with KVM's own PSCI, the baseline for test_nested_kvm.py, where
+hvcproxyd serves the same guests through the line.
 """
 
 from __future__ import annotations
@@ -14,37 +14,17 @@ import os
 import re
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from nested import NESTED, L1Host, LineRelay, build_l1
-from qemu_harness import GUESTS_CONFIG, REPO, _stop, parse_calls
-
-from tests.process import DaemonProcess
-from tests.waiting import poll
+from nested import L1Host, build_l1
+from qemu_harness import _run_build, parse_calls
 
 BOOT_TIMEOUT = 600.0
 L2_TIMEOUT = 300.0
-
-
-def _qemu_bundle() -> Path | None:
-    """The arm64 QEMU bundle: $HVCIT_QEMU_ARM64, else build-qemu-arm64.sh's output
-    (it prints its directory; run only when the script exists)."""
-    if env := os.environ.get("HVCIT_QEMU_ARM64"):
-        return Path(env)
-    script = NESTED / "build-qemu-arm64.sh"
-    if not script.exists():
-        return None
-    proc = subprocess.run([str(script)], capture_output=True, text=True, timeout=90 * 60, stdin=subprocess.DEVNULL)
-    if proc.returncode != 0:
-        pytest.fail(f"{script} failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
-    lines = proc.stdout.strip().splitlines()
-    return Path(lines[-1]) if lines else None
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +39,11 @@ def l1_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def qemu_bundle() -> Path | None:
-    return _qemu_bundle()
+def qemu_bundle() -> Path:
+    """The arm64 QEMU for L1: $HVCIT_QEMU_ARM64, else build-qemu-arm64.sh's output."""
+    if env := os.environ.get("HVCIT_QEMU_ARM64"):
+        return Path(env)
+    return _run_build("nested/build-qemu-arm64.sh")
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +58,7 @@ def line_server(l1_dir: Path) -> Iterator[socket.socket]:
 
 
 @pytest.fixture(scope="module")
-def l1(qemu_bin: Path, qemu_bundle: Path | None, l1_dir: Path, line_server: socket.socket) -> Iterator[L1Host]:
+def l1(qemu_bin: Path, qemu_bundle: Path, l1_dir: Path, line_server: socket.socket) -> Iterator[L1Host]:
     image = build_l1(qemu_bundle)
     with L1Host(qemu_bin, image, l1_dir, line=l1_dir / "line.sock", boot_timeout=BOOT_TIMEOUT) as host:
         yield host
@@ -135,22 +118,16 @@ def test_l1_run_status_and_output(l1: L1Host) -> None:
     assert (status, out) == (3, "one\ntwo\n")
 
 
-def _need_bundle(l1: L1Host, bundle: Path | None) -> None:
-    if bundle is None or l1.report.get("qemu") != "yes":
-        pytest.skip("no arm64 QEMU bundle (integration/nested/build-qemu-arm64.sh absent; "
-                    "HVCIT_QEMU_ARM64=DIR names one)")
-
-
-def test_l1_qemu_version(l1: L1Host, qemu_bundle: Path | None) -> None:
-    _need_bundle(l1, qemu_bundle)
+def test_l1_qemu_version(l1: L1Host, qemu_bundle: Path) -> None:
+    assert l1.report.get("qemu") == "yes", l1.report
     out = l1.check("/opt/qemu/bin/qemu-system-aarch64 --version", timeout=120)
     assert "QEMU emulator version" in out, out
 
 
-def test_l2_bare_metal_under_kvm(l1: L1Host, qemu_bundle: Path | None) -> None:
+def test_l2_bare_metal_under_kvm(l1: L1Host, qemu_bundle: Path) -> None:
     """A bare-metal guest at EL1 under L1's KVM: its SMCCC calls and the closing PSCI
     SYSTEM_OFF are answered by KVM itself (no forwarder)."""
-    _need_bundle(l1, qemu_bundle)
+    assert l1.report.get("qemu") == "yes", l1.report
     start = time.monotonic()
     status, out = l1.run("timeout 240 /opt/qemu/bin/qemu-system-aarch64 -M virt -accel kvm -cpu host -m 128"
                          " -nographic -nodefaults -serial stdio -monitor none -kernel /l2/guests/calls-hvc.elf",
@@ -164,64 +141,3 @@ def test_l2_bare_metal_under_kvm(l1: L1Host, qemu_bundle: Path | None) -> None:
     assert calls["PSCI_VERSION"][0] >= 0x10000, out  # KVM's in-kernel PSCI (1.x)
     assert calls["AFFINITY_INFO_SELF"][0] == 0, out  # ON
     assert out.rstrip().endswith("SYSTEM_OFF"), out
-
-
-#: Patch 0001's kvm_arm_set_smccc_filter() asks kvm_vm_check_attr() first, which is 0
-#: unless KVM reports KVM_CAP_VM_ATTRIBUTES -- and arm64 KVM does not (6.12), although
-#: it implements KVM_HAS_DEVICE_ATTR for KVM_ARM_VM_SMCCC_FILTER.  So under real KVM
-#: every filter range is refused with ENOTSUP.
-FILTER_REFUSED = "KVM refused SMCCC filter range 0: Operation not supported"
-
-
-def _bundle_has_serial_lines(bundle: Path) -> bool:
-    """Whether the bundle's series carries serial lines (the forwarder on a non-socket
-    chardev): build-qemu-arm64.sh's BUILDINFO lists the patches, and the series that
-    brought serial lines also brought arm-powerctl's CPU_ON patch."""
-    info = bundle / "BUILDINFO"
-    return not info.exists() or "arm-powerctl" in info.read_text()
-
-
-def test_l2_forwarded_through_the_line(l1: L1Host, qemu_bundle: Path | None, line_server: socket.socket,
-                                        l1_dir: Path) -> None:
-    """hvcproxyd on the host answers an L2 guest's calls: L2 QEMU's hvc-forwarder on
-    ``-chardev serial,path=/dev/ttyAMA1`` -> L0's second UART -> the line socket ->
-    LineRelay -> integration/nested/line_adapter.py -> hvcproxyd."""
-    _need_bundle(l1, qemu_bundle)
-    assert qemu_bundle is not None
-    sock = l1_dir / "guests.sock"
-    adapter_sock = l1_dir / "adapter.sock"
-    adapter_log = l1_dir / "line-adapter.log"
-    with DaemonProcess(GUESTS_CONFIG, socket=sock, log_path=l1_dir / "daemon-fw.log", log_level="DEBUG") as daemon:
-        daemon.wait_listening()
-        with adapter_log.open("wb") as alog:
-            adapter = subprocess.Popen([sys.executable, str(NESTED / "line_adapter.py"), "--line", str(adapter_sock),
-                                        "--daemon", str(sock), "-v"], stdin=subprocess.DEVNULL, stdout=alog,
-                                       stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                       start_new_session=True)
-        try:
-            poll(adapter_sock.is_socket, f"line_adapter.py listening on {adapter_sock}", log=adapter_log)
-            start = time.monotonic()
-            with LineRelay(line_server, adapter_sock) as relay:
-                status, out = l1.run("timeout 120 qemu-system-aarch64 -M virt -accel kvm -cpu host -m 128"
-                                     " -nographic -nodefaults -serial stdio -monitor none"
-                                     " -chardev serial,id=fw,path=/dev/ttyAMA1"
-                                     " -object hvc-forwarder,id=hf0,chardev=fw,vm-name=guests"
-                                     " -kernel /l2/guests/calls-hvc.elf", timeout=L2_TIMEOUT)
-            elapsed = time.monotonic() - start
-        finally:
-            _stop(adapter)
-        summary = (f"L2 forwarded run: exit {status} in {elapsed:.1f}s, {relay.up} bytes up, {relay.down} down\n"
-                   f"{out}\n--- line_adapter.py ---\n{adapter_log.read_text(errors='replace')[-3000:]}\n"
-                   f"--- daemon ---\n{daemon.log[-3000:]}")
-    print(summary)
-    (l1_dir / "l2-forwarded.log").write_text(summary)
-    if FILTER_REFUSED in out:
-        pytest.xfail(f"the handshake crossed the line ({relay.up} bytes up, {relay.down} down), "
-                     "then KVM's SMCCC filter was refused: patch 0001 checks KVM_CAP_VM_ATTRIBUTES, "
-                     "which arm64 KVM does not report")
-    if status != 0 and not _bundle_has_serial_lines(qemu_bundle):
-        pytest.xfail("the bundle's hvc-forwarder predates serial lines (rebuild it from the current patches)")
-    assert status == 0, summary
-    calls = parse_calls(out)
-    assert calls["STATIC"] == (0, 0x48564350, 0x1234, 0x5678), summary
-    assert out.rstrip().endswith("SYSTEM_OFF"), summary
