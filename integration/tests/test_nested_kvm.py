@@ -118,7 +118,11 @@ def test_l1_report_is_kept(l1: L1Host, daemon: Daemon) -> None:
     report = (l1.workdir / "l1-report.txt").read_text()
     report += "".join(f"kvm_filter: base {b} count {c} action {a} ret {r}\n" for b, c, a, r in filters)
     (l1.workdir / "l1-report.txt").write_text(report)
-    print(report)
+    # Kept past the run (the module's directory goes unless HVCIT_KEEP=1): the last report.
+    kept = Path(os.environ.get("HVCPROXYD_CACHE", Path.home() / ".cache" / "hvcproxyd")) / "nested" / "l1-report.txt"
+    kept.parent.mkdir(parents=True, exist_ok=True)
+    kept.write_text(report)
+    print(f"L1 report (also in {kept}):\n{report}")
     assert re.search(r"^uname: 6\.\d+\.", report, re.MULTILINE), report
     assert "kvm_mode: kvm [1]: VHE mode initialized successfully" in report, report
     installed = {(int(b, 16), int(c, 16), int(a)) for b, c, a, r in filters if r == "0"}
