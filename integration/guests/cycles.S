@@ -162,15 +162,10 @@ summary:
 	mrs	x0, cntvct_el0
 	cmp	x0, x24
 	b.lo	7b
-8:	ldr	x0, =str_final_fail
-	bl	puts
-	ldr	x0, =str_target
+8:	mov	x2, x26
 	mov	x1, x20
-	bl	putkv
-	ldr	x0, =str_x0
-	mov	x1, x26
-	bl	putkv
-	bl	newline
+	ldr	x0, =str_final_fail
+	bl	put_result
 9:	add	x20, x20, #1
 	cmp	x20, #NCPUS
 	b.lo	6b
@@ -192,15 +187,10 @@ summary:
 	mrs	x0, cntvct_el0
 	cmp	x0, x24
 	b.lo	11b
-12:	ldr	x0, =str_final_off
-	bl	puts
-	ldr	x0, =str_target
+12:	mov	x2, x26
 	mov	x1, x20
-	bl	putkv
-	ldr	x0, =str_x0
-	mov	x1, x26
-	bl	putkv
-	bl	newline
+	ldr	x0, =str_final_off
+	bl	put_result
 	add	x20, x20, #1
 	cmp	x20, #NCPUS
 	b.lo	10b
@@ -246,19 +236,9 @@ final_entry:
 	and	x19, x27, #0xff
 	bl	secondary_stack
 	bl	set_vbar
-	ldr	x0, =str_secondary
-	bl	puts
-	ldr	x0, =str_mpidr
-	mov	x1, x27
-	bl	putkv
-	ldr	x0, =str_context
+	mov	x0, x27
 	mov	x1, x26
-	bl	putkv
-	ldr	x0, =str_el
-	mrs	x1, CurrentEL
-	lsr	x1, x1, #2
-	bl	putkv
-	bl	newline
+	bl	secondary_banner
 	ldr	x21, =up_flags
 	add	x21, x21, x19, lsl #3
 	mov	x0, #1
@@ -278,7 +258,6 @@ off_returned:
 str_hello:	.asciz	"GUEST cycles conduit=" CONDUIT_NAME
 str_cycle_fail:	.asciz	"CYCLE_FAIL"
 str_cycle:	.asciz	"cycle"
-str_target:	.asciz	"target"
 str_stage:	.asciz	" stage="
 str_stage_on:	.asciz	"on"
 str_stage_up:	.asciz	"up"
@@ -290,8 +269,6 @@ str_failed:	.asciz	"failed"
 str_ncycles:	.asciz	"cycles"
 str_final_fail:	.asciz	"FINAL_FAIL"
 str_final_off:	.asciz	"FINAL_OFF"
-str_secondary:	.asciz	"SECONDARY"
-str_context:	.asciz	"context"
 str_all_done:	.asciz	"CYCLES DONE\n"
 	.balign	8
 stage_names:	.quad	str_stage_on, str_stage_up, str_stage_off

@@ -70,6 +70,49 @@ putkv:
 	mov	x30, x16
 	ret
 
+/*
+ * secondary_banner(x0 = MPIDR, x1 = context ID): "SECONDARY mpidr=0x...
+ * context=0x... el=0x..." and a newline: a secondary CPU's first words.
+ */
+	.global secondary_banner
+secondary_banner:
+	stp	x29, x30, [sp, #-32]!
+	stp	x0, x1, [sp, #16]
+	ldr	x0, =str_secondary
+	bl	puts
+	ldr	x0, =str_mpidr
+	ldr	x1, [sp, #16]
+	bl	putkv
+	ldr	x0, =str_context
+	ldr	x1, [sp, #24]
+	bl	putkv
+	ldr	x0, =str_el
+	mrs	x1, CurrentEL
+	lsr	x1, x1, #2
+	bl	putkv
+	bl	newline
+	ldp	x29, x30, [sp], #32
+	ret
+
+/*
+ * put_result(x0 = label, x1 = target CPU, x2 = a call's x0): "label
+ * target=0x... x0=0x..." and a newline.
+ */
+	.global put_result
+put_result:
+	stp	x29, x30, [sp, #-32]!
+	stp	x1, x2, [sp, #16]
+	bl	puts
+	ldr	x0, =str_target
+	ldr	x1, [sp, #16]
+	bl	putkv
+	ldr	x0, =str_result_x0
+	ldr	x1, [sp, #24]
+	bl	putkv
+	bl	newline
+	ldp	x29, x30, [sp], #32
+	ret
+
 /* boot_banner(x0 = title): "title el=0x... mpidr=0x..." and a newline. */
 	.global boot_banner
 boot_banner:
@@ -201,6 +244,11 @@ halt:
 	.global str_el, str_mpidr
 str_el:			.asciz	"el"
 str_mpidr:		.asciz	"mpidr"
+str_secondary:		.asciz	"SECONDARY"
+str_context:		.asciz	"context"
+	.global str_target
+str_target:		.asciz	"target"
+str_result_x0:		.asciz	"x0"
 str_exception:		.asciz	"EXCEPTION"
 str_vector:		.asciz	"vector"
 str_esr:		.asciz	"esr"

@@ -128,19 +128,10 @@ affinity_info:
 	mov	x30, x25
 	ret
 
-/* report(x0 = label, x1 = target, x20 = result): "label target=0x.. x0=0x..". */
+/* report(x0 = label, x1 = target, x20 = result): put_result's line. */
 report:
-	stp	x1, x30, [sp, #-16]!
-	bl	puts
-	ldr	x0, =str_target
-	ldr	x1, [sp]
-	bl	putkv
-	ldr	x0, =str_x0
-	mov	x1, x20
-	bl	putkv
-	bl	newline
-	ldp	x1, x30, [sp], #16
-	ret
+	mov	x2, x20
+	b	put_result
 
 /* Secondary entry: x0 = context ID. */
 secondary_entry:
@@ -153,19 +144,9 @@ secondary_entry:
 	mov	sp, x0
 	bl	set_vbar
 
-	ldr	x0, =str_secondary
-	bl	puts
-	ldr	x0, =str_mpidr
-	mov	x1, x27
-	bl	putkv
-	ldr	x0, =str_context
+	mov	x0, x27
 	mov	x1, x26
-	bl	putkv
-	ldr	x0, =str_el
-	mrs	x1, CurrentEL
-	lsr	x1, x1, #2
-	bl	putkv
-	bl	newline
+	bl	secondary_banner
 
 	ldr	x21, =up_flags
 	add	x21, x21, x19, lsl #3
@@ -191,15 +172,12 @@ secondary_entry:
 
 	.section .rodata
 str_hello:	.asciz	"GUEST smp conduit=" CONDUIT_NAME
-str_target:	.asciz	"target"
-str_context:	.asciz	"context"
 str_x0:		.asciz	"x0"
 str_cpu_on:	.asciz	"CPU_ON"
 str_cpu_on_again: .asciz "CPU_ON_AGAIN"
 str_cpu_on_misaligned: .asciz "CPU_ON_MISALIGNED"
 str_cpu_off:	.asciz	"CPU_OFF"
 str_affinity:	.asciz	"AFFINITY_INFO"
-str_secondary:	.asciz	"SECONDARY"
 str_off_returned: .asciz "CPU_OFF_RETURNED"
 str_timeout:	.asciz	"TIMEOUT waiting for secondary\n"
 str_done:	.asciz	"SMP DONE\n"

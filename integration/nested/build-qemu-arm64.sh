@@ -85,6 +85,9 @@ DEVICES_MAK='# hvcproxyd nested L1 host: the virt machine (PL011, GICv3, fdt) an
 CONFIG_ARM_VIRT=y
 CONFIG_HVC_FORWARDER=y'
 
+# shellcheck source=../qemu/source.sh
+source "$QEMU_DIR/source.sh"
+
 CONFIGURE_FLAGS=(
     --cross-prefix=$CROSS
     # ${CROSS}gcc --sysroot=\$SYSROOT: libfdt has no .pc file, and meson
@@ -98,16 +101,9 @@ CONFIGURE_FLAGS=(
     --disable-tcg
     --enable-fdt=system
     --static
-    --disable-docs
-    --disable-tools
-    --disable-user
-    --disable-debug-info
-    --disable-install-blobs
-    --disable-download
+    "${QEMU_COMMON_FLAGS[@]}"
 )
 
-# shellcheck source=../qemu/source.sh
-source "$QEMU_DIR/source.sh"
 
 # Bump when prepare_source(), the sysroot or the build layout changes.
 TREE_FORMAT=1

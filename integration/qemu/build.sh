@@ -40,6 +40,9 @@ for arg in "$@"; do
     esac
 done
 
+# shellcheck source=source.sh
+source "$QEMU_DIR/source.sh"
+
 CONFIGURE_FLAGS=(
     --target-list=aarch64-softmmu
     --without-default-features
@@ -47,18 +50,10 @@ CONFIGURE_FLAGS=(
     --enable-kvm             # takes effect on an aarch64 host only
     --enable-fdt=system
     --enable-pixman
-    --disable-docs
-    --disable-tools
-    --disable-user
-    --disable-debug-info
-    --disable-install-blobs
-    --disable-download
+    "${QEMU_COMMON_FLAGS[@]}"
 )
 
 JOBS=$(nproc 2>/dev/null || echo 2)
-
-# shellcheck source=source.sh
-source "$QEMU_DIR/source.sh"
 
 # Bump when prepare_source() or the build directory's layout changes.
 TREE_FORMAT=1

@@ -4,11 +4,23 @@
 # tree with commit "base", check out the patch series over it; the cache
 # keys, the configure and ninja steps, and the pruning of old builds.
 #
-# Source it after ../lib.sh; it only defines functions.  The sourcing script
+# Source it after ../lib.sh; it only defines functions and QEMU_COMMON_FLAGS.  The sourcing script
 # sets LOG_TAG, QEMU_DIR (this directory), CONFIGURE_FLAGS, TREE_FORMAT and,
 # optionally, PATCHES (yes, the default, or no for stock QEMU).  The build
 # key hashes this file, so a change here makes both scripts rebuild.
 # shellcheck shell=bash
+
+# Configure flags both builds end with: no docs, tools, user-mode emulators,
+# debug info, firmware blobs or downloads.
+# shellcheck disable=SC2034  # used by the scripts that source this file
+QEMU_COMMON_FLAGS=(
+    --disable-docs
+    --disable-tools
+    --disable-user
+    --disable-debug-info
+    --disable-install-blobs
+    --disable-download
+)
 
 # git with a fixed identity, for the commits of the source tree.
 build_git() {

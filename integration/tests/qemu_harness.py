@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,16 +74,22 @@ def linux_guest() -> Path:
     return _run_build("linux/build.sh")
 
 
-@pytest.fixture
-def workdir() -> Iterator[Path]:
-    """A short directory for sockets (AF_UNIX paths are limited to 108 bytes) and logs;
-    HVCIT_KEEP=1 keeps it."""
-    d = Path(tempfile.mkdtemp(prefix="hvcit-", dir="/tmp"))
+@contextmanager
+def scratch_dir(prefix: str = "hvcit-") -> Iterator[Path]:
+    """A short directory for sockets (AF_UNIX paths are limited to 108 bytes) and logs,
+    removed afterwards; HVCIT_KEEP=1 keeps it."""
+    d = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
     yield d
     if os.environ.get("HVCIT_KEEP"):
         print(f"logs kept in {d}")
     else:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    with scratch_dir() as d:
+        yield d
 
 
 def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM, grace: float = 10.0) -> None:

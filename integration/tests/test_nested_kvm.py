@@ -19,17 +19,15 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from nested import NESTED, Job, L1Host, build_l1
-from qemu_harness import GUESTS_CONFIG, REPO, Daemon, _run_build, _stop
+from qemu_harness import GUESTS_CONFIG, REPO, Daemon, _run_build, _stop, scratch_dir
 from transcripts import (
     assert_daemon_log_clean,
     assert_daemon_saw,
@@ -53,12 +51,8 @@ StartDaemon = Callable[..., Daemon]
 
 @pytest.fixture(scope="module")
 def nested_dir() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="hvcit-kvm-", dir="/tmp"))
-    yield d
-    if os.environ.get("HVCIT_KEEP"):
-        print(f"nested-KVM logs kept in {d}")
-    else:
-        shutil.rmtree(d, ignore_errors=True)
+    with scratch_dir("hvcit-kvm-") as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import socket
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from nested import L1Host, build_l1
-from qemu_harness import _run_build, parse_calls
+from qemu_harness import _run_build, parse_calls, scratch_dir
 
 BOOT_TIMEOUT = 600.0
 L2_TIMEOUT = 300.0
@@ -30,12 +28,8 @@ L2_TIMEOUT = 300.0
 @pytest.fixture(scope="module")
 def l1_dir() -> Iterator[Path]:
     """The module's work and log directory (HVCIT_KEEP=1 keeps it)."""
-    d = Path(tempfile.mkdtemp(prefix="hvcit-l1-", dir="/tmp"))
-    yield d
-    if os.environ.get("HVCIT_KEEP"):
-        print(f"logs kept in {d}")
-    else:
-        shutil.rmtree(d, ignore_errors=True)
+    with scratch_dir("hvcit-l1-") as d:
+        yield d
 
 
 @pytest.fixture(scope="module")
