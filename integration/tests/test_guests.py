@@ -108,7 +108,10 @@ def test_qemu_waits_for_the_daemon_at_startup(start_daemon: StartDaemon, start_q
     time.sleep(1.0)
     assert q.proc.poll() is None, q.messages()
     assert q.output() == "", "the guest ran before the handshake"
-    daemon = start_daemon(socket=sock)
+    # No QMP watcher: its first queries would meet the guest's power-off a few ms
+    # after attach, and QEMU 10.0.2 can hang in monitor_cleanup() with a QMP command
+    # in flight at exit (seen about once in a dozen runs, without the forwarder too).
+    daemon = start_daemon(socket=sock, qmp=False)
     out = _run_to_exit(q)
     assert_forwarded_transcript(out, el=1, conduit="hvc")
     daemon.wait_log(r"VMM attached")
