@@ -10,7 +10,7 @@
 
 #include "guest.h"
 
-	.macro	call_and_print name, fn, a1=0, a2=0, a3=0
+	.macro	call_and_print name, fn, a1=0, a2=0, a3=0, call=smccc
 	ldr	x0, =1f
 	bl	puts
 	ldr	x0, =\fn
@@ -22,7 +22,7 @@
 	mov	x6, xzr
 	mov	x7, xzr
 	mov	x24, x0
-	bl	smccc
+	bl	\call
 	mov	x20, x0
 	mov	x21, x1
 	mov	x22, x2
@@ -62,6 +62,7 @@
 	call_and_print DENIED, TEST_DENIED_FN, 0x1111
 	call_and_print PSCI01_DENIED, TEST_PSCI01_FN, 0x20000
 	call_and_print AFFINITY_INFO_SELF, FN_PSCI_AFFINITY_INFO_64, 0, 0
+	call_and_print PSCI_VERSION_IMM1, FN_PSCI_VERSION, call=smccc_imm1
 
 	b	system_off
 

@@ -154,6 +154,12 @@ smccc:
 	CONDUIT	#0
 	ret
 
+/* smccc_imm1: the same call with immediate 1, which is not SMCCC for an SMC. */
+	.global smccc_imm1
+smccc_imm1:
+	CONDUIT	#1
+	ret
+
 /*
  * Exception vectors: any synchronous exception, IRQ, FIQ or SError taken
  * to the guest prints "EXCEPTION" with the syndrome and powers off.  Stock

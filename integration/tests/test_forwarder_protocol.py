@@ -6,7 +6,7 @@ reconnect, a changed filter on reconnect, the call timeout, and a refusal.
 The guest is integration/guests/calls-hvc.elf on -M virt (EL1, HVC).  It makes
 these forwarded calls, in order: PSCI_VERSION, PSCI_FEATURES, STATIC
 (0xC2000001), STATIC with the SVE hint (0xC2010001), UNKNOWN (0xC20000FF),
-AFFINITY_INFO, SYSTEM_OFF; SMCCC_VERSION,
+AFFINITY_INFO, PSCI_VERSION again (with immediate 1), SYSTEM_OFF; SMCCC_VERSION,
 ARCH_FEATURES and the denied call are answered by QEMU.
 """
 

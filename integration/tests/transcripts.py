@@ -40,6 +40,8 @@ def assert_forwarded_transcript(out: str, el: int, conduit: str, accel: str = "t
     assert calls["UNKNOWN"][0] == NOT_SUPPORTED, out
     # Denied: NOT_SUPPORTED with x1..x3 cleared, from KVM's filter or QEMU alike.
     assert calls["DENIED"] == (NOT_SUPPORTED, 0, 0, 0), out
+    # An immediate of 1: an HVC is still an SMCCC call, an SMC is not (NOT_SUPPORTED), as KVM has it.
+    assert calls["PSCI_VERSION_IMM1"][0] == (NOT_SUPPORTED if conduit == "smc" else 0x10001), out
     # KVM's legacy PSCI 0.1 IDs are denied too (bits 23:17 set: routed with bit 16 as is).
     assert calls["PSCI01_DENIED"][0] == NOT_SUPPORTED, out
     assert out.rstrip().endswith("SYSTEM_OFF"), out
