@@ -30,16 +30,11 @@ LOG_TAG=kernel-build
 LINUX_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 # shellcheck source=../lib.sh
 source "$LINUX_DIR/../lib.sh"
+# shellcheck source=kernel-lib.sh
+source "$LINUX_DIR/kernel-lib.sh"
 
-# The Debian source version, pinned so that a warm cache needs no network and
-# a new backports upload does not silently rebuild.  bookworm-backports' 6.12.95
-# is the same version as the stock kernel integration/setup.sh downloads.
-LINUX_SRC_VERSION="${HVCIT_LINUX_SRC_VERSION:-6.12.95-1~bpo12+1}"
 # Bump when the steps that make kernel/<key>/ change (not for initramfs-only edits).
 KERNEL_RECIPE=1
-JOBS="${HVCIT_KERNEL_JOBS:-$(nproc)}"
-MAKE_TIMEOUT="${HVCIT_KERNEL_TIMEOUT:-3600}"
-CROSS=aarch64-linux-gnu-
 FRAGMENT="$LINUX_DIR/kernel.config"
 MODULE_DIR="$LINUX_DIR/memshare-test"
 INIT="$LINUX_DIR/init-clients"
@@ -51,20 +46,9 @@ case "${1:-}" in
 *) die "unknown argument: $1 (see --help)" ;;
 esac
 
-need() {  # need COMMAND PACKAGE
-    have_cmd "$1" || die "$1 not found: install the Debian package $2 (integration/setup.sh installs it)"
-}
-need "${CROSS}gcc" gcc-aarch64-linux-gnu
-need make make
-need flex flex
-need bison bison
-need bc bc
-need perl perl
-need dpkg-source dpkg-dev
-need apt-get apt
+need_kernel_tools
 need cpio cpio
 need gzip gzip
-need timeout coreutils
 [ -f "$FRAGMENT" ] || die "missing config fragment $FRAGMENT"
 [ -f "$MODULE_DIR/memshare_test.c" ] || die "missing $MODULE_DIR/memshare_test.c"
 [ -f "$INIT" ] || die "missing $INIT"
@@ -74,65 +58,24 @@ shopt -s nullglob
 PATCHES=("$LINUX_DIR"/patches/*.patch)
 shopt -u nullglob
 
-hash_files() { local f; for f in "$@"; do printf '%s %s\n' "$(basename "$f")" "$(sha256_of "$f")"; done; }
-short_key() { sha256sum | cut -c1-16; }
-
-src_key=$( {
-    echo "debian-source linux $LINUX_SRC_VERSION"
-    hash_files "${PATCHES[@]}"
-} | short_key )
-kernel_key=$( {
-    echo "src $src_key"
-    hash_files "$FRAGMENT" "$MODULE_DIR"/*
-    echo "recipe $KERNEL_RECIPE"
-    echo "cc $("${CROSS}gcc" --version | head -1)"
-} | short_key )
+src_key=$(series_key "${PATCHES[@]}")
+kernel_key=$(build_key "$FRAGMENT" "$MODULE_DIR"/*)
 if [ "${1:-}" = --print-key ]; then
     printf '%s\n' "$kernel_key"
     exit 0
 fi
 
 take_lock kernel-build
-KROOT="$HVC_CACHE/kernel"
-safe_version=${LINUX_SRC_VERSION//\~/-}
-pristine="$KROOT/src/linux-$safe_version"
 worksrc="$KROOT/work/src-$src_key"
 build="$KROOT/work/build"
 kout="$KROOT/$kernel_key"
 mkdir -p "$KROOT/src" "$KROOT/work"
 
-# ---------------------------------------------------------------- source
-fetch_source() {
-    [ -f "$pristine/.hvc-done" ] && return
-    local dl="$HVC_CACHE/src/linux" dsc
-    dsc="$dl/linux_${LINUX_SRC_VERSION#*:}.dsc"
-    if [ ! -f "$dsc" ]; then
-        private_apt_update || true
-        mkdir -p "$dl"
-        log "apt-get source --download-only linux=$LINUX_SRC_VERSION (~150 MB)"
-        if ! ( cd "$dl" && timeout 1800 apt-get -q source --download-only "linux=$LINUX_SRC_VERSION" ) \
-                >"$dl/download.log" 2>&1; then
-            tail -5 "$dl/download.log" >&2
-            local avail
-            avail=$(apt-cache showsrc linux 2>/dev/null | awk '/^Version: 6\.12/ { print $2 }' | sort -V | tail -3 | xargs)
-            die "could not download Debian's linux source $LINUX_SRC_VERSION (log $dl/download.log);" \
-                "versions available: ${avail:-none}; set HVCIT_LINUX_SRC_VERSION or update the pin in $0"
-        fi
-    fi
-    [ -f "$dsc" ] || die "apt-get source left no $dsc"
-    log "unpacking $(basename "$dsc") with dpkg-source (applies debian/patches; ~1.5 min)"
-    rm -rf "$pristine" "$pristine.tmp"
-    ( cd "$KROOT/src" && timeout 1800 dpkg-source --require-strong-checksums -x "$dsc" "$(basename "$pristine.tmp")" ) \
-        >"$KROOT/src/unpack.log" 2>&1 || { tail -5 "$KROOT/src/unpack.log" >&2; die "dpkg-source -x $dsc failed"; }
-    mv "$pristine.tmp" "$pristine"
-    touch "$pristine/.hvc-done"
-}
-
 # A hard-linked copy of the pristine tree with our patches applied (GNU patch
 # writes a new file and renames it, so the pristine tree is never modified).
 prepare_worksrc() {
     [ -f "$worksrc/.hvc-done" ] && return
-    local d p
+    local d
     for d in "$KROOT"/work/src-*; do
         [ "$d" = "$worksrc" ] || rm -rf "$d"
     done
@@ -140,32 +83,8 @@ prepare_worksrc() {
     log "work tree $worksrc (${#PATCHES[@]} patches)"
     cp -al "$pristine" "$worksrc"
     rm -f "$worksrc/.hvc-done"
-    for p in "${PATCHES[@]}"; do
-        log "  applying $(basename "$p")"
-        patch -d "$worksrc" -p1 --quiet --no-backup-if-mismatch --forward < "$p" ||
-            die "patch $(basename "$p") does not apply to linux $LINUX_SRC_VERSION"
-    done
+    apply_patches "$worksrc" "${PATCHES[@]}"
     touch "$worksrc/.hvc-done"
-}
-
-kmake() {
-    timeout "$MAKE_TIMEOUT" make -C "$worksrc" O="$build" ARCH=arm64 CROSS_COMPILE="$CROSS" \
-        KBUILD_BUILD_USER=hvcproxyd KBUILD_BUILD_HOST=integration "$@"
-}
-
-# Every option of the fragment must be in the final .config with its value.
-check_config() {
-    local line opt bad=()
-    while IFS= read -r line; do
-        case "$line" in
-        CONFIG_*=*) grep -qxF "$line" "$build/.config" || bad+=("$line") ;;
-        "# CONFIG_"*" is not set")
-            opt=${line#\# }; opt=${opt%% *}
-            grep -q "^$opt=" "$build/.config" && bad+=("$line") ;;
-        esac
-    done < "$FRAGMENT"
-    [ ${#bad[@]} -eq 0 ] ||
-        die "kernel.config options not in the final .config (a dependency is missing): ${bad[*]}"
 }
 
 build_kernel() {
@@ -175,10 +94,7 @@ build_kernel() {
     mkdir -p "$build"
     local blog="$KROOT/work/build.log" t0 t1
     t0=$(date +%s)
-    log "configuring: allnoconfig + $(basename "$FRAGMENT") (KCONFIG_ALLCONFIG)"
-    kmake -s KCONFIG_ALLCONFIG="$FRAGMENT" allnoconfig >"$blog" 2>&1 ||
-        { tail -20 "$blog" >&2; die "make allnoconfig failed (log $blog)"; }
-    check_config
+    configure_kernel "$blog"
     log "building Image with -j$JOBS (~3-4 min cold on 2 cores; log $blog)"
     # "modules" (none in-tree) runs modpost on vmlinux: the Module.symvers the test module links against.
     kmake -j"$JOBS" Image modules >>"$blog" 2>&1 ||
@@ -189,16 +105,8 @@ build_kernel() {
     kmake M="$KROOT/work/memshare-test" modules >>"$blog" 2>&1 ||
         { tail -30 "$blog" >&2; die "memshare test module build failed (log $blog)"; }
     t1=$(date +%s)
-    rm -rf "$kout.tmp"
-    mkdir -p "$kout.tmp"
-    cp "$build/arch/arm64/boot/Image" "$kout.tmp/Image"
-    cp "$KROOT/work/memshare-test/memshare_test.ko" "$kout.tmp/"
-    cp "$build/.config" "$kout.tmp/config"
-    cp "$blog" "$kout.tmp/build.log"
-    printf 'linux %s\nbuild_seconds %s\njobs %s\n' "$LINUX_SRC_VERSION" "$((t1 - t0))" "$JOBS" > "$kout.tmp/info"
-    date -u +%FT%TZ > "$kout.tmp/done"
-    rm -rf "$kout"
-    mv "$kout.tmp" "$kout"
+    publish_kernel "$kout" "$(printf 'linux %s\nbuild_seconds %s\njobs %s' "$LINUX_SRC_VERSION" "$((t1 - t0))" "$JOBS")" \
+        "$build/arch/arm64/boot/Image" "$KROOT/work/memshare-test/memshare_test.ko" "$blog"
     log "kernel built in $((t1 - t0)) s: $kout ($(stat -c %s "$kout/Image") bytes)"
 }
 
