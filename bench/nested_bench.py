@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,11 +24,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(REPO), str(REPO / "integration" / "tests"), str(REPO / "integration" / "nested")]
-from nested import NESTED, L1Host, build_l1  # noqa: E402
-from qemu_harness import GUESTS_CONFIG, _run_build, _stop  # noqa: E402
+from nested import L1Host, build_l1, line_adapter  # noqa: E402
+from qemu_harness import GUESTS_CONFIG, _run_build  # noqa: E402
 
 from tests.process import DaemonProcess  # noqa: E402
-from tests.waiting import poll  # noqa: E402
 
 LINE = re.compile(r"^(TIMING|TIMING_LOCAL) calls=0x([0-9a-f]+) ticks=0x([0-9a-f]+) freq=0x([0-9a-f]+)"
                   r" x0=0x([0-9a-f]+)", re.MULTILINE)
@@ -55,24 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[dict[str, float]] = []
     with tempfile.TemporaryDirectory(prefix="hvc-nested-", dir="/tmp") as tmpdir:
         tmp = Path(tmpdir)
-        line, sock = tmp / "line.sock", tmp / "vm.sock"
-        with (tmp / "adapter.log").open("wb") as log:
-            adapter = subprocess.Popen([sys.executable, str(NESTED / "line_adapter.py"), "--line", str(line),
-                                        "--daemon", str(sock)], stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
-        try:
-            poll(line.is_socket, "the line adapter", log=tmp / "adapter.log")
-            with DaemonProcess(GUESTS_CONFIG, socket=sock, log_path=tmp / "daemon.log") as daemon, \
-                    L1Host(qemu, image, tmp, line=line) as l1:
-                daemon.wait_listening()
-                for i in range(args.rounds):
-                    status, out = l1.run(L2, timeout=700)
-                    if status:
-                        raise SystemExit(f"L2 exited with {status}:\n{out[-3000:]}")
-                    rounds.append(per_call_us(out))
-                    print(f"# round {i + 1}: {rounds[-1]}", file=sys.stderr)
-        finally:
-            _stop(adapter)
+        line = tmp / "line.sock"
+        with line_adapter(line, tmp / "vm.sock", tmp / "adapter.log") as sock, \
+                DaemonProcess(GUESTS_CONFIG, socket=sock, log_path=tmp / "daemon.log") as daemon, \
+                L1Host(qemu, image, tmp, line=line) as l1:
+            daemon.wait_listening()
+            for i in range(args.rounds):
+                status, out = l1.run(L2, timeout=700)
+                if status:
+                    raise SystemExit(f"L2 exited with {status}:\n{out[-3000:]}")
+                rounds.append(per_call_us(out))
+                print(f"# round {i + 1}: {rounds[-1]}", file=sys.stderr)
     fwd = statistics.median(r["TIMING"] for r in rounds)
     local = statistics.median(r["TIMING_LOCAL"] for r in rounds)
     ratio = statistics.median(r["TIMING"] / r["TIMING_LOCAL"] for r in rounds)

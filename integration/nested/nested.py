@@ -21,12 +21,15 @@ import re
 import secrets
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 
-from qemu_harness import INTEGRATION, _run_build, _stop
+from qemu_harness import INTEGRATION, REPO, _run_build, _stop
 
 from tests.waiting import poll
 
@@ -267,3 +270,21 @@ class Job:
         end = self.host._wait_for(rf"@@L1E_{self.token}_(\d+)@@$", f"{self.command!r} to finish", timeout,
                                   self.begin)
         return int(end[1]), self.output()
+
+
+@contextmanager
+def line_adapter(line: Path, daemon_socket: Path, log_path: Path) -> Iterator[Path]:
+    """``line_adapter.py`` listening on ``line`` (L0's second UART connects to it) and
+    connecting to ``daemon_socket`` for each HELLO from L1; yields ``daemon_socket``,
+    where the test starts its daemons.  Stopped, its log printed, on exit."""
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen([sys.executable, str(NESTED / "line_adapter.py"), "--line", str(line),
+                                 "--daemon", str(daemon_socket)], stdin=subprocess.DEVNULL, stdout=log,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
+                                start_new_session=True)
+    try:
+        poll(line.is_socket, f"line_adapter.py listening on {line}", log=log_path)
+        yield daemon_socket
+    finally:
+        _stop(proc)
+        print(f"--- line adapter ---\n{log_path.read_text(errors='replace')[-3000:]}")

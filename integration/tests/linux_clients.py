@@ -53,6 +53,20 @@ PKVM_GUEST_CONFIG = CONFIGS / "pkvm-guest.yaml"
 VENDOR_ONLY_CONFIG = REPO / "config" / "memshare.yaml"
 
 
+FFA_CONFIG = REPO / "config" / "ffa.yaml"
+
+
+def ffa_config(workdir: Path) -> tuple[Path, int, dict[str, tuple[int, str]]]:
+    """config/ffa.yaml with its state directory in the test's work directory, the
+    guest's endpoint ID, and the partitions it offers by name: (ID, UUID)."""
+    data = yaml.safe_load(FFA_CONFIG.read_text())
+    options = data["handlers"]["ffa"]["options"]
+    options["state_dir"] = str(workdir / "state")
+    out = workdir / "ffa.yaml"
+    out.write_text(yaml.safe_dump(data, sort_keys=False))
+    return out, options["id"], {name: (p["id"], p["uuids"][0]) for name, p in options["partitions"].items()}
+
+
 class Console:
     """Commands for init-clients over the serial console: each is answered by
     ``HVCTEST: begin CMD`` ... ``HVCTEST: end CMD rc=N``."""

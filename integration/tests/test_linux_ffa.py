@@ -19,33 +19,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-import yaml
-from linux_clients import Console, client_kernel  # noqa: F401  (client_kernel is a fixture)
-from qemu_harness import REPO, Daemon, Qemu
+from linux_clients import Console, client_kernel, ffa_config  # noqa: F401  (client_kernel is a fixture)
+from qemu_harness import Daemon, Qemu
 
 pytestmark = pytest.mark.integration
 
 BOOT_TIMEOUT = 240
 SMP = 2
 MEMORY = "512M"
-FFA_CONFIG = REPO / "config" / "ffa.yaml"
-
-
-def _config(workdir: Path) -> tuple[Path, int, dict[str, tuple[int, str]]]:
-    """config/ffa.yaml with its state directory in the test's work directory, the
-    guest's endpoint ID, and the partitions it offers by name: (ID, UUID)."""
-    data = yaml.safe_load(FFA_CONFIG.read_text())
-    options = data["handlers"]["ffa"]["options"]
-    options["state_dir"] = str(workdir / "state")
-    out = workdir / "ffa.yaml"
-    out.write_text(yaml.safe_dump(data, sort_keys=False))
-    return out, options["id"], {name: (p["id"], p["uuids"][0]) for name, p in options["partitions"].items()}
 
 
 def test_linux_ffa_driver_finds_the_partitions(qemu_bin: Path, client_kernel: Path,  # noqa: F811
                                                start_daemon: Callable[..., Daemon],
                                                start_qemu: Callable[..., Qemu], workdir: Path) -> None:
-    config, vm_id, offered = _config(workdir)
+    config, vm_id, offered = ffa_config(workdir)
     daemon = start_daemon(config=config)
     q = start_qemu("-kernel", str(client_kernel / "Image"), "-initrd", str(client_kernel / "initramfs.cpio.gz"),
                    "-append", "console=ttyAMA0 rdinit=/init panic=-1",

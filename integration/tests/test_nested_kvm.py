@@ -25,9 +25,10 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nested
 import pytest
-from nested import NESTED, Job, L1Host, build_l1
-from qemu_harness import GUESTS_CONFIG, REPO, Daemon, _run_build, _stop, scratch_dir
+from nested import Job, L1Host, build_l1
+from qemu_harness import GUESTS_CONFIG, REPO, Daemon, _run_build, scratch_dir
 from transcripts import (
     assert_daemon_log_clean,
     assert_daemon_saw,
@@ -36,8 +37,6 @@ from transcripts import (
     assert_smp_transcript,
     assert_standby_waited,
 )
-
-from tests.waiting import poll
 
 L1_BOOT_TIMEOUT = 600.0
 L2_TIMEOUT = 300.0
@@ -57,20 +56,9 @@ def nested_dir() -> Iterator[Path]:
 
 @pytest.fixture(scope="module")
 def line_adapter(nested_dir: Path) -> Iterator[Path]:
-    """line_adapter.py on the line socket L0's second UART connects to; it connects to
-    the daemon's socket (the returned path) for each HELLO from L1."""
-    line, daemon_sock, log_path = nested_dir / "line.sock", nested_dir / "vm.sock", nested_dir / "line-adapter.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen([sys.executable, str(NESTED / "line_adapter.py"), "--line", str(line),
-                                 "--daemon", str(daemon_sock)], stdin=subprocess.DEVNULL, stdout=log,
-                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(REPO)},
-                                start_new_session=True)
-    try:
-        poll(line.is_socket, f"line_adapter.py listening on {line}", log=log_path)
-        yield daemon_sock
-    finally:
-        _stop(proc)
-        print(f"--- line adapter ---\n{log_path.read_text(errors='replace')[-3000:]}")
+    """The daemon's socket, where the line adapter connects for each HELLO from L1."""
+    with nested.line_adapter(nested_dir / "line.sock", nested_dir / "vm.sock", nested_dir / "line-adapter.log") as s:
+        yield s
 
 
 @pytest.fixture(scope="module")
@@ -224,6 +212,19 @@ def test_daemon_restart_while_l2_runs(l1: L1Host, start_daemon: StartDaemon, lin
     assert status == 0, out
     assert "reconnect" in second.log and "0x84000008" in second.log.lower(), second.log[-4000:]  # SYSTEM_OFF
     assert_daemon_log_clean(second)
+
+
+def test_smccc_1_2_is_refused_without_the_kvm_patch(l1: L1Host, daemon: Daemon) -> None:
+    """Debian's stock KVM cannot be told to report SMCCC 1.2: with smccc-version=1.2
+    QEMU refuses to start and names the missing kernel support (issue 14's KVM patch,
+    test_nested_kvm_patch.py, adds it)."""
+    qemu = L2_QEMU.replace("vm-name=guests", "vm-name=guests,smccc-version=1.2")
+    status, out = l1.run(f"timeout 120 {qemu} -M virt -smp 1 -m 128 -kernel /l2/guests/calls-hvc.elf",
+                         timeout=L2_TIMEOUT)
+    assert status == 1, out
+    assert "no KVM_REG_ARM_SMCCC_VERSION firmware register" in out, out
+    assert "smccc-version=1.2 needs a host kernel whose KVM lets the VMM raise the version" in out, out
+    assert "GUEST" not in out, out  # the guest never ran
 
 
 def test_arch_range_config_is_refused_before_qemu_starts(workdir: Path) -> None:

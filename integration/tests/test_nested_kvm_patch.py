@@ -14,19 +14,29 @@ concatenated archives in order) and runs them inside L1, under its KVM:
 - ``get-reg-list``: the blessed register list, which the series extends with
   KVM_REG_ARM_FW_REG(4).
 
+Then the proof issue 14 asks for, under that KVM: the client kernel
+(CONFIG_ARM_FFA_TRANSPORT) as L2, its FF-A range forwarded to hvcproxyd through
+the serial line (config/ffa.yaml).  With the forwarder's smccc-version=1.2, QEMU
+sets the register, Linux reports SMCCC 1.2 and its FF-A driver probes the
+daemon's endpoint and finds the partitions; with the default, KVM's 1.1, the
+driver declines, as it does on every KVM today.
+
 Each selftest's output is kept in the module's directory, with L1's console log.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import nested
 import pytest
-from nested import L1Host, build_l1
-from qemu_harness import _run_build
+from linux_clients import ffa_config
+from nested import Job, L1Host, build_l1
+from qemu_harness import Daemon, _run_build
 
 #: A cold kernel build on 2 busy cores; a cache hit takes a second.
 KERNEL_BUILD_TIMEOUT = 90 * 60
@@ -48,22 +58,33 @@ def l1_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("l1-kvm-patch")
 
 
-def selftests_cpio(kernel_dir: Path, work: Path) -> bytes:
-    """A newc archive with the selftests under SELFTEST_DIR."""
-    root = work / "selftests-root"
-    dest = root / SELFTEST_DIR.lstrip("/")
-    dest.mkdir(parents=True)
-    for name in SELFTESTS:
-        shutil.copy(kernel_dir / name, dest / name)
-        (dest / name).chmod(0o755)
+def payload_cpio(files: dict[str, Path], work: Path) -> bytes:
+    """A newc archive with ``files`` (path in L1 -> file here), executable."""
+    root = work / "payload-root"
+    for dest, src in files.items():
+        target = root / dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, target)
+        target.chmod(0o755)
     names = subprocess.run(["find", "."], cwd=root, check=True, capture_output=True).stdout
     return subprocess.run(["cpio", "-o", "-H", "newc", "--owner=0:0", "--quiet"], cwd=root, input=names,
                           check=True, capture_output=True).stdout
 
 
 @pytest.fixture(scope="module")
-def l1(qemu_bin: Path, l1_kernel: Path, l1_dir: Path) -> Iterator[L1Host]:
-    """L1 = the patched kernel + the stock L1 initramfs + the selftests."""
+def line_adapter(l1_dir: Path) -> Iterator[Path]:
+    """The daemon's socket, where the line adapter connects for each HELLO from L1."""
+    with nested.line_adapter(l1_dir / "line.sock", l1_dir / "vm.sock", l1_dir / "line-adapter.log") as sock:
+        yield sock
+
+
+@pytest.fixture(scope="module")
+def l1(qemu_bin: Path, l1_kernel: Path, l1_dir: Path, line_adapter: Path) -> Iterator[L1Host]:
+    """L1 = the patched kernel + the stock L1 initramfs + the selftests and the
+    client kernel (CONFIG_ARM_FFA_TRANSPORT) for L2."""
+    client = _run_build("linux/build-kernel.sh", timeout=KERNEL_BUILD_TIMEOUT)
+    payload = {f"{SELFTEST_DIR}/{name}": l1_kernel / name for name in SELFTESTS}
+    payload |= {"/l2/client/Image": client / "Image", "/l2/client/initramfs.cpio.gz": client / "initramfs.cpio.gz"}
     stock = build_l1()
     stock_initrd = stock / "initramfs.cpio"
     assert stock_initrd.exists(), f"build-l1.sh left no uncompressed initramfs in {stock}"
@@ -73,8 +94,8 @@ def l1(qemu_bin: Path, l1_kernel: Path, l1_dir: Path) -> Iterator[L1Host]:
     with (image / "initramfs.cpio").open("wb") as out:
         with stock_initrd.open("rb") as f:
             shutil.copyfileobj(f, out)
-        out.write(selftests_cpio(l1_kernel, l1_dir))
-    with L1Host(qemu_bin, image, l1_dir, boot_timeout=BOOT_TIMEOUT) as host:
+        out.write(payload_cpio(payload, l1_dir))
+    with L1Host(qemu_bin, image, l1_dir, line=l1_dir / "line.sock", boot_timeout=BOOT_TIMEOUT) as host:
         yield host
         print(f"--- L1 console ({host.log_path}) ---\n{host.console_log()[-8000:]}")
 
@@ -112,3 +133,69 @@ def test_get_reg_list_selftest(l1: L1Host) -> None:
     assert "Test Assertion Failure" not in out, out
     # Printed only as a new (unblessed) or a missing register.
     assert "KVM_REG_ARM_FW_REG(4)" not in out, out
+
+
+#: The client kernel as L2 under L1's KVM, its FF-A range forwarded to hvcproxyd
+#: through the line (config/ffa.yaml); {opts} adds hvc-forwarder properties.
+L2_FFA = ("timeout 500 qemu-system-aarch64 -M virt -accel kvm -cpu host -smp 2 -m 512 -nodefaults"
+          " -no-user-config -display none -monitor none -nic none -serial mon:stdio"
+          " -chardev serial,id=fw,path=/dev/ttyAMA1 -object hvc-forwarder,id=hf0,chardev=fw,vm-name=linux{opts}"
+          " -kernel /l2/client/Image -initrd /l2/client/initramfs.cpio.gz"
+          " -append 'console=ttyAMA0 rdinit=/init panic=-1'")
+FFA_BOOT_TIMEOUT = 600.0
+
+
+def _ffa_guest(l1: L1Host, start_daemon: Callable[..., Daemon], line_adapter: Path, workdir: Path,
+               opts: str) -> tuple[Daemon, str, int, dict[str, tuple[int, str]], Job]:
+    config, vm_id, offered = ffa_config(workdir)
+    daemon = start_daemon(config=config, socket=line_adapter, qmp=False)
+    job = l1.start(L2_FFA.format(opts=opts), stdin=True)
+    job.expect(r"^HVCTEST: ready", timeout=FFA_BOOT_TIMEOUT)
+    return daemon, job.output(), vm_id, offered, job
+
+
+def _power_off(job: Job) -> None:
+    job.send("poweroff\n")
+    status, out = job.wait(timeout=120)
+    assert status == 0, out[-4000:]
+
+
+def test_ffa_driver_probes_under_kvm_with_smccc_1_2(l1: L1Host, start_daemon: Callable[..., Daemon],
+                                                    line_adapter: Path, workdir: Path) -> None:
+    """smccc-version=1.2: QEMU sets KVM_REG_ARM_SMCCC_VERSION, Linux reports SMCCC 1.2
+    and its FF-A driver probes hvcproxyd's FF-A endpoint through the forwarded range,
+    finding the configured partitions."""
+    daemon, out, vm_id, offered, job = _ffa_guest(l1, start_daemon, line_adapter, workdir, ",smccc-version=1.2")
+    try:
+        assert "SMC Calling Convention v1.2" in out, out
+        assert "ARM FF-A: Driver version 1.1" in out, out
+        assert "ARM FF-A: Firmware version 1.2 found" in out, out
+        assert "failed to setup partitions" not in out and "No partitions found" not in out, out
+        job.send("sh grep -H . /sys/bus/arm_ffa/devices/*/uuid /sys/bus/arm_ffa/devices/*/partition_id\n")
+        job.expect(r"^HVCTEST: end sh .* rc=\d+", timeout=120)
+        found: dict[str, dict[str, str]] = {}
+        for m in re.finditer(r"^HVCTEST: out /sys/bus/arm_ffa/devices/([^/]+)/(uuid|partition_id):(\S+)$",
+                             job.output(), re.MULTILINE):
+            found.setdefault(m[1], {})[m[2]] = m[3]
+        got = {(int(attrs["partition_id"], 0), attrs["uuid"]) for attrs in found.values()}
+        host = (vm_id, "00000000-0000-0000-0000-000000000000")  # the driver's own device
+        assert got == {*offered.values(), host}, (job.output()[-3000:], offered)
+        log = daemon.log
+        order = [log.find(name) for name in ("FFA_VERSION", "FFA_ID_GET", "FFA_RXTX_MAP64", "FFA_PARTITION_INFO_GET",
+                                             "FFA_RX_RELEASE")]
+        assert all(i >= 0 for i in order) and order == sorted(order), log[-4000:]
+    finally:
+        _power_off(job)
+
+
+def test_ffa_driver_declines_with_kvms_default_smccc_1_1(l1: L1Host, start_daemon: Callable[..., Daemon],
+                                                         line_adapter: Path, workdir: Path) -> None:
+    """Without smccc-version the patched KVM still says 1.1, as every KVM does today,
+    and Linux's FF-A driver gives up before its first call."""
+    daemon, out, _, _, job = _ffa_guest(l1, start_daemon, line_adapter, workdir, "")
+    try:
+        assert "SMC Calling Convention v1.1" in out, out
+        assert "ARM FF-A" not in out, out
+        assert "FFA_VERSION" not in daemon.log, daemon.log[-4000:]
+    finally:
+        _power_off(job)
