@@ -1,10 +1,10 @@
 #!/bin/bash
 # Build the client test kernel: Debian's `linux` source (6.12, bookworm-backports),
 # cross-compiled for arm64 from allnoconfig plus integration/linux/kernel.config,
-# with integration/linux/patches/*.patch on top, the memshare test module
-# (integration/linux/memshare-test/) and a busybox initramfs whose /init is
-# integration/linux/init-clients, with the static TEE client
-# integration/linux/tee-test/ as /bin/tee-test.
+# with integration/linux/patches/*.patch on top, the out-of-tree test modules
+# (integration/linux/memshare-test/, integration/linux/ffa-echo-test/) and a
+# busybox initramfs whose /init is integration/linux/init-clients, with the
+# static TEE client integration/linux/tee-test/ as /bin/tee-test.
 #
 # Usage: integration/linux/build-kernel.sh [--print-key] [--help]
 #   --print-key   print the kernel's cache key and exit (no download, no build)
@@ -18,8 +18,8 @@
 # Cache (outside the repository):
 #   kernel/src/linux-<version>/     the unpacked Debian source (debian/patches applied)
 #   kernel/work/src-<key>/          hard-linked copy with our patches; work/build is O=
-#   kernel/<key>/                   Image, memshare_test.ko, config, build.log
-#       key = source version + kernel.config + patches + module source +
+#   kernel/<key>/                   Image, memshare_test.ko, ffa_echo_test.ko, config, build.log
+#       key = source version + kernel.config + patches + the modules' source +
 #             KERNEL_RECIPE + the cross compiler's version
 #   linux-clients/<key>/            Image (symlink), initramfs.cpio.gz, config
 #       key = the kernel key + busybox + init-clients + tee-test's source
@@ -41,7 +41,11 @@ JOBS="${HVCIT_KERNEL_JOBS:-$(nproc)}"
 MAKE_TIMEOUT="${HVCIT_KERNEL_TIMEOUT:-3600}"
 CROSS=aarch64-linux-gnu-
 FRAGMENT="$LINUX_DIR/kernel.config"
-MODULE_DIR="$LINUX_DIR/memshare-test"
+# The out-of-tree test modules, each a directory with a Kbuild and <name>.c
+# (dashes become underscores), built with M= against the kernel and put into
+# the initramfs's /lib/modules.
+MODULES=(memshare-test ffa-echo-test)
+module_name() { printf '%s' "${1//-/_}"; }
 INIT="$LINUX_DIR/init-clients"
 TEE_TEST="$LINUX_DIR/tee-test/tee_test.c"
 
@@ -66,7 +70,9 @@ need cpio cpio
 need gzip gzip
 need timeout coreutils
 [ -f "$FRAGMENT" ] || die "missing config fragment $FRAGMENT"
-[ -f "$MODULE_DIR/memshare_test.c" ] || die "missing $MODULE_DIR/memshare_test.c"
+for m in "${MODULES[@]}"; do
+    [ -f "$LINUX_DIR/$m/$(module_name "$m").c" ] || die "missing the source of $LINUX_DIR/$m"
+done
 [ -f "$INIT" ] || die "missing $INIT"
 [ -f "$TEE_TEST" ] || die "missing $TEE_TEST"
 
@@ -83,7 +89,11 @@ src_key=$( {
 } | short_key )
 kernel_key=$( {
     echo "src $src_key"
-    hash_files "$FRAGMENT" "$MODULE_DIR"/*
+    hash_files "$FRAGMENT"
+    for m in "${MODULES[@]}"; do
+        echo "module $m"
+        hash_files "$LINUX_DIR/$m"/*
+    done
     echo "recipe $KERNEL_RECIPE"
     echo "cc $("${CROSS}gcc" --version | head -1)"
 } | short_key )
@@ -180,19 +190,22 @@ build_kernel() {
         { tail -20 "$blog" >&2; die "make allnoconfig failed (log $blog)"; }
     check_config
     log "building Image with -j$JOBS (~3-4 min cold on 2 cores; log $blog)"
-    # "modules" (none in-tree) runs modpost on vmlinux: the Module.symvers the test module links against.
+    # "modules" (none in-tree) runs modpost on vmlinux: the Module.symvers the test modules link against.
     kmake -j"$JOBS" Image modules >>"$blog" 2>&1 ||
         { tail -30 "$blog" >&2; die "kernel build failed (log $blog)"; }
-    log "building the memshare test module"
-    rm -rf "$KROOT/work/memshare-test"
-    cp -r "$MODULE_DIR" "$KROOT/work/memshare-test"
-    kmake M="$KROOT/work/memshare-test" modules >>"$blog" 2>&1 ||
-        { tail -30 "$blog" >&2; die "memshare test module build failed (log $blog)"; }
-    t1=$(date +%s)
     rm -rf "$kout.tmp"
     mkdir -p "$kout.tmp"
+    local m
+    for m in "${MODULES[@]}"; do
+        log "building the test module $m (M=)"
+        rm -rf "${KROOT:?}/work/$m"
+        cp -r "$LINUX_DIR/$m" "$KROOT/work/$m"
+        kmake M="$KROOT/work/$m" modules >>"$blog" 2>&1 ||
+            { tail -30 "$blog" >&2; die "test module $m failed to build (log $blog)"; }
+        cp "$KROOT/work/$m/$(module_name "$m").ko" "$kout.tmp/"
+    done
+    t1=$(date +%s)
     cp "$build/arch/arm64/boot/Image" "$kout.tmp/Image"
-    cp "$KROOT/work/memshare-test/memshare_test.ko" "$kout.tmp/"
     cp "$build/.config" "$kout.tmp/config"
     cp "$blog" "$kout.tmp/build.log"
     printf 'linux %s\nbuild_seconds %s\njobs %s\n' "$LINUX_SRC_VERSION" "$((t1 - t0))" "$JOBS" > "$kout.tmp/info"
@@ -224,7 +237,9 @@ build_initramfs() {
         mkdir -p "$out/root"/{bin,dev,proc,sys,tmp,lib/modules}
         cp "$busybox" "$out/root/bin/busybox"
         install -m 0755 "$INIT" "$out/root/init"
-        cp "$kout/memshare_test.ko" "$out/root/lib/modules/"
+        for m in "${MODULES[@]}"; do
+            cp "$kout/$(module_name "$m").ko" "$out/root/lib/modules/"
+        done
         # A static TEE client (TEE_IOC_* only, like libteec) for the OP-TEE test.
         "${CROSS}gcc" -static -O2 -Wall -Wextra -Werror -o "$out/root/bin/tee-test" "$TEE_TEST" 2>"$out/tee-test.log" ||
             { cat "$out/tee-test.log" >&2; die "cannot build $TEE_TEST static for arm64" \
