@@ -1,10 +1,10 @@
 #!/bin/bash
 # Build the client test kernel: Debian's `linux` source (6.12, bookworm-backports),
 # cross-compiled for arm64 from allnoconfig plus integration/linux/kernel.config,
-# with integration/linux/patches/*.patch on top, the memshare test module
-# (integration/linux/memshare-test/) and a busybox initramfs whose /init is
-# integration/linux/init-clients, with the static TEE client
-# integration/linux/tee-test/ as /bin/tee-test.
+# with integration/linux/patches/*.patch on top, the out-of-tree test modules
+# (integration/linux/memshare-test/, integration/linux/ffa-echo-test/) and a
+# busybox initramfs whose /init is integration/linux/init-clients, with the
+# static TEE client integration/linux/tee-test/ as /bin/tee-test.
 #
 # Usage: integration/linux/build-kernel.sh [--print-key] [--help]
 #   --print-key   print the kernel's cache key and exit (no download, no build)
@@ -18,8 +18,8 @@
 # Cache (outside the repository):
 #   kernel/src/linux-<version>/     the unpacked Debian source (debian/patches applied)
 #   kernel/work/src-<key>/          hard-linked copy with our patches; work/build is O=
-#   kernel/<key>/                   Image, memshare_test.ko, config, build.log
-#       key = source version + kernel.config + patches + module source +
+#   kernel/<key>/                   Image, memshare_test.ko, ffa_echo_test.ko, config, build.log
+#       key = source version + kernel.config + patches + the modules' source +
 #             KERNEL_RECIPE + the cross compiler's version
 #   linux-clients/<key>/            Image (symlink), initramfs.cpio.gz, config
 #       key = the kernel key + busybox + init-clients + tee-test's source
@@ -36,7 +36,11 @@ source "$LINUX_DIR/kernel-lib.sh"
 # Bump when the steps that make kernel/<key>/ change (not for initramfs-only edits).
 KERNEL_RECIPE=1
 FRAGMENT="$LINUX_DIR/kernel.config"
-MODULE_DIR="$LINUX_DIR/memshare-test"
+# The out-of-tree test modules, each a directory with a Kbuild and <name>.c
+# (dashes become underscores), built with M= against the kernel and put into
+# the initramfs's /lib/modules.
+MODULES=(memshare-test ffa-echo-test)
+module_name() { printf '%s' "${1//-/_}"; }
 INIT="$LINUX_DIR/init-clients"
 TEE_TEST="$LINUX_DIR/tee-test/tee_test.c"
 
@@ -50,7 +54,9 @@ need_kernel_tools
 need cpio cpio
 need gzip gzip
 [ -f "$FRAGMENT" ] || die "missing config fragment $FRAGMENT"
-[ -f "$MODULE_DIR/memshare_test.c" ] || die "missing $MODULE_DIR/memshare_test.c"
+for m in "${MODULES[@]}"; do
+    [ -f "$LINUX_DIR/$m/$(module_name "$m").c" ] || die "missing the source of $LINUX_DIR/$m"
+done
 [ -f "$INIT" ] || die "missing $INIT"
 [ -f "$TEE_TEST" ] || die "missing $TEE_TEST"
 
@@ -59,7 +65,11 @@ PATCHES=("$LINUX_DIR"/patches/*.patch)
 shopt -u nullglob
 
 src_key=$(series_key "${PATCHES[@]}")
-kernel_key=$(build_key "$FRAGMENT" "$MODULE_DIR"/*)
+module_files=()
+for m in "${MODULES[@]}"; do
+    module_files+=("$LINUX_DIR/$m"/*)
+done
+kernel_key=$(build_key "$FRAGMENT" "${module_files[@]}")
 if [ "${1:-}" = --print-key ]; then
     printf '%s\n' "$kernel_key"
     exit 0
@@ -96,17 +106,21 @@ build_kernel() {
     t0=$(date +%s)
     configure_kernel "$blog"
     log "building Image with -j$JOBS (~3-4 min cold on 2 cores; log $blog)"
-    # "modules" (none in-tree) runs modpost on vmlinux: the Module.symvers the test module links against.
+    # "modules" (none in-tree) runs modpost on vmlinux: the Module.symvers the test modules link against.
     kmake -j"$JOBS" Image modules >>"$blog" 2>&1 ||
         { tail -30 "$blog" >&2; die "kernel build failed (log $blog)"; }
-    log "building the memshare test module"
-    rm -rf "$KROOT/work/memshare-test"
-    cp -r "$MODULE_DIR" "$KROOT/work/memshare-test"
-    kmake M="$KROOT/work/memshare-test" modules >>"$blog" 2>&1 ||
-        { tail -30 "$blog" >&2; die "memshare test module build failed (log $blog)"; }
+    local m kos=()
+    for m in "${MODULES[@]}"; do
+        log "building the test module $m (M=)"
+        rm -rf "${KROOT:?}/work/$m"
+        cp -r "$LINUX_DIR/$m" "$KROOT/work/$m"
+        kmake M="$KROOT/work/$m" modules >>"$blog" 2>&1 ||
+            { tail -30 "$blog" >&2; die "test module $m failed to build (log $blog)"; }
+        kos+=("$KROOT/work/$m/$(module_name "$m").ko")
+    done
     t1=$(date +%s)
     publish_kernel "$kout" "$(printf 'linux %s\nbuild_seconds %s\njobs %s' "$LINUX_SRC_VERSION" "$((t1 - t0))" "$JOBS")" \
-        "$build/arch/arm64/boot/Image" "$KROOT/work/memshare-test/memshare_test.ko" "$blog"
+        "$build/arch/arm64/boot/Image" "${kos[@]}" "$blog"
     log "kernel built in $((t1 - t0)) s: $kout ($(stat -c %s "$kout/Image") bytes)"
 }
 
@@ -132,7 +146,9 @@ build_initramfs() {
         mkdir -p "$out/root"/{bin,dev,proc,sys,tmp,lib/modules}
         cp "$busybox" "$out/root/bin/busybox"
         install -m 0755 "$INIT" "$out/root/init"
-        cp "$kout/memshare_test.ko" "$out/root/lib/modules/"
+        for m in "${MODULES[@]}"; do
+            cp "$kout/$(module_name "$m").ko" "$out/root/lib/modules/"
+        done
         # A static TEE client (TEE_IOC_* only, like libteec) for the OP-TEE test.
         "${CROSS}gcc" -static -O2 -Wall -Wextra -Werror -o "$out/root/bin/tee-test" "$TEE_TEST" 2>"$out/tee-test.log" ||
             { cat "$out/tee-test.log" >&2; die "cannot build $TEE_TEST static for arm64" \
