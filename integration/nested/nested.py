@@ -244,8 +244,11 @@ class Job:
     def output(self) -> str:
         """What the command printed so far."""
         text = self.host.console_log()[self.begin:]
-        end = re.search(rf"@@L1E_{self.token}_(\d+)@@$", text, re.MULTILINE)
+        end = self._end(text)
         return (text[:end.start()] if end else text).removeprefix("\n")
+
+    def _end(self, text: str) -> re.Match[str] | None:
+        return re.search(rf"@@L1E_{self.token}_(\d+)@@$", text, re.MULTILINE)
 
     def expect(self, pattern: str, timeout: float, count: int = 1) -> re.Match[str]:
         """The ``count``-th match of ``pattern`` (multiline regex) in the command's output."""
@@ -257,6 +260,9 @@ class Job:
                 return matches[count - 1]
             if not self.host.running:
                 raise AssertionError(f"L0 exited while {self.command!r} ran:\n{self.host._tail()}")
+            if end := self._end(self.host.console_log()[self.begin:]):
+                raise AssertionError(f"{self.command!r} ended (exit {end[1]}) without printing /{pattern}/:\n"
+                                     f"{self.output()[-6000:]}")
             return None
         return poll(found, f"/{pattern}/ x{count} from {self.command!r}", timeout=timeout,
                     log=self.host.log_path)

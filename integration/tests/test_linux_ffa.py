@@ -88,7 +88,7 @@ ECHO_WORDS = [0xEC40FFA0D0D0E0E0 | i for i in range(5)]
 def test_linux_ffa_echo_partition_round_trip(qemu_bin: Path, client_kernel: Path,  # noqa: F811
                                              start_daemon: Callable[..., Daemon],
                                              start_qemu: Callable[..., Qemu], workdir: Path) -> None:
-    config, vm_id, offered = _config(workdir)
+    config, vm_id, offered = ffa_config(workdir)
     echo_id, echo_uuid = offered["echo"]
     daemon = start_daemon(config=config)
     q, con = _boot(client_kernel, daemon, start_qemu)

@@ -85,7 +85,7 @@ def l1(qemu_bin: Path, l1_kernel: Path, l1_dir: Path, line_adapter: Path) -> Ite
     client = _run_build("linux/build-kernel.sh", timeout=KERNEL_BUILD_TIMEOUT)
     payload = {f"{SELFTEST_DIR}/{name}": l1_kernel / name for name in SELFTESTS}
     payload |= {"/l2/client/Image": client / "Image", "/l2/client/initramfs.cpio.gz": client / "initramfs.cpio.gz"}
-    stock = build_l1()
+    stock = build_l1(_run_build("nested/build-qemu-arm64.sh"))
     stock_initrd = stock / "initramfs.cpio"
     assert stock_initrd.exists(), f"build-l1.sh left no uncompressed initramfs in {stock}"
     image = l1_dir / "image"
@@ -164,13 +164,15 @@ def test_ffa_driver_probes_under_kvm_with_smccc_1_2(l1: L1Host, start_daemon: Ca
                                                     line_adapter: Path, workdir: Path) -> None:
     """smccc-version=1.2: QEMU sets KVM_REG_ARM_SMCCC_VERSION, Linux reports SMCCC 1.2
     and its FF-A driver probes hvcproxyd's FF-A endpoint through the forwarded range,
-    finding the configured partitions."""
+    finding the configured partitions; a direct message to echo round-trips."""
     daemon, out, vm_id, offered, job = _ffa_guest(l1, start_daemon, line_adapter, workdir, ",smccc-version=1.2")
     try:
         assert "SMC Calling Convention v1.2" in out, out
         assert "ARM FF-A: Driver version 1.1" in out, out
         assert "ARM FF-A: Firmware version 1.2 found" in out, out
         assert "failed to setup partitions" not in out and "No partitions found" not in out, out
+        # A direct message to the echo partition round-trips (integration/linux/ffa-echo-test).
+        assert re.search(r"^HVCTEST: klog ffa-echo-test: reply data0=0xec40ffa0d0d0e0e0 .* ok$", out, re.MULTILINE), out
         job.send("sh grep -H . /sys/bus/arm_ffa/devices/*/uuid /sys/bus/arm_ffa/devices/*/partition_id\n")
         job.expect(r"^HVCTEST: end sh .* rc=\d+", timeout=120)
         found: dict[str, dict[str, str]] = {}
