@@ -49,6 +49,7 @@ class SmpGuest:
         self.siblings: dict[int, dict[int, int]] = {}  # vCPU -> sibling -> AFFINITY_INFO
         self.all_on = trio.Event()
         self.reported = trio.Semaphore(0)
+        self.all_reported = trio.Event()
         self.back = trio.Event()
         self.polls = 0
         self.second_on: list[int] = []
@@ -63,6 +64,7 @@ class SmpGuest:
         self.all_on.set()
         for _ in range(N_VCPUS - 1):
             await self.reported.acquire()
+        self.all_reported.set()
         # The secondary turns itself off; poll until PSCI says so, then bring it back.
         target = cpu.sim.vcpus[OFF_VCPU].mpidr
         while (await cpu.call(AFFINITY_INFO64, target, 0))[0] != AFF_OFF:
@@ -86,6 +88,7 @@ class SmpGuest:
             v.index: (await cpu.call(AFFINITY_INFO, v.mpidr, 0))[0] for v in cpu.sim.vcpus if v is not cpu}
         self.reported.release()
         if cpu.index == OFF_VCPU:
+            await self.all_reported.wait()  # its siblings have seen it ON before it goes
             await cpu.call(CPU_OFF)
             raise AssertionError("CPU_OFF returned")
 
