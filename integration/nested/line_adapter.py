@@ -42,7 +42,7 @@ from hvcproxyd import wire
 log = logging.getLogger("line-adapter")
 
 _HEADER = wire.HEADER
-_MAGIC = struct.Struct("<I")
+_U32 = struct.Struct("<I")
 _TYPES = frozenset(int(t) for t in wire.MsgType)
 #: How long a HELLO waits for the daemon to come (back) up before the adapter gives up
 #: with ERROR(SHUTDOWN); the forwarder sends HELLO again a second later.
@@ -50,21 +50,25 @@ CONNECT_PATIENCE = 30.0
 _SHUTDOWN_ERROR = wire.encode(wire.Error(wire.ErrorCode.SHUTDOWN, "the handler closed the connection"))
 
 
-def _header_ok(buf: bytearray | bytes, off: int = 0) -> bool:
-    length, msg_type, flags, _seq = _HEADER.unpack_from(buf, off)
+def _header_ok(buf: bytearray | bytes) -> bool:
+    length, msg_type, flags, _seq = _HEADER.unpack_from(buf)
     return _HEADER.size <= length <= wire.MAX_FRAME and msg_type in _TYPES and flags == 0
 
 
+def _first_word(frame: bytes, msg_type: wire.MsgType) -> int | None:
+    """The payload's first u32 of a ``msg_type`` frame (HELLO's magic, EVENT's kind)."""
+    _length, got, _flags, _seq = _HEADER.unpack_from(frame)
+    if got != msg_type or len(frame) < _HEADER.size + _U32.size:
+        return None
+    return int(_U32.unpack_from(frame, _HEADER.size)[0])
+
+
 def _is_hello(frame: bytes) -> bool:
-    _length, msg_type, _flags, seq = _HEADER.unpack_from(frame)
-    return (msg_type == wire.MsgType.HELLO and seq == 0 and len(frame) >= _HEADER.size + 4
-            and _MAGIC.unpack_from(frame, _HEADER.size)[0] == wire.MAGIC)
+    return _HEADER.unpack_from(frame)[3] == 0 and _first_word(frame, wire.MsgType.HELLO) == wire.MAGIC
 
 
 def _is_vm_shutdown(frame: bytes) -> bool:
-    _length, msg_type, _flags, _seq = _HEADER.unpack_from(frame)
-    return (msg_type == wire.MsgType.EVENT and len(frame) >= _HEADER.size + 4
-            and _MAGIC.unpack_from(frame, _HEADER.size)[0] == wire.EventKind.VM_SHUTDOWN)
+    return _first_word(frame, wire.MsgType.EVENT) == wire.EventKind.VM_SHUTDOWN
 
 
 class FrameSplitter:
@@ -169,12 +173,7 @@ class Adapter:
             return
         if _is_vm_shutdown(frame):
             log.info("VM_SHUTDOWN from the line: the VMM exits, closing its session")
-            stream = self._daemon
-            self._daemon = None
-            if self._daemon_scope is not None:
-                self._daemon_scope.cancel()
-                self._daemon_scope = None
-            await stream.aclose()
+            await self._close_daemon()
 
     async def _serve_line(self, stream: trio.abc.Stream) -> None:
         async with self._line_lock:
