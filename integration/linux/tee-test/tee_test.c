@@ -21,6 +21,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 /* 5e1f0c2a-7d4b-4c8e-9a61-0e2f4b6d8a10 and ...11, in octet order */
@@ -203,11 +204,31 @@ int main(void)
 	      (unsigned long long)inv.params[1].a, (unsigned long long)inv.params[1].b);
 	printf("HVCTEST: tee rpc-shm %llu freed=%llu\n", (unsigned long long)inv.params[1].a,
 	       (unsigned long long)inv.params[1].b);
-	start(&inv, RPC_CMD_GET_TIME, rpc, 1);
-	value(&inv.params[0], TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT, 0, 0);
-	rc = invoke(tee, &inv);
-	CHECK(rc == 0 && inv.arg.ret == 0 && inv.params[0].a > 0, "GET_TIME: rc %d ret %#x", rc, inv.arg.ret);
-	printf("HVCTEST: tee rpc-time %llu\n", (unsigned long long)inv.params[0].a);
+	{
+		/*
+		 * The driver answers GET_TIME from CLOCK_REALTIME, which starts at the epoch in a guest
+		 * without an RTC: the answer must lie between two readings of that clock, not merely be
+		 * nonzero (seconds are 0 in a guest that booted within the last second).
+		 */
+		struct timespec before, after;
+		uint64_t got_ns, before_ns, after_ns;
+
+		clock_gettime(CLOCK_REALTIME, &before);
+		start(&inv, RPC_CMD_GET_TIME, rpc, 1);
+		value(&inv.params[0], TEE_IOCTL_PARAM_ATTR_TYPE_VALUE_OUTPUT, 0, 0);
+		rc = invoke(tee, &inv);
+		clock_gettime(CLOCK_REALTIME, &after);
+		got_ns = inv.params[0].a * 1000000000ull + inv.params[0].b;
+		before_ns = before.tv_sec * 1000000000ull + before.tv_nsec;
+		after_ns = after.tv_sec * 1000000000ull + after.tv_nsec;
+		CHECK(rc == 0 && inv.arg.ret == 0 && inv.params[0].b < 1000000000ull && before_ns <= got_ns &&
+			      got_ns <= after_ns,
+		      "GET_TIME: rc %d ret %#x time %llu.%09llu outside [%lld.%09ld, %lld.%09ld]", rc, inv.arg.ret,
+		      (unsigned long long)inv.params[0].a, (unsigned long long)inv.params[0].b,
+		      (long long)before.tv_sec, before.tv_nsec, (long long)after.tv_sec, after.tv_nsec);
+		printf("HVCTEST: tee rpc-time %llu.%09llu\n", (unsigned long long)inv.params[0].a,
+		       (unsigned long long)inv.params[0].b);
+	}
 
 	{
 		struct tee_ioctl_close_session_arg c1 = {.session = echo}, c2 = {.session = rpc};
