@@ -226,6 +226,18 @@ class Handler:
         ValueError, changing nothing, for anything this handler's snapshot() did not write."""
         return ()
 
+    def guest_abi(self) -> dict[str, Any]:
+        """What the guest has seen from this instance and relies on (a service's
+        version, an endpoint ID), as plain data: a migration or state import into
+        an instance whose ``guest_abi()`` differs is refused, naming the keys."""
+        return {}
+
+    def migration_blocker(self) -> str | None:
+        """Why this instance's state cannot move with the VM now (it lives in a
+        backend outside the daemon), or None.  The VMM registers it as a
+        migration blocker, so ``migrate`` and ``savevm`` refuse with this text."""
+        return None
+
     def adopt(self, previous: Handler) -> Notes:
         """Take over the state of ``previous``, an instance of the same class that
         this one replaces on a reload.  The default goes through :meth:`snapshot`

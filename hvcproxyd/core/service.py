@@ -34,6 +34,7 @@ from ..wire import (
     VmEvent,
     reply_to,
 )
+from . import state
 from .guestmem import GuestMemory
 from .handler import NOT_SUPPORTED, Handler, Notes, Result, VmContext, VmFacts
 from .sidecar import Sidecar, load_sidecar_class
@@ -246,6 +247,27 @@ class VmService:
 
     def snapshot(self) -> dict[str, Any]:
         return {name: inst.snapshot() for name, inst in self.instances.items()}
+
+    # -- the whole state, for migration, savevm/loadvm and offline export
+    def state_document(self) -> dict[str, Any]:
+        return state.document(self.config, self.instances)
+
+    def load_state(self, doc: dict[str, Any]) -> None:
+        """Adopt a state document (from :func:`state.decode`) as this VM's, all or
+        nothing; raises StateError naming every way its guest ABI differs from this
+        VM's, or the handler that refused its part."""
+        differences = state.abi_differences(doc["abi"], state.guest_abi(self.config, self.instances))
+        if doc["vm"] != self.config.name:
+            differences.insert(0, f"it is VM {doc['vm']!r}'s state, this is {self.config.name!r}")
+        if differences:
+            raise state.StateError("the guest would see a different machine: " + "; ".join(differences))
+        state.restore_all(self.instances, doc["handlers"], self._notes)
+        self._last_reply.clear()  # the source's vCPUs numbered their calls on another connection
+        self._effects.clear()
+
+    def migration_blockers(self) -> list[str]:
+        """Each handler's reason its state cannot move with the VM now."""
+        return [reason for inst in self.instances.values() if (reason := inst.migration_blocker())]
 
     def reports(self) -> dict[str, dict[str, Any]]:
         """Each handler's and sidecar's own report, for status and /metrics."""

@@ -408,6 +408,10 @@ class PsciHandler(Handler):
                 "power": {str(i): state.name for i, state in sorted(self.power.items())},
                 "boot": sorted(self.boot)}
 
+    def guest_abi(self) -> dict[str, Any]:
+        return {"version": str(self.version), "power_state_format": self.options.power_state_format,
+                "system_suspend": self.options.allow_system_suspend, "cpu_suspend": self.options.cpu_suspend}
+
     def report(self) -> dict[str, Any]:
         """The power state of every vCPU as this handler holds it (ON_PENDING included)."""
         return {"vcpu_power": {i: state.name.lower() for i, state in sorted(self.power.items())},

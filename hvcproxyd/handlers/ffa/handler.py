@@ -141,6 +141,12 @@ class FfaHandler(Handler):
         return _regs(regs, wide)
 
     # -- what status shows
+    def guest_abi(self) -> dict[str, Any]:
+        o = self.endpoint.opts
+        return {"version": f"{o.version >> 16}.{o.version & 0xFFFF}", "id": o.id, "spm_id": o.spm_id,
+                "partitions": [[p.id, [str(u) for u in p.uuids], p.properties, p.exec_contexts]
+                               for p in o.partitions]}
+
     def report(self) -> dict[str, Any]:
         ep = self.endpoint
         return {"version": _VERSION_NAMES.get(ep.version, "none"), "rxtx_mapped": ep.mailbox.mapped,

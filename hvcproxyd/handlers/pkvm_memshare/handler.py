@@ -331,6 +331,11 @@ class MemshareHandler(Handler):
         share this?" before touching guest memory (``vm.interface(Ledger)``)."""
         return {Ledger: self.ledger}
 
+    def guest_abi(self) -> dict[str, Any]:
+        o = self.opts
+        return {"abi": o.abi, "granule": o.granule, "mmio_guard": o.mmio_guard, "uid": list(o.uid),
+                "revision": list(o.revision), "max_pages_per_call": o.max_pages_per_call}
+
     def report(self) -> dict[str, Any]:
         c = self.ledger.counters
         return {"shared_bytes": self.ledger.shared_bytes, "ranges": len(self.ledger.shared), "seq": self.ledger.seq,

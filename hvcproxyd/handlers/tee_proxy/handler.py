@@ -599,6 +599,10 @@ class TeeProxyHandler(Handler):
                    params=[BParam(abi.ATTR_TYPE_TMEM_OUTPUT, size=p.b, shm=p.c), *sent.params[1:]])
 
     # -- state for status, reloads
+    def migration_blocker(self) -> str | None:
+        return (f"tee-proxy handler {self.name!r}: its client, sessions and shared memory are registered "
+                f"with the {self.opts.backend} TEE backend, which cannot move with the VM")
+
     def report(self) -> dict[str, Any]:
         return {"client_id": self.client, "created": self.created, "refused": self.refused,
                 "sessions": len(self.sessions), "calls": len(self.jobs), "shared_pages": self.account.pages,
