@@ -532,7 +532,7 @@ async def test_snapshot_restore_and_reset(g: Guest, make_config: Callable[[str],
     snap = g.handler.snapshot()
     other = make_guest(make_config, tmp_path)
     other.handler.restore(snap)
-    other.handler.attach(reconnect=False)  # restored state survives the first attach
+    other.handler.attach(reconnect=True)  # the VM that has run (a daemon restart) keeps it
     assert other.handler.snapshot() == snap
     assert (await other.call(MEM_RECLAIM, lo, hi, 0))[:3] == err(DENIED)
     assert (await other.call(DIRECT_REQ32, VM_ID << 16 | ECHO, 0, CMD_RELINQUISH, lo, hi, 0, 0))[7] == 0
@@ -543,6 +543,8 @@ async def test_snapshot_restore_and_reset(g: Guest, make_config: Callable[[str],
     assert (await g.call(ID_GET))[:3] == err(INVALID)  # the guest starts over
     assert len(g.handler.endpoint.ledger) == 0
     assert g.handler.report()["version"] == "none"
+    other.handler.attach(reconnect=False)  # a fresh VM process: nothing carried over
+    assert len(other.handler.endpoint.ledger) == 0 and other.handler.report()["version"] == "none"
 
 
 async def test_failure_is_an_ffa_error(g: Guest) -> None:

@@ -93,7 +93,6 @@ class FfaHandler(Handler):
         super().__init__(name, options, vm)
         self.opts = options
         self.endpoint = Endpoint(options, vm.name, self.log)
-        self._restored = False
 
     @classmethod
     def parse_options(cls, section: Section) -> FfaOptions:
@@ -156,8 +155,7 @@ class FfaHandler(Handler):
     # -- lifecycle
     def attach(self, reconnect: bool) -> Notes:
         self.endpoint.memory = self.vm.memory
-        restored, self._restored = self._restored, False
-        if not reconnect and not restored:
+        if not reconnect:
             self.endpoint.reset()  # a fresh boot: the guest negotiates again
         return ()
 
@@ -171,6 +169,5 @@ class FfaHandler(Handler):
 
     def restore(self, data: dict[str, Any]) -> Notes:
         self.endpoint.restore(data)
-        self._restored = True
         return ()
 

@@ -198,7 +198,6 @@ class MemshareHandler(Handler):
         #: MMIO pages the guest registered with MMIO_GUARD (guest-visible state, so snapshotted too).
         self.guarded = RangeSet()
         self.range_abi = options.abi == "range"
-        self._restored = False
         self._complained: set[int] = set()
         features = options.features()
         words = [(features >> (32 * i)) & 0xFFFF_FFFF for i in range(4)]
@@ -350,10 +349,10 @@ class MemshareHandler(Handler):
             if target is None or isinstance(target, MemshareHandler):
                 self.log.error("delegate: function %#x names %r, which is not a non-memshare handler of VM %s; "
                                "the guest will get NOT_SUPPORTED for it", fn, name, self.vm.name)
-        # A fresh boot starts with nothing shared, unless state was just restored
-        # for this VM (daemon restart or migration).
-        restored, self._restored = self._restored, False
-        if not reconnect and not restored and (self.ledger.shared_bytes or self.guarded):
+        # A fresh VM process starts with nothing shared; a restored ledger (daemon
+        # restart, migration) stands only for the VM that has run (HELLO's RECONNECT)
+        # or, live, for the VMM already attached.
+        if not reconnect and (self.ledger.shared_bytes or self.guarded):
             return self._reset()
         return ()
 
@@ -384,14 +383,12 @@ class MemshareHandler(Handler):
                 isinstance(r, list) and len(r) == 2 and all(isinstance(v, int) and v >= 0 for v in r)
                 and not (r[0] | r[1]) & (ledger.granule - 1) for r in guarded)):
             raise ValueError(f"not a list of granule-aligned [ipa, size] MMIO ranges: {guarded!r}")
-        self._restored = True
         return self._take(ledger, RangeSet((lo, lo + size) for lo, size in guarded))
 
     def adopt(self, previous: Handler) -> Notes:
         # A reload: copy the blocks, not the ranges, so a ledger of millions of
         # ranges changes hands without a walk on the event loop.
         assert isinstance(previous, MemshareHandler)
-        self._restored = previous._restored
         return self._take(previous.ledger.copy(max_ranges=self.opts.max_ranges), previous.guarded.copy())
 
     def _take(self, ledger: Ledger, guarded: RangeSet) -> Notes:
