@@ -23,8 +23,14 @@ from typing import Any
 
 import pytest
 import yaml
-from linux_clients import (  # noqa: F401  (client_kernel is a fixture)
-    PKVM_GUEST_CONFIG, Console, client_kernel, memshare_ls, ranges_to_pages, write_config)
+from linux_clients import (
+    PKVM_GUEST_CONFIG,
+    Console,
+    client_kernel,  # noqa: F401  (a fixture)
+    memshare_ls,
+    ranges_to_pages,
+    write_config,
+)
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu_harness import REPO, Qemu
 
@@ -124,7 +130,7 @@ def assert_guest_sees_the_same_machine(con: Console, vm: Vm, power: dict[str, st
     assert vm.power() == {"0": "on", "1": "on", "2": "on", "3": "on"}
 
 
-def test_live_migration_carries_power_states_and_the_ledger(client_kernel: Path, start_daemon: StartDaemon,
+def test_live_migration_carries_power_states_and_the_ledger(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
                                                             start_qemu: StartQemu, workdir: Path) -> None:
     src, dst = Vm("src", start_daemon, workdir), Vm("dst", start_daemon, workdir)
     q = src.boot(start_qemu, client_kernel)
@@ -145,7 +151,7 @@ def test_live_migration_carries_power_states_and_the_ledger(client_kernel: Path,
     assert_guest_sees_the_same_machine(Console(q2), dst, power, pages)
 
 
-def test_savevm_and_loadvm_carry_the_state(client_kernel: Path, start_daemon: StartDaemon, start_qemu: StartQemu,
+def test_savevm_and_loadvm_carry_the_state(client_kernel: Path, start_daemon: StartDaemon, start_qemu: StartQemu,  # noqa: F811
                                            workdir: Path) -> None:
     vm = Vm("vm", start_daemon, workdir)
     snapshots = workdir / "snap.qcow2"
@@ -170,7 +176,7 @@ def test_savevm_and_loadvm_carry_the_state(client_kernel: Path, start_daemon: St
     assert_guest_sees_the_same_machine(con, vm, power, pages)
 
 
-def test_a_destination_that_pins_another_psci_version_refuses(client_kernel: Path, start_daemon: StartDaemon,
+def test_a_destination_that_pins_another_psci_version_refuses(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
                                                               start_qemu: StartQemu, workdir: Path) -> None:
     src, dst = Vm("src", start_daemon, workdir), Vm("dst", start_daemon, workdir, psci="1.0")
     q = src.boot(start_qemu, client_kernel)
