@@ -58,19 +58,20 @@ class Vm:
             data = yaml.safe_load(config.read_text())
             data["versions"]["psci"] = psci
             config.write_text(yaml.safe_dump(data, sort_keys=False))
-        self.daemon = start_daemon(config=config, socket=workdir / f"{name}.sock", qmp=False)
+        self.socket = workdir / f"{name}.sock"
+        self.daemon = start_daemon(config=config, socket=self.socket, qmp=False)
         poll(self.ms_sock.exists, f"the memshare stream {self.ms_sock}", timeout=20, log=self.daemon.log_path)
         self.q: Qemu | None = None
 
     def boot(self, start_qemu: StartQemu, kernel: Path, *extra: str) -> Qemu:
         self.q = start_qemu("-kernel", str(kernel / "Image"), "-initrd", str(kernel / "initramfs.cpio.gz"),
                             "-append", "console=ttyAMA0 rdinit=/init panic=-1", *extra,
-                            forwarder=self.daemon.socket, smp=SMP, memory=MEMORY, forwarder_opts=",vm-name=linux")
+                            forwarder=self.socket, smp=SMP, memory=MEMORY, forwarder_opts=",vm-name=linux")
         return self.q
 
     def status(self) -> dict[str, Any]:
         proc = subprocess.run([sys.executable, "-m", "hvcproxyd", "status", "--json", "--control-socket",
-                               str(self.daemon.socket.with_suffix(".ctl")), "x"],
+                               str(self.socket.with_suffix(".ctl")), "x"],
                               capture_output=True, text=True, timeout=30, cwd=REPO, stdin=subprocess.DEVNULL)
         assert proc.returncode == 0, proc.stderr
         return json.loads(proc.stdout)  # type: ignore[no-any-return]
