@@ -31,6 +31,7 @@ from linux_clients import (
     ranges_to_pages,
     write_config,
 )
+from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu_harness import REPO, Qemu
 
@@ -51,13 +52,17 @@ MEMORY = "512M"
 class Vm:
     """One end of a migration: its daemon (with its memshare stream) and its QEMU."""
 
-    def __init__(self, name: str, start_daemon: StartDaemon, workdir: Path, psci: str | None = None) -> None:
+    def __init__(self, name: str, start_daemon: StartDaemon, workdir: Path, psci: str | None = None,
+                 blocker: str | None = None) -> None:
+        """``blocker``: add a handler whose state cannot move, for that reason."""
         self.ms_sock = workdir / f"{name}-memshare.sock"
         config = write_config(PKVM_GUEST_CONFIG, workdir, self.ms_sock, name=f"{name}.yaml")
+        data = yaml.safe_load(config.read_text())
         if psci is not None:
-            data = yaml.safe_load(config.read_text())
             data["versions"]["psci"] = psci
-            config.write_text(yaml.safe_dump(data, sort_keys=False))
+        if blocker is not None:
+            data["handlers"]["held"] = {"type": "tests.plugins:Blocking", "options": {"reason": blocker}}
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
         self.socket = workdir / f"{name}.sock"
         self.daemon = start_daemon(config=config, socket=self.socket, qmp=False)
         poll(self.ms_sock.exists, f"the memshare stream {self.ms_sock}", timeout=20, log=self.daemon.log_path)
@@ -202,3 +207,25 @@ def test_a_destination_that_pins_another_psci_version_refuses(client_kernel: Pat
     _, lines = con.run("sh cat /sys/devices/system/cpu/online")
     assert "out 0-3" in lines, lines
     assert src.power() == {"0": "on", "1": "on", "2": "on", "3": "on"}
+
+
+def test_state_that_cannot_move_blocks_migrate_and_savevm(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
+                                                         start_qemu: StartQemu, workdir: Path) -> None:
+    why = "held: its sessions live in a backend"
+    vm = Vm("vm", start_daemon, workdir, blocker=why)
+    snapshots = workdir / "snap.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(snapshots), "16M"], check=True, timeout=60)
+    q = vm.boot(start_qemu, client_kernel, "-drive", f"if=none,id=snap,format=qcow2,file={snapshots}")
+    Console(q).wait(r"^HVCTEST: ready", BOOT_TIMEOUT)
+    mon = qmp(q)
+    try:
+        with pytest.raises(QMPError) as refused:
+            mon.cmd("migrate", uri=f"unix:{workdir / 'nobody.sock'}")
+        assert f"hvc-forwarder: {why}" in str(refused.value), refused.value
+        out = mon.cmd("human-monitor-command", **{"command-line": "savevm blocked"})
+        assert f"hvc-forwarder: {why}" in str(out), out
+        assert mon.cmd("query-status")["status"] == "running"  # type: ignore[index]
+    finally:
+        mon.close()
+    assert "state saved" not in vm.daemon.log  # the daemon was never asked
+
