@@ -119,6 +119,10 @@ class EffectKind(enum.IntEnum):
     CPU_STANDBY = 7
 
 
+#: What a VMM whose HELLO declares no effects carries out: every kind but SYSTEM_SUSPEND.
+EFFECTS_UNDECLARED: Final = frozenset(k for k in EffectKind if k is not EffectKind.SYSTEM_SUSPEND)
+
+
 class EventKind(enum.IntEnum):
     VCPU_RESET = 1
     VM_RESET = 2
@@ -234,6 +238,8 @@ class Hello:
     max_version: int = PROTOCOL_VERSIONS[1]
     #: The vCPUs implement EL2 (HELLO flag EL2).
     el2: bool = False
+    #: Bit n: the VMM carries out effect kind n; 0 from a VMM that does not say.
+    effects: int = 0
     #: Received file descriptors (not encoded in the payload; carried by SCM_RIGHTS).
     fds: tuple[int, ...] = field(default=(), compare=False)
 
@@ -260,6 +266,14 @@ class Hello:
         _check(self.reconnect or not self.filter_in_force, "a filter in force needs RECONNECT")
         _check(len(self.filter_in_force) <= MAX_RANGES, "too many filter ranges")
         _check(self.conduit in PsciConduit.__members__.values(), "unknown conduit")
+        _u(self.effects, 32, "effects")
+
+    @property
+    def performs(self) -> frozenset[EffectKind]:
+        """The effect kinds this VMM carries out (unknown bits: kinds of a later version)."""
+        if not self.effects:
+            return EFFECTS_UNDECLARED
+        return frozenset(k for k in EffectKind if self.effects >> k & 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -592,7 +606,7 @@ def encode(event: Event) -> bytes:
                 (HELLO_RECONNECT if event.reconnect else 0) | (HELLO_EL2 if event.el2 else 0), event.accel,
                 event.ipa_bits,
                 event.conduit, 0, len(event.vcpus), len(event.regions),
-                len(event.filter_in_force), len(name), 0)
+                len(event.filter_in_force), len(name), event.effects)
             body += b"".join(_VCPU.pack(v.mpidr, v.index, int(v.powered_on), int(v.aarch32), 0)
                              for v in event.vcpus)
             body += b"".join(_REGION.pack(r.gpa, r.size, r.fd_offset, r.fd_index, 0)
@@ -663,7 +677,7 @@ def _decode_ranges(payload: memoryview, offset: int, n: int) -> tuple[FilterRang
 def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
     _need(len(p) >= _HELLO_FIXED.size, "HELLO is truncated")
     (magic, vmin, vmax, features, flags, accel, ipa_bits, conduit, _r0, n_vcpus, n_regions,
-     n_filter, name_len, _r1) = _HELLO_FIXED.unpack_from(p)
+     n_filter, name_len, effects) = _HELLO_FIXED.unpack_from(p)
     _need(magic == MAGIC, f"bad magic {magic:#x}; is this an hvcproxyd VMM?")
     expected = (_HELLO_FIXED.size + n_vcpus * _VCPU.size + n_regions * _REGION.size
                 + n_filter * _RANGE.size + name_len)
@@ -689,7 +703,8 @@ def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
     except UnicodeDecodeError as err:
         raise RemoteProtocolError("VM name is not UTF-8") from err
     return Hello(name, Accel(accel), ipa_bits, tuple(vcpus), tuple(regions), features,
-                 bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, bool(flags & HELLO_EL2), fds)
+                 bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, bool(flags & HELLO_EL2),
+                 effects, fds)
 
 
 def _call(seq: int, fields: tuple[int, ...]) -> Call:

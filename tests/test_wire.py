@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -59,6 +60,16 @@ def test_handshake_round_trips_and_keeps_fds() -> None:
     got = through(HELLO, vmm, daemon)
     assert got == HELLO
     assert isinstance(got, wire.Hello) and got.fds == (7,)
+
+
+def test_hello_declares_the_effects_the_vmm_carries_out() -> None:
+    qemu = 0b1101_1110  # CPU_ON, CPU_OFF, SYSTEM_OFF, SYSTEM_RESET, CPU_SUSPEND, CPU_STANDBY
+    got = wire.decode_payload(wire.MsgType.HELLO, 0, memoryview(wire.encode(
+        dataclasses.replace(HELLO, effects=qemu))[wire.HEADER.size:]), (7,))
+    assert isinstance(got, wire.Hello) and got.effects == qemu
+    assert got.performs == frozenset(wire.EffectKind) - {wire.EffectKind.SYSTEM_SUSPEND}
+    assert HELLO.performs == wire.EFFECTS_UNDECLARED  # a VMM that does not say: all but SYSTEM_SUSPEND
+    assert dataclasses.replace(HELLO, effects=1 << 31 | 1 << 1).performs == {wire.EffectKind.CPU_ON}
 
 
 def test_reconnect_hello_carries_filter_in_force() -> None:

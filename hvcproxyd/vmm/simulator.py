@@ -94,10 +94,12 @@ class Simulator:
                  conduit_smc: bool = False, accel: wire.Accel = wire.Accel.TCG,
                  programs: dict[int, Program] | None = None, boot: Program | None = None,
                  reconnect_timeout: float = 10.0, call_timeout: float = 30.0,
-                 filter_status: int = 0, on_reset: str = "stop", seal_memfd: bool = True) -> None:
+                 filter_status: int = 0, on_reset: str = "stop", seal_memfd: bool = True,
+                 effects: frozenset[wire.EffectKind] = frozenset(wire.EffectKind)) -> None:
         """``seal_memfd`` seals the RAM memfd against shrinking and growing, as QEMU's
         memory-backend-memfd does by default (seal=on); without it the daemon must
-        not map it."""
+        not map it.  ``effects``: what HELLO says the VMM carries out (the simulator
+        does every kind; QEMU all but SYSTEM_SUSPEND)."""
         self.socket_path = str(socket_path)
         self.name = name
         self.ipa_bits = ipa_bits
@@ -110,6 +112,7 @@ class Simulator:
         self.call_timeout = call_timeout
         self.filter_status = filter_status
         self.on_reset = on_reset
+        self.effects = effects
         self.vcpus = [SimVcpu(self, i) for i in range(n_vcpus)]
         self.ram_fd = os.memfd_create(f"{name}-ram", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.ram_fd, ram_size)
@@ -159,7 +162,7 @@ class Simulator:
             (wire.FEATURE_MEMFD if self.pass_memfd else 0) | wire.FEATURE_EFFECT_DONE,
             reconnect, self.ranges if reconnect else (),
             wire.PsciConduit.SMC if self.conduit_smc else wire.PsciConduit.HVC,
-            fds=(self.ram_fd,) if self.pass_memfd else ())
+            effects=sum(1 << kind for kind in self.effects), fds=(self.ram_fd,) if self.pass_memfd else ())
 
     async def connect(self, reconnect: bool = False) -> wire.Welcome:
         """Connect to the daemon and run the handshake (HELLO, WELCOME, FILTER_STATUS).
