@@ -215,9 +215,9 @@ def test_a_cpu_on_the_vmm_gave_up_on_leaves_the_target_off() -> None:
     """QEMU's timeout-ms dropped the reply: its EFFECT_DONE(-ETIMEDOUT) (protocol §5)."""
     h = handler()
     result = call(h, CPU_ON, mpidr(1), ENTRY, 0)
-    assert x0(result) == SUCCESS and h.power[1] is Power.ON_PENDING
+    assert x0(result) == SUCCESS and power(h)[1] is Power.ON_PENDING
     confirm_all(h, result, -errno.ETIMEDOUT)
-    assert h.power[1] is Power.OFF
+    assert power(h)[1] is Power.OFF
     assert x0(call(h, AFFINITY_INFO, mpidr(1), 0)) == AFF_OFF
     assert x0(call(h, CPU_ON, mpidr(1), ENTRY, 0)) == SUCCESS  # and it can be tried again
 
