@@ -145,6 +145,8 @@ FEATURE_MEMFD: Final = 1 << 0
 FEATURE_EFFECT_DONE: Final = 1 << 1
 HELLO_FEATURES_KNOWN: Final = FEATURE_MEMFD | FEATURE_EFFECT_DONE
 HELLO_RECONNECT: Final = 1 << 0
+#: HELLO region flag: guest-executable ROM or flash, not RAM.
+REGION_ROM: Final = 1 << 0
 #: HELLO flag: the vCPUs implement EL2, the highest non-secure EL (where PSCI CPU_ON starts a vCPU).
 HELLO_EL2: Final = 1 << 1
 
@@ -190,16 +192,22 @@ class VcpuInfo:
 
 @dataclass(frozen=True, slots=True)
 class RamRegion:
+    """Guest RAM, or with ``rom`` guest-executable memory that is not RAM (a
+    firmware or kernel in ROM or flash): a vCPU may start there, but the handler
+    never reads or writes it."""
+
     gpa: int
     size: int
     fd_offset: int = 0
     fd_index: int = -1
+    rom: bool = False
 
     def __post_init__(self) -> None:
         _u(self.gpa, 64, "region.gpa")
         _check(0 < self.size <= U64 - self.gpa + 1, f"region at {self.gpa:#x}: bad size {self.size:#x}")
         _u(self.fd_offset, 64, "region.fd_offset")
         _check(-1 <= self.fd_index < 253, f"region at {self.gpa:#x}: bad fd_index {self.fd_index}")
+        _check(not (self.rom and self.fd_index >= 0), f"ROM region at {self.gpa:#x} names an fd")
 
     @property
     def end(self) -> int:
@@ -263,10 +271,16 @@ class Hello:
             # Received fds are known only on decode; a constructed HELLO may not carry them yet.
             _check(not self.fds or r.fd_index < len(self.fds), "region names an fd that was not attached")
             prev_end = r.end
+        _check(any(not r.rom for r in self.regions), "no RAM region (only ROM)")
         _check(self.reconnect or not self.filter_in_force, "a filter in force needs RECONNECT")
         _check(len(self.filter_in_force) <= MAX_RANGES, "too many filter ranges")
         _check(self.conduit in PsciConduit.__members__.values(), "unknown conduit")
         _u(self.effects, 32, "effects")
+
+    @property
+    def ram(self) -> tuple[RamRegion, ...]:
+        """The regions the handler may read and write: all but ROM."""
+        return tuple(r for r in self.regions if not r.rom)
 
     @property
     def performs(self) -> frozenset[EffectKind]:
@@ -609,7 +623,7 @@ def encode(event: Event) -> bytes:
                 len(event.filter_in_force), len(name), event.effects)
             body += b"".join(_VCPU.pack(v.mpidr, v.index, int(v.powered_on), int(v.aarch32), 0)
                              for v in event.vcpus)
-            body += b"".join(_REGION.pack(r.gpa, r.size, r.fd_offset, r.fd_index, 0)
+            body += b"".join(_REGION.pack(r.gpa, r.size, r.fd_offset, r.fd_index, REGION_ROM if r.rom else 0)
                              for r in event.regions)
             body += _encode_ranges(event.filter_in_force) + name
             return _frame(MsgType.HELLO, 0, body)
@@ -693,8 +707,8 @@ def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
         off += _VCPU.size
     regions = []
     for _i in range(n_regions):
-        gpa, size, fd_off, fd_index, _ = _REGION.unpack_from(p, off)
-        regions.append(RamRegion(gpa, size, fd_off, fd_index))
+        gpa, size, fd_off, fd_index, region_flags = _REGION.unpack_from(p, off)
+        regions.append(RamRegion(gpa, size, fd_off, fd_index, bool(region_flags & REGION_ROM)))
         off += _REGION.size
     ranges = _decode_ranges(p, off, n_filter)
     off += n_filter * _RANGE.size

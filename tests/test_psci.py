@@ -72,6 +72,8 @@ IMPLEMENTED = {
 ALL_IDS = [base | n for base in (0x8400_0000, 0xC400_0000) for n in range(0x20)]
 
 RAM, RAM_SIZE = 0x4000_0000, 0x100_0000
+#: Executable but not RAM (-M virt's second flash bank): HELLO's ROM region.
+FLASH, FLASH_SIZE = 0x0400_0000, 0x0400_0000
 ENTRY = RAM + 0x8_0000
 
 
@@ -91,6 +93,7 @@ def vm_context(n_vcpus: int = 4, pinned: str | None = None) -> VmContext:
     facts = FACTS[vm]
     facts.set_vcpus(tuple(VcpuInfo(i, default_mpidr(i), i == 0) for i in range(n_vcpus)))
     facts.memory = GuestMemory([RamRegion(RAM, RAM_SIZE)], 40)
+    facts.executable = ((RAM, RAM + RAM_SIZE), (FLASH, FLASH + FLASH_SIZE))
     facts.attached = True
     facts.performs = frozenset(EffectKind)  # a VMM that carries out every effect, SYSTEM_SUSPEND too
     return vm
@@ -198,6 +201,13 @@ def test_functions_of_later_versions_are_not_supported() -> None:
     assert x0(call(h, SYSTEM_OFF2, 1)) == NOT_SUPPORTED
     assert x0(call(handler(PsciOptions(allow_system_suspend=True), pinned="0.2"), SYSTEM_SUSPEND, ENTRY)) \
         == NOT_SUPPORTED
+
+
+@pytest.mark.parametrize("entry", [FLASH, FLASH + FLASH_SIZE - 4])
+def test_cpu_on_entry_in_rom_or_flash_is_accepted(entry: int) -> None:
+    """A firmware or kernel in flash: executable, not RAM; KVM and QEMU start a CPU there."""
+    result = call(handler(), CPU_ON64, mpidr(1), entry, 0)
+    assert x0(result) == SUCCESS and result.effects[0].entry == entry
 
 
 def test_system_suspend_is_offered_only_by_a_vmm_that_carries_it_out(caplog: pytest.LogCaptureFixture) -> None:
@@ -342,8 +352,9 @@ def test_cpu_on_invalid_target(target: int) -> None:
     assert power(h) == [Power.ON, Power.OFF, Power.OFF, Power.OFF]
 
 
-@pytest.mark.parametrize("entry", [0, RAM - 4, RAM + RAM_SIZE - 2, RAM + RAM_SIZE, 1 << 45, (1 << 64) - 4])
-def test_cpu_on_entry_outside_ram(entry: int) -> None:
+@pytest.mark.parametrize("entry", [0, FLASH - 4, FLASH + FLASH_SIZE, RAM - 4, RAM + RAM_SIZE - 2, RAM + RAM_SIZE,
+                                   1 << 45, (1 << 64) - 4])
+def test_cpu_on_entry_outside_executable_memory(entry: int) -> None:
     h = handler()
     result = call(h, CPU_ON64, mpidr(1), entry, 0)
     assert x0(result) == INVALID_ADDRESS and not result.effects

@@ -72,6 +72,17 @@ def test_hello_declares_the_effects_the_vmm_carries_out() -> None:
     assert dataclasses.replace(HELLO, effects=1 << 31 | 1 << 1).performs == {wire.EffectKind.CPU_ON}
 
 
+def test_rom_regions_round_trip_and_are_not_ram() -> None:
+    flash = wire.RamRegion(0x0400_0000, 0x0400_0000, rom=True)
+    hello = dataclasses.replace(HELLO, regions=(flash, *HELLO.regions))
+    got = wire.decode_payload(wire.MsgType.HELLO, 0, memoryview(wire.encode(hello)[wire.HEADER.size:]), (7,))
+    assert isinstance(got, wire.Hello) and got.regions == hello.regions and got.ram == HELLO.regions
+    with pytest.raises(LocalProtocolError, match="names an fd"):
+        wire.RamRegion(0, 4096, 0, 0, rom=True)
+    with pytest.raises(LocalProtocolError, match="no RAM region"):
+        dataclasses.replace(HELLO, regions=(flash,), fds=())
+
+
 def test_reconnect_hello_carries_filter_in_force() -> None:
     hello = wire.Hello("vm1", wire.Accel.TCG, 48, (wire.VcpuInfo(0, 0, True),), (wire.RamRegion(0, 4096),),
                        reconnect=True, filter_in_force=RANGES)

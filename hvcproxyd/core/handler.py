@@ -56,8 +56,8 @@ NOT_SUPPORTED = Result.of(SmcccResult.NOT_SUPPORTED)
 class VmFacts:
     """The VM as the VM service keeps it; handlers read it through :class:`VmContext`."""
 
-    __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "highest_el", "interfaces", "memory", "name",
-                 "peers", "performs", "vcpus", "versions")
+    __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "executable", "highest_el", "interfaces",
+                 "memory", "name", "peers", "performs", "vcpus", "versions")
 
     def __init__(self, name: str, versions: Mapping[str, str]) -> None:
         self.name = name
@@ -65,6 +65,8 @@ class VmFacts:
         self.vcpus: tuple[VcpuInfo, ...] = ()
         self.by_mpidr: dict[int, int] = {}
         self.memory: GuestMemory | None = None
+        #: (start, end) of every region a vCPU can execute: RAM, ROM and flash.
+        self.executable: tuple[tuple[int, int], ...] = ()
         self.accel = "tcg"
         self.highest_el = 1
         self.attached = False
@@ -126,6 +128,12 @@ class VmContext:
         """The VMM sends EFFECT_DONE; without it, effect_done() is never called and a
         handler must infer completion (e.g. from the target's first call)."""
         return self._facts.confirms_effects
+
+    def executable(self, addr: int, size: int = 4) -> bool:
+        """Whether ``size`` bytes at ``addr`` lie in memory a vCPU can execute: guest
+        RAM, or ROM and flash (a firmware or kernel there), which the handler
+        cannot read but a vCPU may start in."""
+        return any(lo <= addr and addr + size <= hi for lo, hi in self._facts.executable)
 
     def vmm_performs(self, kind: EffectKind) -> bool:
         """Whether the VMM carries out effects of this kind (HELLO's ``effects``):

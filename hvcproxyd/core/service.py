@@ -202,6 +202,7 @@ class VmService:
         facts.highest_el = 2 if hello.el2 else 1
         facts.confirms_effects = bool(hello.features & FEATURE_EFFECT_DONE)
         facts.performs = hello.performs
+        facts.executable = tuple((r.gpa, r.end) for r in hello.regions)
         self.vmm_power = {v.index: v.powered_on for v in hello.vcpus}
         if not hello.reconnect:
             self._last_reply.clear()  # a fresh VM process numbers its calls anew

@@ -210,7 +210,7 @@ class PsciHandler(Handler):
             # powerdown request with a shallower state (§5.4.2); KVM does both as a WFI.
             # The VMM does the waiting: it has the interrupts.
             return _ret(Ret.SUCCESS, effects=(Effect(EffectKind.CPU_STANDBY, call.vcpu),))
-        if not self._in_ram(entry, call.aarch32):
+        if not self._executable(entry, call.aarch32):
             return _ret(Ret.INVALID_ADDRESS)
         # x0 stays SUCCESS: what a caller woken early, before the state is entered, reads.
         return _ret(Ret.SUCCESS, effects=(Effect(EffectKind.CPU_SUSPEND, call.vcpu, entry, context),))
@@ -238,7 +238,7 @@ class PsciHandler(Handler):
             return _ret(Ret.ALREADY_ON)
         if state is Power.ON_PENDING:
             return _ret(Ret.ON_PENDING)
-        if not self._in_ram(entry, call.aarch32):
+        if not self._executable(entry, call.aarch32):
             return _ret(Ret.INVALID_ADDRESS)
         self.power[index] = Power.ON_PENDING
         # The target starts at the highest non-secure EL the machine implements, as
@@ -294,7 +294,7 @@ class PsciHandler(Handler):
     def _system_suspend(self, call: Call, entry: int, context: int, x3: int) -> Result:
         if any(state is not Power.OFF for index, state in self.power.items() if index != call.vcpu):
             return _ret(Ret.DENIED)  # every other core must be OFF (DEN0022 SYSTEM_SUSPEND)
-        if not self._in_ram(entry, call.aarch32):
+        if not self._executable(entry, call.aarch32):
             return _ret(Ret.INVALID_ADDRESS)
         # As for CPU_SUSPEND, SUCCESS is what a caller woken before suspending reads.
         return _ret(Ret.SUCCESS, effects=(Effect(EffectKind.SYSTEM_SUSPEND, call.vcpu, entry, context),))
@@ -320,19 +320,19 @@ class PsciHandler(Handler):
                     effects=(Effect(EffectKind.SYSTEM_OFF, call.vcpu, arg=EFFECT_OFF_HIBERNATE),))
 
     # ------------------------------------------------------------ helpers
-    def _in_ram(self, entry: int, aarch32: bool) -> bool:
-        """Whether an entry point's first instruction is guest RAM, where a vCPU can
-        start.  For an AArch32 target bit 0 selects T32 and is not part of the
+    def _executable(self, entry: int, aarch32: bool) -> bool:
+        """Whether an entry point's first instruction is where a vCPU can start:
+        guest RAM, or ROM and flash (firmware, a kernel in flash), as KVM and QEMU
+        accept.  For an AArch32 target bit 0 selects T32 and is not part of the
         address (KVM's vCPU reset and QEMU's arm_set_cpu_on() read it so); an
         AArch64 entry must be 4-byte aligned, or QEMU's arm_set_cpu_on() refuses
         to start the vCPU after the guest was told SUCCESS, and the guest waits
         for a CPU that never comes: INVALID_ADDRESS is the honest answer."""
-        memory = self.vm.memory
-        if memory is None:
-            raise RuntimeError("PSCI call without guest memory: no VMM has attached")
+        if not self.vm.attached:
+            raise RuntimeError("PSCI call without a VM map: no VMM has attached")
         if not aarch32 and entry & 3:
             return False
-        return memory.contains(entry & ~1 if aarch32 else entry, 4)
+        return self.vm.executable(entry & ~1 if aarch32 else entry, 4)
 
     def _note_running(self, vcpu: int) -> None:
         """A vCPU that calls is running.  ON_PENDING -> ON here covers a CALL from a

@@ -259,7 +259,7 @@ class Session:
             return False
         if hello.features & wire.FEATURE_MEMFD:
             try:
-                memory = GuestMemory.from_fds(hello.regions, hello.ipa_bits, fds,
+                memory = GuestMemory.from_fds(hello.ram, hello.ipa_bits, fds,
                                               remote_read=self.mem_read, remote_write=self.mem_write)
             except (GuestMemoryError, OSError, ValueError) as err:
                 await self.refuse(wire.ErrorCode.REFUSED, f"cannot map guest RAM: {err}")
@@ -270,7 +270,7 @@ class Session:
                             "QEMU's memory-backend-memfd seals by default (seal=on)", self.vm.config.name,
                             ", ".join(f"{gpa:#x}" for gpa in memory.unsealed))
         else:
-            memory = GuestMemory(hello.regions, hello.ipa_bits, remote_read=self.mem_read,
+            memory = GuestMemory(hello.ram, hello.ipa_bits, remote_read=self.mem_read,
                                  remote_write=self.mem_write)
         timeout_ms = int(max(self.vm.timeouts.values(), default=self.vm.config.timeout_s) * 1000)
         try:
@@ -293,8 +293,8 @@ class Session:
         self.vm.attach(hello, memory)
         if hello.reconnect:
             self.links.reconnects += 1
-        log.info("%s: VMM attached (%s, %d vCPUs, %d RAM regions%s, %s, protocol v%d, %d filter ranges)",
-                 name, hello.accel.name, len(hello.vcpus), len(hello.regions),
+        log.info("%s: VMM attached (%s, %d vCPUs, %d RAM and %d ROM regions%s, %s, protocol v%d, %d filter ranges)",
+                 name, hello.accel.name, len(hello.vcpus), len(hello.ram), len(hello.regions) - len(hello.ram),
                  ", memfd-mapped" if memory.mapped else "", "reconnect" if hello.reconnect else "fresh boot",
                  version, len(ranges))
         return True

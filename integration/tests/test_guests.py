@@ -9,6 +9,7 @@ the daemon's psci handler.
 
 from __future__ import annotations
 
+import os
 import re
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from transcripts import (
 )
 
 GUEST_TIMEOUT = 60
+INVALID_ADDRESS = (-9) & 0xFFFF_FFFF_FFFF_FFFF
 
 StartQemu = Callable[..., Qemu]
 StartDaemon = Callable[..., Daemon]
@@ -80,6 +82,23 @@ def test_cpu_on_carries_the_callers_endianness(start_daemon: StartDaemon, start_
     assert secondary_endianness(out) == {1: 1, 2: 0}, out
     stock = _run_to_exit(start_qemu("-kernel", str(guests / "endian.elf"), smp=3))
     assert secondary_endianness(stock) == {1: 0, 2: 0}, stock
+
+
+def test_cpu_on_at_an_entry_in_flash(start_daemon: StartDaemon, start_qemu: StartQemu, guests: Path,
+                                     workdir: Path) -> None:
+    """Executable memory that is not RAM (HELLO's ROM regions): a CPU starts there, as
+    KVM and QEMU's own PSCI allow; MMIO is still refused."""
+    flash = workdir / "flash1.img"
+    flash.write_bytes((guests / "flash-entry.bin").read_bytes())
+    os.truncate(flash, 64 << 20)  # -M virt's flash banks are 64 MiB each
+    daemon = start_daemon()
+    q = start_qemu("-kernel", str(guests / "romentry.elf"), "-drive", f"if=pflash,unit=1,format=raw,file={flash}",
+                   forwarder=daemon.socket, smp=2)
+    out = _run_to_exit(q)
+    assert "ROMENTRY DONE" in out, out
+    calls = {m[1]: int(m[2], 16) for m in re.finditer(r"^(\w+) target=0x0*1 x0=0x([0-9a-f]+)\s*$", out, re.MULTILINE)}
+    assert calls == {"CPU_ON_MMIO": INVALID_ADDRESS, "CPU_ON_FLASH": 0, "FLASH_CODE_RAN": 1}, out
+    assert re.search(r"VMM attached \(TCG, 2 vCPUs, 1 RAM and [1-9]\d* ROM regions", daemon.log), daemon.log
 
 
 def test_without_forwarder_qemu_is_stock(start_qemu: StartQemu, guests: Path) -> None:
