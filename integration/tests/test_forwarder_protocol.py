@@ -38,6 +38,7 @@ U64 = (1 << 64) - 1
 NOT_SUPPORTED = U64
 RAM_BASE, RAM_SIZE = 0x40000000, 256 << 20
 GUEST_LOAD = 0x40200000
+FLASH_BANKS = (wire.RamRegion(0, 64 << 20, rom=True), wire.RamRegion(64 << 20, 64 << 20, rom=True))
 
 StartQemu = Callable[..., Qemu]
 
@@ -120,7 +121,8 @@ def test_handshake_registers_and_guest_memory(start_qemu: StartQemu, guests: Pat
     assert 32 <= hello.ipa_bits <= 52
     assert [(v.index, v.mpidr, v.powered_on, v.aarch32) for v in hello.vcpus] == [(0, 0, True, False),
                                                                                    (1, 1, False, False)]
-    assert hello.regions == (wire.RamRegion(RAM_BASE, RAM_SIZE, 0, -1),)
+    # -M virt's two 64 MiB flash banks are executable, not RAM: ROM regions.
+    assert hello.regions == (*FLASH_BANKS, wire.RamRegion(RAM_BASE, RAM_SIZE, 0, -1))
     # Every effect but SYSTEM_SUSPEND, which QEMU cannot carry out: a handler must not offer it.
     assert hello.performs == frozenset(wire.EffectKind) - {wire.EffectKind.SYSTEM_SUSPEND}, hello.effects
     assert hello.max_version == 2
@@ -170,7 +172,7 @@ def test_memfd_ram_is_passed_as_fd(start_qemu: StartQemu, guests: Path, handler:
     hello = s.handshake(RANGES)
     assert hello.features & wire.FEATURE_MEMFD
     assert len(hello.fds) == 1
-    assert hello.regions == (wire.RamRegion(RAM_BASE, RAM_SIZE, 0, 0),)
+    assert hello.regions == (*FLASH_BANKS, wire.RamRegion(RAM_BASE, RAM_SIZE, 0, 0))
     with mmap.mmap(hello.fds[0], RAM_SIZE, mmap.MAP_SHARED) as ram:
         c = expect_call(s, PSCI_VERSION)
         off = GUEST_LOAD - RAM_BASE
