@@ -226,7 +226,11 @@ async def test_fsync_policies(vm_config: Callable[..., VmConfig], policy: str,
                               monkeypatch: pytest.MonkeyPatch) -> None:
     synced: list[int] = []
     real = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+
+    def counted(fd: int) -> None:
+        synced.append(fd)
+        real(fd)
+    monkeypatch.setattr(os, "fsync", counted)
     a = Vm(vm_config(policy))
     a.attach(reconnect=False)
     synced.clear()
