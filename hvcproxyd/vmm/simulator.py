@@ -241,8 +241,8 @@ class Simulator:
         self._sent_on[call.seq] = self._link
         try:
             await self.send(call)
-        except OSError:
-            pass  # the reader reconnects and replays everything still waiting
+        except (OSError, wire.ProtocolError):
+            pass  # the connection is gone: the reader reconnects and replays everything still waiting
 
     async def send(self, event: wire.Event, fds: list[int] | None = None) -> None:
         """Encode ``event`` as one frame and send it, as the VMM's next frame, with
@@ -385,7 +385,10 @@ class Simulator:
             raise PoweredOff(cpu.index)
 
     async def _confirm(self, seq: int, index: int) -> None:
-        await self.send(wire.EffectDone(seq, index, 0))
+        try:
+            await self.send(wire.EffectDone(seq, index, 0))
+        except (OSError, wire.ProtocolError):
+            pass  # the connection is gone: the next HELLO says how the vCPUs are
 
     def _start(self, cpu: SimVcpu, entry: int, context: int, restart: bool = False) -> None:
         program = self.programs.get(entry)
