@@ -123,7 +123,7 @@ def _import(config: VmConfig, file: Path) -> None:
         raise _Refused(f"cannot write {path / SNAPSHOT}: {err.strerror}") from None
     for old in path.glob("journal.*"):
         old.unlink(missing_ok=True)
-    print(f"hvcproxyd state import: {file} is now VM {config.name!r}'s state ({path})")
+    print(f"hvcproxyd state import: {file} is now the state of VM {config.name!r} ({path})")
 
 
 def _daemon_running(config: VmConfig) -> bool:
