@@ -23,7 +23,11 @@ from hvcproxyd.core.service import VmService
 from hvcproxyd.core.vmconfig import VmConfig
 from hvcproxyd.durable import records
 from hvcproxyd.durable.store import SNAPSHOT, DurableError, Fsync, Journal, load, prepare
-from hvcproxyd.wire import N_ARGS, Accel, Call, Hello, RamRegion, VcpuInfo
+from hvcproxyd.server.daemon import Daemon
+from hvcproxyd.vmm.simulator import RAM_BASE, Simulator
+from hvcproxyd.wire import N_ARGS, Accel, Call, Hello, RamRegion, Reply, VcpuInfo
+
+from .conftest import Serve
 
 RAM, RAM_SIZE = 0x4000_0000, 1 << 20
 SHARE, UNSHARE = 0xC6000003, 0xC6000004
@@ -321,3 +325,38 @@ def test_snapshot_is_a_state_document(vm_config: Callable[..., VmConfig]) -> Non
     doc = state.decode((a.path / SNAPSHOT).read_bytes())
     assert set(doc["handlers"]) == {"psci", "ms"} and "replay" in doc
     assert json.loads((a.path / SNAPSHOT).read_bytes())["journal_gen"] == a.journal.gen + 1
+
+
+# ----------------------------------------------------------------- through the daemon
+
+async def test_a_resent_call_after_a_restart_gets_the_recorded_reply(
+        vm_config: Callable[..., VmConfig], serve: Serve, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = vm_config()
+    first = await serve(Daemon(config))
+    sim = Simulator(config.socket, n_vcpus=2, reconnect_timeout=0)
+    try:
+        await sim.connect()
+        share = Call(5, 1, SHARE, (RAM_BASE,) + (0,) * (N_ARGS - 1), 0)
+        await sim.send(share)
+        with trio.fail_after(10):
+            reply = await sim.next_event()
+        assert isinstance(reply, Reply) and reply.regs[0] == 0
+        journal = first.journal
+        assert journal is not None
+        monkeypatch.setattr(journal, "close", lambda: os.close(journal._fd))  # a crash: no final compaction
+        await serve.stop(first)
+    finally:
+        sim.close()
+    second = await serve(Daemon(config))
+    again = Simulator(config.socket, n_vcpus=2, reconnect_timeout=0)
+    try:
+        again.ranges = sim.ranges
+        await again.connect(reconnect=True)
+        await again.send(share)  # QEMU re-sends what it was waiting for, same seq
+        with trio.fail_after(10):
+            replayed = await again.next_event()
+        assert replayed == reply
+        assert second.vm.stats.replays == 1
+        assert ledger_of(second.vm) == [[RAM_BASE, 4096]]  # run once, not twice (twice would be INVALID)
+    finally:
+        again.close()
