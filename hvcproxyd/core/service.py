@@ -276,15 +276,19 @@ class VmService:
         """Adopt a state document (from :func:`state.decode`) as this VM's, all or
         nothing; raises StateError naming every way its guest ABI differs from this
         VM's, or the handler that refused its part."""
-        differences = state.abi_differences(doc["abi"], state.guest_abi(self.config, self.instances))
-        if doc["vm"] != self.config.name:
-            differences.insert(0, f"it is VM {doc['vm']!r}'s state, this is {self.config.name!r}")
-        if differences:
-            raise state.StateError("the guest would see a different machine: " + "; ".join(differences))
+        self._check_fits(doc, "the guest would see a different machine")
         state.restore_all(self.instances, doc["handlers"], self._notes)
         self._last_reply.clear()  # the source's vCPUs numbered their calls on another connection
         self._effects.clear()
         self._journal_all(fresh=True)
+
+    def _check_fits(self, doc: dict[str, Any], what: str) -> None:
+        """StateError naming every way ``doc`` is not this VM's machine."""
+        differences = state.abi_differences(doc["abi"], state.guest_abi(self.config, self.instances))
+        if doc["vm"] != self.config.name:
+            differences.insert(0, f"it is VM {doc['vm']!r}'s state, this is {self.config.name!r}")
+        if differences:
+            raise state.StateError(f"{what}: " + "; ".join(differences))
 
     # -- durable state: the journal's records (hvcproxyd.durable writes and reads them)
     def durable_document(self) -> dict[str, Any]:
@@ -300,11 +304,7 @@ class VmService:
         window included.  Raises StateError, naming the record, for state this
         config cannot take; then nothing may be served from it."""
         if doc is not None:
-            differences = state.abi_differences(doc["abi"], state.guest_abi(self.config, self.instances))
-            if doc["vm"] != self.config.name:
-                differences.insert(0, f"it is VM {doc['vm']!r}'s state, this is {self.config.name!r}")
-            if differences:
-                raise state.StateError("the saved state is of a different machine: " + "; ".join(differences))
+            self._check_fits(doc, "the saved state is of a different machine")
             state.restore_all(self.instances, doc["handlers"], self._notes)
             self._last_reply = _replies(doc.get("replay", {}))
         for n, record in enumerate(records, 1):
