@@ -360,3 +360,21 @@ async def test_a_resent_call_after_a_restart_gets_the_recorded_reply(
         assert ledger_of(second.vm) == [[RAM_BASE, 4096]]  # run once, not twice (twice would be INVALID)
     finally:
         again.close()
+
+
+async def test_a_failed_write_stops_rather_than_answers(vm_config: Callable[..., VmConfig],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    a = Vm(vm_config())
+    a.attach(reconnect=False)
+    stopped: list[BaseException] = []
+    a.journal.on_failure = stopped.append
+
+    def full(fd: int, data: bytes) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(DurableError, match="No space left on device"):
+        await a.call(SHARE, RAM)
+    assert len(stopped) == 1
+    with pytest.raises(DurableError, match="failed earlier"):
+        await a.call(SHARE, RAM + 4096)
+    assert a.journal.report()["records"] == 1  # the fresh boot's only

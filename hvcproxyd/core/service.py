@@ -422,14 +422,16 @@ class VmService:
             name = "none" if target is None else target.name
             result = NOT_SUPPORTED
         reply = reply_to(call, result.regs, result.effects)
-        self._last_reply[call.vcpu] = reply
         sink = self.sink
         if sink is not None and isinstance(target, Handler):
             touched = self.facts.touched
             changes = self._changes((target.name, *touched) if touched else (target.name,))
             touched.clear()
             if changes:  # a call that changed nothing costs no write (PSCI_VERSION, FEATURES, refusals)
-                sink.append({"v": call.vcpu, "q": call.seq, **_reply_data(reply), "h": changes})
+                # A write that fails raises here: no reply, not even a replayed one, for
+                # a change that is not durable (the journal stops the daemon).
+                sink.append({"v": call.vcpu, **_reply_data(reply), "h": changes})
+        self._last_reply[call.vcpu] = reply
         if result.effects:  # only handlers return effects
             self._effects[call.seq] = (name, result.effects)
             if len(self._effects) > MAX_PENDING_EFFECTS:

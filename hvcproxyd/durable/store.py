@@ -310,6 +310,11 @@ class Journal:
             self._compact = trio.Event()
             await self.compact()
 
+    def compact_soon(self) -> None:
+        """Ask for a compaction (a reload changed the handler set or the ABI: the
+        next snapshot should describe the config now in force)."""
+        self._compact.set()
+
     async def compact(self) -> None:
         """Snapshot the state into snapshot G+1 and start journal G+1.  The state
         is taken and the journal switched in one step on the event loop, so no

@@ -291,6 +291,8 @@ class Daemon:
         if error is None and new is not None:
             self.config = new
             self.reloads += 1
+            if self.journal is not None:
+                self.journal.compact_soon()
             log.info("%s: reloaded %s (%d handlers, %d rules)", new.name, path, len(new.handlers), len(new.rules))
         else:
             self.reloads_refused += 1
