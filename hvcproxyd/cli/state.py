@@ -31,13 +31,13 @@ def _args(p: argparse.ArgumentParser) -> None:
                        description="Write the VM's current state document, as a restart would load it from "
                                    "snapshot and journal, to stdout or FILE.  Reads only; safe while it runs.")
     e.add_argument("vm", metavar="VM|CONFIG", help="a VM name (/etc/hvcproxyd/VM.yaml) or its config file")
-    e.add_argument("-o", "--output", type=Path, help="write here (atomically) instead of stdout")
+    e.add_argument("-o", "--output", type=Path, metavar="FILE", help="write here (atomically) instead of stdout")
     i = sub.add_parser("import", help="make a state document a stopped VM's state",
                        description="Check a state document (format version, guest ABI against the config, "
                                    "each handler's part) and make it the VM's state: the daemon, started "
                                    "again, restores it when the VMM reconnects.  Refused while the daemon runs.")
     i.add_argument("vm", metavar="VM|CONFIG", help="a VM name (/etc/hvcproxyd/VM.yaml) or its config file")
-    i.add_argument("file", type=Path, help="the state document (from `state export` or a migration)")
+    i.add_argument("file", type=Path, metavar="FILE", help="the state document (from `state export` or a migration)")
 
 
 @subcommand("state", "export a VM's durable state, or import one into a stopped VM", _args)
