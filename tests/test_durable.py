@@ -378,3 +378,26 @@ async def test_a_failed_write_stops_rather_than_answers(vm_config: Callable[...,
     with pytest.raises(DurableError, match="failed earlier"):
         await a.call(SHARE, RAM + 4096)
     assert a.journal.report()["records"] == 1  # the fresh boot's only
+
+
+async def test_the_daemon_compacts_while_it_serves(vm_config: Callable[..., VmConfig], serve: Serve) -> None:
+    config = vm_config()
+    daemon = Daemon(config)
+    journal = daemon.journal
+    assert journal is not None
+    journal.compact_bytes = 600
+    await serve(daemon)
+    sim = Simulator(config.socket, n_vcpus=2, reconnect_timeout=0)
+    try:
+        await sim.connect()
+        for i in range(40):
+            await sim.send(Call(i + 1, i % 2, SHARE, (RAM_BASE + 0x2000 * i,) + (0,) * (N_ARGS - 1), 0))
+            with trio.fail_after(10):
+                reply = await sim.next_event()
+            assert isinstance(reply, Reply) and reply.regs[0] == 0 and reply.seq == i + 1
+    finally:
+        sim.close()
+    assert journal.compactions >= 3
+    expected = ledger_of(daemon.vm)
+    await serve.stop(daemon)
+    assert ledger_of(Vm(config).svc) == expected and len(expected) == 40
