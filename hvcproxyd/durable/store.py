@@ -319,7 +319,13 @@ class Journal:
         """Snapshot the state into snapshot G+1 and start journal G+1.  The state
         is taken and the journal switched in one step on the event loop, so no
         record falls between them; encoding and writing run in a thread."""
-        await self.settle()
+        # Every record of the old journal durable, and no fsync of it still running
+        # (its fd is closed at the switch), with no checkpoint before the switch.
+        while self.pending() or self._syncing is not None:
+            if self._syncing is not None:
+                await self._syncing.wait()
+            else:
+                await self.settle()
         gen, old = self.gen, _journal_path(self.path, self.gen)
         doc = self._document(gen + 1)
         try:
