@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -401,3 +402,37 @@ async def test_the_daemon_compacts_while_it_serves(vm_config: Callable[..., VmCo
     expected = ledger_of(daemon.vm)
     await serve.stop(daemon)
     assert ledger_of(Vm(config).svc) == expected and len(expected) == 40
+
+
+async def test_a_compaction_leaves_no_record_of_the_old_journal_unsynced(
+        vm_config: Callable[..., VmConfig], monkeypatch: pytest.MonkeyPatch) -> None:
+    a = Vm(vm_config())
+    a.attach(reconnect=False)
+    gate = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+    real = os.fsync
+    synced: list[tuple[str, int]] = []
+
+    def held(fd: int) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            trio.from_thread.run(gate.wait, trio_token=token)
+        synced.append((Path(os.readlink(f"/proc/self/fd/{fd}")).name, os.fstat(fd).st_size))  # EBADF if closed
+        real(fd)
+    monkeypatch.setattr(os, "fsync", held)
+    old = a.path / f"journal.{a.journal.gen}"
+    await a.svc.dispatch(Call(1, 0, SHARE, (RAM,) + (0,) * (N_ARGS - 1), 0))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(a.journal.settle)  # its fsync covers the first record only
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(a.journal.compact)
+        await trio.testing.wait_all_tasks_blocked()
+        await a.svc.dispatch(Call(2, 1, SHARE, (RAM + 4096,) + (0,) * (N_ARGS - 1), 0))
+        size = old.stat().st_size
+        nursery.start_soon(a.journal.settle)  # a reply waiting for the second record
+        await trio.testing.wait_all_tasks_blocked()
+        assert a.journal.compactions == 0
+        gate.set()
+    assert a.journal.compactions == 1 and a.journal.failed is None and not a.journal.pending()
+    assert (old.name, size) in synced  # the second record was made durable where it was written
+    a.crash()
+    assert ledger_of(Vm(vm_config()).svc) == [[RAM, 8192]]
