@@ -404,7 +404,7 @@ async def test_the_daemon_compacts_while_it_serves(vm_config: Callable[..., VmCo
     assert ledger_of(Vm(config).svc) == expected and len(expected) == 40
 
 
-async def test_a_compaction_leaves_no_record_of_the_old_journal_unsynced(
+async def test_a_compaction_amid_fsyncs_in_flight_keeps_every_record(
         vm_config: Callable[..., VmConfig], monkeypatch: pytest.MonkeyPatch) -> None:
     a = Vm(vm_config())
     a.attach(reconnect=False)
