@@ -24,7 +24,9 @@ from typing import ClassVar, Final
 from .errors import HvcproxydError
 
 MAGIC: Final = 0x50435648
-PROTOCOL_VERSIONS: Final = (1, 1)
+PROTOCOL_VERSIONS: Final = (1, 2)
+#: The first version with state transfer (STATE_*) and MIGRATION_BLOCKER.
+STATE_VERSION: Final = 2
 HEADER = struct.Struct("<IHHQ")
 MAX_FRAME: Final = 65600
 MAX_MEM_CHUNK: Final = 65536
@@ -33,6 +35,8 @@ MAX_REGIONS: Final = 64
 MAX_RANGES: Final = 1024
 MAX_NAME: Final = 64
 MAX_REASON: Final = 1024
+#: The most one state transfer may carry (a ledger of millions of ranges is tens of MiB).
+MAX_STATE: Final = 1 << 30
 MAX_REGS: Final = 18
 MAX_EFFECTS: Final = 8
 N_ARGS: Final = 17
@@ -81,6 +85,10 @@ class MsgType(enum.IntEnum):
     EFFECT_DONE = 10
     EVENT = 11
     ERROR = 12
+    STATE_SAVE = 13
+    STATE_DATA = 14
+    STATE_STATUS = 15
+    MIGRATION_BLOCKER = 16
 
 
 class Accel(enum.IntEnum):
@@ -109,6 +117,10 @@ class EffectKind(enum.IntEnum):
     CPU_SUSPEND = 6
     #: Wait for a wake-up event, then return with the reply's registers (protocol §3.5).
     CPU_STANDBY = 7
+
+
+#: What a VMM whose HELLO declares no effects carries out: every kind but SYSTEM_SUSPEND.
+EFFECTS_UNDECLARED: Final = frozenset(k for k in EffectKind if k is not EffectKind.SYSTEM_SUSPEND)
 
 
 class EventKind(enum.IntEnum):
@@ -144,6 +156,8 @@ CALL_EL_SHIFT: Final = 4
 CALL_FLAGS_KNOWN: Final = CALL_SMC | CALL_IMM16 | CALL_AARCH32 | (3 << CALL_EL_SHIFT)
 
 EFFECT_AARCH64: Final = 1 << 0
+#: STATE_DATA flag: the transfer's last chunk.
+STATE_LAST: Final = 1 << 0
 MPIDR_AFF_MASK: Final = 0xFF_00FF_FFFF
 
 
@@ -224,6 +238,8 @@ class Hello:
     max_version: int = PROTOCOL_VERSIONS[1]
     #: The vCPUs implement EL2 (HELLO flag EL2).
     el2: bool = False
+    #: Bit n: the VMM carries out effect kind n; 0 from a VMM that does not say.
+    effects: int = 0
     #: Received file descriptors (not encoded in the payload; carried by SCM_RIGHTS).
     fds: tuple[int, ...] = field(default=(), compare=False)
 
@@ -250,6 +266,14 @@ class Hello:
         _check(self.reconnect or not self.filter_in_force, "a filter in force needs RECONNECT")
         _check(len(self.filter_in_force) <= MAX_RANGES, "too many filter ranges")
         _check(self.conduit in PsciConduit.__members__.values(), "unknown conduit")
+        _u(self.effects, 32, "effects")
+
+    @property
+    def performs(self) -> frozenset[EffectKind]:
+        """The effect kinds this VMM carries out (unknown bits: kinds of a later version)."""
+        if not self.effects:
+            return EFFECTS_UNDECLARED
+        return frozenset(k for k in EffectKind if self.effects >> k & 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -430,8 +454,58 @@ class Error:
         _check(len(self.reason.encode()) <= MAX_REASON, "reason too long")
 
 
+@dataclass(frozen=True, slots=True)
+class StateSave:
+    """The VMM asks for the VM's state document (migration, savevm): v2."""
+
+    seq: int
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+
+
+@dataclass(frozen=True, slots=True)
+class StateData:
+    """One chunk of a state document: the daemon's answer to STATE_SAVE, or the
+    VMM handing a document to the daemon (migration's destination, loadvm)."""
+
+    seq: int
+    data: bytes
+    last: bool = False
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _check(len(self.data) <= MAX_MEM_CHUNK, f"state chunk of {len(self.data)} bytes, most {MAX_MEM_CHUNK}")
+
+
+@dataclass(frozen=True, slots=True)
+class StateStatus:
+    """The daemon ends a transfer: 0 for a document loaded, a negative errno and a
+    reason for a load refused or a save it cannot give."""
+
+    seq: int
+    status: int = 0
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _u(self.seq, 64, "seq")
+        _check(-(1 << 31) <= self.status <= 0, "status must be 0 or a negative errno")
+        _check(len(self.reason.encode()) <= MAX_REASON, "reason too long")
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationBlocker:
+    """Why the VM's state cannot move now ("" when it can): the VMM keeps a
+    migration blocker with this text while it is set."""
+
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        _check(len(self.reason.encode()) <= MAX_REASON, "reason too long")
+
+
 Event = (Hello | Welcome | FilterStatus | Call | Reply | MemRead | MemReadResp | MemWrite
-         | MemWriteResp | EffectDone | VmEvent | Error)
+         | MemWriteResp | EffectDone | VmEvent | Error | StateSave | StateData | StateStatus | MigrationBlocker)
 
 
 class _NeedData:
@@ -452,7 +526,8 @@ _TYPE_OF: dict[type, MsgType] = {
     Call: MsgType.CALL, Reply: MsgType.REPLY, MemRead: MsgType.MEM_READ,
     MemReadResp: MsgType.MEM_READ_RESP, MemWrite: MsgType.MEM_WRITE,
     MemWriteResp: MsgType.MEM_WRITE_RESP, EffectDone: MsgType.EFFECT_DONE,
-    VmEvent: MsgType.EVENT, Error: MsgType.ERROR,
+    VmEvent: MsgType.EVENT, Error: MsgType.ERROR, StateSave: MsgType.STATE_SAVE,
+    StateData: MsgType.STATE_DATA, StateStatus: MsgType.STATE_STATUS, MigrationBlocker: MsgType.MIGRATION_BLOCKER,
 }
 
 _SENDER: dict[MsgType, Role | None] = {
@@ -460,11 +535,14 @@ _SENDER: dict[MsgType, Role | None] = {
     MsgType.CALL: Role.VMM, MsgType.REPLY: Role.DAEMON, MsgType.MEM_READ: Role.DAEMON,
     MsgType.MEM_READ_RESP: Role.VMM, MsgType.MEM_WRITE: Role.DAEMON,
     MsgType.MEM_WRITE_RESP: Role.VMM, MsgType.EFFECT_DONE: Role.VMM, MsgType.EVENT: Role.VMM,
-    MsgType.ERROR: None,
+    MsgType.ERROR: None, MsgType.STATE_SAVE: Role.VMM, MsgType.STATE_DATA: None,
+    MsgType.STATE_STATUS: Role.DAEMON, MsgType.MIGRATION_BLOCKER: Role.DAEMON,
 }
 
 _RUNNING_TYPES = (MsgType.CALL, MsgType.REPLY, MsgType.MEM_READ, MsgType.MEM_READ_RESP,
-                  MsgType.MEM_WRITE, MsgType.MEM_WRITE_RESP, MsgType.EFFECT_DONE, MsgType.EVENT)
+                  MsgType.MEM_WRITE, MsgType.MEM_WRITE_RESP, MsgType.EFFECT_DONE, MsgType.EVENT,
+                  MsgType.STATE_SAVE, MsgType.STATE_DATA, MsgType.STATE_STATUS, MsgType.MIGRATION_BLOCKER)
+_STATE_TYPES = frozenset(_RUNNING_TYPES[-4:])
 
 TRANSITIONS: dict[tuple[State, MsgType], State] = {
     (State.AWAIT_HELLO, MsgType.HELLO): State.AWAIT_WELCOME,
@@ -491,6 +569,9 @@ _STATUS = struct.Struct("<iI")
 _EFFECT_DONE = struct.Struct("<B3xi")
 _EVENT = struct.Struct("<IIII")
 _ERROR_FIXED = struct.Struct("<IHH")
+_STATE_FLAGS = struct.Struct("<II")
+_STATE_STATUS_FIXED = struct.Struct("<iHH")
+_BLOCKER_FIXED = struct.Struct("<HH")
 #: One precompiled register layout per count: the reply path never builds a format string.
 _REGS = [struct.Struct(f"<{n}Q") for n in range(MAX_REGS + 1)]
 
@@ -525,7 +606,7 @@ def encode(event: Event) -> bytes:
                 (HELLO_RECONNECT if event.reconnect else 0) | (HELLO_EL2 if event.el2 else 0), event.accel,
                 event.ipa_bits,
                 event.conduit, 0, len(event.vcpus), len(event.regions),
-                len(event.filter_in_force), len(name), 0)
+                len(event.filter_in_force), len(name), event.effects)
             body += b"".join(_VCPU.pack(v.mpidr, v.index, int(v.powered_on), int(v.aarch32), 0)
                              for v in event.vcpus)
             body += b"".join(_REGION.pack(r.gpa, r.size, r.fd_offset, r.fd_index, 0)
@@ -554,6 +635,18 @@ def encode(event: Event) -> bytes:
         case Error():
             reason = event.reason.encode()
             return _frame(MsgType.ERROR, 0, _ERROR_FIXED.pack(event.code, len(reason), 0) + reason)
+        case StateSave():
+            return _frame(MsgType.STATE_SAVE, event.seq, _STATE_FLAGS.pack(0, 0))
+        case StateData():
+            return _frame(MsgType.STATE_DATA, event.seq,
+                          _STATE_FLAGS.pack(STATE_LAST if event.last else 0, 0) + event.data)
+        case StateStatus():
+            reason = event.reason.encode()
+            return _frame(MsgType.STATE_STATUS, event.seq,
+                          _STATE_STATUS_FIXED.pack(event.status, len(reason), 0) + reason)
+        case MigrationBlocker():
+            reason = event.reason.encode()
+            return _frame(MsgType.MIGRATION_BLOCKER, 0, _BLOCKER_FIXED.pack(len(reason), 0) + reason)
     raise LocalProtocolError(f"cannot encode {event!r}")
 
 
@@ -584,7 +677,7 @@ def _decode_ranges(payload: memoryview, offset: int, n: int) -> tuple[FilterRang
 def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
     _need(len(p) >= _HELLO_FIXED.size, "HELLO is truncated")
     (magic, vmin, vmax, features, flags, accel, ipa_bits, conduit, _r0, n_vcpus, n_regions,
-     n_filter, name_len, _r1) = _HELLO_FIXED.unpack_from(p)
+     n_filter, name_len, effects) = _HELLO_FIXED.unpack_from(p)
     _need(magic == MAGIC, f"bad magic {magic:#x}; is this an hvcproxyd VMM?")
     expected = (_HELLO_FIXED.size + n_vcpus * _VCPU.size + n_regions * _REGION.size
                 + n_filter * _RANGE.size + name_len)
@@ -610,7 +703,8 @@ def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
     except UnicodeDecodeError as err:
         raise RemoteProtocolError("VM name is not UTF-8") from err
     return Hello(name, Accel(accel), ipa_bits, tuple(vcpus), tuple(regions), features,
-                 bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, bool(flags & HELLO_EL2), fds)
+                 bool(flags & HELLO_RECONNECT), ranges, PsciConduit(conduit), vmin, vmax, bool(flags & HELLO_EL2),
+                 effects, fds)
 
 
 def _call(seq: int, fields: tuple[int, ...]) -> Call:
@@ -720,6 +814,25 @@ def _decode_payload(msg_type: int, seq: int, p: memoryview, fds: tuple[int, ...]
         _need(len(p) == _ERROR_FIXED.size + n, "ERROR length mismatch")
         code_v = ErrorCode(code) if code in ErrorCode.__members__.values() else ErrorCode.PROTOCOL
         return Error(code_v, bytes(p[_ERROR_FIXED.size:]).decode(errors="replace"))
+    if msg_type == MsgType.STATE_SAVE:
+        flags, _r = _fixed(p, _STATE_FLAGS, "STATE_SAVE")
+        _need(flags == 0, f"STATE_SAVE flags {flags:#x} are reserved")
+        return StateSave(seq)
+    if msg_type == MsgType.STATE_DATA:
+        _need(len(p) >= _STATE_FLAGS.size, "STATE_DATA is truncated")
+        flags, _r = _STATE_FLAGS.unpack_from(p)
+        _need(not flags & ~STATE_LAST, f"STATE_DATA flags {flags:#x} has reserved bits")
+        return StateData(seq, bytes(p[_STATE_FLAGS.size:]), bool(flags & STATE_LAST))
+    if msg_type == MsgType.STATE_STATUS:
+        _need(len(p) >= _STATE_STATUS_FIXED.size, "STATE_STATUS is truncated")
+        status, n, _r = _STATE_STATUS_FIXED.unpack_from(p)
+        _need(len(p) == _STATE_STATUS_FIXED.size + n, "STATE_STATUS length mismatch")
+        return StateStatus(seq, status, bytes(p[_STATE_STATUS_FIXED.size:]).decode(errors="replace"))
+    if msg_type == MsgType.MIGRATION_BLOCKER:
+        _need(len(p) >= _BLOCKER_FIXED.size, "MIGRATION_BLOCKER is truncated")
+        n, _r = _BLOCKER_FIXED.unpack_from(p)
+        _need(len(p) == _BLOCKER_FIXED.size + n, "MIGRATION_BLOCKER length mismatch")
+        return MigrationBlocker(bytes(p[_BLOCKER_FIXED.size:]).decode(errors="replace"))
     raise RemoteProtocolError(f"unknown message type {msg_type}")
 
 
@@ -745,6 +858,9 @@ class Connection:
         self._calls_in_flight: set[int] = set()
         self._mem_in_flight: dict[int, MsgType] = {}
         self._effects_pending: OrderedDict[int, set[int]] = OrderedDict()
+        #: The one state transfer in progress: its seq, whether the daemon is sending
+        #: (a save) or receiving (a load), and whether its last chunk went by.
+        self._transfer: tuple[int, bool, bool] | None = None
 
     # -- receiving
     def receive_data(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
@@ -885,7 +1001,40 @@ class Connection:
                     del self._effects_pending[event.seq]
             case Welcome():
                 self.version = event.version
+            case StateSave() | StateData() | StateStatus() | MigrationBlocker():
+                self._track_state(event, exc)
         self.state = new_state
+
+    def _track_state(self, event: StateSave | StateData | StateStatus | MigrationBlocker,
+                     exc: type[ProtocolError]) -> None:
+        """One transfer at a time: STATE_SAVE, the daemon's STATE_DATA to its LAST
+        chunk or a STATE_STATUS; or the VMM's STATE_DATA to LAST, then STATE_STATUS."""
+        if self.version < STATE_VERSION:
+            raise exc(f"{type(event).__name__} needs protocol version {STATE_VERSION}, this is {self.version}")
+        t = self._transfer
+        match event:
+            case StateSave():
+                if t is not None:
+                    raise exc(f"STATE_SAVE while transfer {t[0]} is in progress")
+                self._transfer = (event.seq, True, False)
+            case StateData():
+                from_daemon = self._sender_is_daemon(exc)
+                if t is None and not from_daemon:
+                    t = (event.seq, False, False)  # the VMM begins a load
+                if t is None or t[0] != event.seq or t[1] is not from_daemon or t[2]:
+                    raise exc(f"STATE_DATA seq {event.seq} is not part of the transfer in progress")
+                if event.last:
+                    self._transfer = None if from_daemon else (t[0], False, True)
+                else:
+                    self._transfer = t
+            case StateStatus():
+                if t is None or t[0] != event.seq or not (t[1] or t[2]):
+                    raise exc(f"STATE_STATUS seq {event.seq} ends no transfer that is waiting for one")
+                self._transfer = None
+
+    def _sender_is_daemon(self, exc: type[ProtocolError]) -> bool:
+        sending = exc is LocalProtocolError
+        return (self.our_role is Role.DAEMON) is sending
 
     def _remember_effects(self, reply: Reply) -> None:
         self._effects_pending[reply.seq] = set(range(len(reply.effects)))

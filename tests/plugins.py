@@ -75,6 +75,19 @@ class Counter(Handler):
         return ()
 
 
+class Blocking(Handler):
+    """Holds state it says cannot move (``reason``), like a handler with a backend
+    outside the daemon; an empty reason lets it move."""
+
+    @classmethod
+    def parse_options(cls, section: Section) -> str:
+        section.allow_keys(("reason",))
+        return section.string("reason", default="") or ""
+
+    def migration_blocker(self) -> str | None:
+        return self.options or None
+
+
 class OldPsci(Handler):
     """Claims to provide only PSCI 0.2, for the pinned-version check."""
 

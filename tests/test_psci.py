@@ -92,6 +92,7 @@ def vm_context(n_vcpus: int = 4, pinned: str | None = None) -> VmContext:
     facts.set_vcpus(tuple(VcpuInfo(i, default_mpidr(i), i == 0) for i in range(n_vcpus)))
     facts.memory = GuestMemory([RamRegion(RAM, RAM_SIZE)], 40)
     facts.attached = True
+    facts.performs = frozenset(EffectKind)  # a VMM that carries out every effect, SYSTEM_SUSPEND too
     return vm
 
 
@@ -197,6 +198,28 @@ def test_functions_of_later_versions_are_not_supported() -> None:
     assert x0(call(h, SYSTEM_OFF2, 1)) == NOT_SUPPORTED
     assert x0(call(handler(PsciOptions(allow_system_suspend=True), pinned="0.2"), SYSTEM_SUSPEND, ENTRY)) \
         == NOT_SUPPORTED
+
+
+def test_system_suspend_is_offered_only_by_a_vmm_that_carries_it_out(caplog: pytest.LogCaptureFixture) -> None:
+    h = handler(PsciOptions(allow_system_suspend=True), pinned="1.3")
+    assert x0(call(h, PSCI_FEATURES, SYSTEM_SUSPEND)) == SUCCESS
+    FACTS[h.vm].performs = frozenset(k for k in EffectKind if k is not EffectKind.SYSTEM_SUSPEND)  # QEMU
+    h.attach(reconnect=False)
+    assert "does not carry out SYSTEM_SUSPEND" in caplog.text
+    assert x0(call(h, PSCI_FEATURES, SYSTEM_SUSPEND)) == NOT_SUPPORTED
+    result = call(h, SYSTEM_SUSPEND, ENTRY, 0)
+    assert x0(result) == NOT_SUPPORTED and not result.effects
+
+
+def test_a_cpu_on_the_vmm_gave_up_on_leaves_the_target_off() -> None:
+    """QEMU's timeout-ms dropped the reply: its EFFECT_DONE(-ETIMEDOUT) (protocol §5)."""
+    h = handler()
+    result = call(h, CPU_ON, mpidr(1), ENTRY, 0)
+    assert x0(result) == SUCCESS and power(h)[1] is Power.ON_PENDING
+    confirm_all(h, result, -errno.ETIMEDOUT)
+    assert power(h)[1] is Power.OFF
+    assert x0(call(h, AFFINITY_INFO, mpidr(1), 0)) == AFF_OFF
+    assert x0(call(h, CPU_ON, mpidr(1), ENTRY, 0)) == SUCCESS  # and it can be tried again
 
 
 def test_sve_hint_bit_is_ignored() -> None:

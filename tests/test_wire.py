@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -31,10 +32,10 @@ RANGES = (wire.FilterRange(0x8400_0000, 0x20, wire.FilterAction.FORWARD),
 WELCOME = wire.Welcome(1, RANGES, 1000)
 
 
-def running_pair() -> tuple[Connection, Connection]:
+def running_pair(welcome: wire.Welcome = WELCOME) -> tuple[Connection, Connection]:
     """A daemon and a VMM connection, handshaken through each other."""
     vmm, daemon = Connection(Role.VMM), Connection(Role.DAEMON)
-    for event, src, dst in ((HELLO, vmm, daemon), (WELCOME, daemon, vmm), (wire.FilterStatus(0), vmm, daemon)):
+    for event, src, dst in ((HELLO, vmm, daemon), (welcome, daemon, vmm), (wire.FilterStatus(0), vmm, daemon)):
         assert through(event, src, dst) == event
     assert vmm.state is daemon.state is State.RUNNING
     return vmm, daemon
@@ -59,6 +60,16 @@ def test_handshake_round_trips_and_keeps_fds() -> None:
     got = through(HELLO, vmm, daemon)
     assert got == HELLO
     assert isinstance(got, wire.Hello) and got.fds == (7,)
+
+
+def test_hello_declares_the_effects_the_vmm_carries_out() -> None:
+    qemu = 0b1101_1110  # CPU_ON, CPU_OFF, SYSTEM_OFF, SYSTEM_RESET, CPU_SUSPEND, CPU_STANDBY
+    got = wire.decode_payload(wire.MsgType.HELLO, 0, memoryview(wire.encode(
+        dataclasses.replace(HELLO, effects=qemu))[wire.HEADER.size:]), (7,))
+    assert isinstance(got, wire.Hello) and got.effects == qemu
+    assert got.performs == frozenset(wire.EffectKind) - {wire.EffectKind.SYSTEM_SUSPEND}
+    assert HELLO.performs == wire.EFFECTS_UNDECLARED  # a VMM that does not say: all but SYSTEM_SUSPEND
+    assert dataclasses.replace(HELLO, effects=1 << 31 | 1 << 1).performs == {wire.EffectKind.CPU_ON}
 
 
 def test_reconnect_hello_carries_filter_in_force() -> None:
@@ -232,9 +243,65 @@ def test_constructors_validate_fields(make) -> None:  # type: ignore[no-untyped-
         make()
 
 
+def test_state_save_and_load_round_trip_in_order() -> None:
+    vmm, daemon = running_pair(wire.Welcome(2, RANGES, 1000))
+    assert through(wire.MigrationBlocker("tee-proxy: sessions at the TEE"), daemon, vmm) == \
+        wire.MigrationBlocker("tee-proxy: sessions at the TEE")
+    assert through(wire.MigrationBlocker(), daemon, vmm) == wire.MigrationBlocker()
+    # a save: the VMM asks, the daemon answers in chunks; a call may cross it
+    assert through(wire.StateSave(5), vmm, daemon) == wire.StateSave(5)
+    assert through(call(9), vmm, daemon) == call(9)
+    for chunk in (wire.StateData(5, b"{" * wire.MAX_MEM_CHUNK), wire.StateData(5, b"}", last=True)):
+        assert through(chunk, daemon, vmm) == chunk
+    with pytest.raises(LocalProtocolError, match="not part of the transfer"):
+        daemon.send(wire.StateData(5, b"more"))
+    # a load: the VMM sends, then waits for the daemon's word
+    for chunk in (wire.StateData(6, b"ab"), wire.StateData(6, b"", last=True)):
+        assert through(chunk, vmm, daemon) == chunk
+    refused = wire.StateStatus(6, -22, "the guest would see a different machine")
+    assert through(refused, daemon, vmm) == refused
+    # a save the daemon cannot give ends with a status instead of data
+    through(wire.StateSave(7), vmm, daemon)
+    through(wire.StateStatus(7, -16, "blocked"), daemon, vmm)
+    assert vmm.state is daemon.state is State.RUNNING
+
+
+@pytest.mark.parametrize(("steps", "match"), [
+    ([("vmm", wire.StateSave(1)), ("vmm", wire.StateSave(2))], "in progress"),
+    ([("vmm", wire.StateData(1, b"x")), ("vmm", wire.StateData(2, b"y"))], "not part of the transfer"),
+    ([("vmm", wire.StateData(1, b"x")), ("daemon", wire.StateStatus(1))], "ends no transfer"),
+    ([("daemon", wire.StateStatus(3))], "ends no transfer"),
+    ([("daemon", wire.StateData(3, b""))], "not part of the transfer"),
+    ([("vmm", wire.StateSave(1)), ("vmm", wire.StateData(1, b"x"))], "not part of the transfer"),
+])
+def test_state_transfers_out_of_order_are_refused(steps: list[tuple[str, wire.Event]], match: str) -> None:
+    vmm, daemon = running_pair(wire.Welcome(2, RANGES, 1000))
+    *before, (who, last) = steps
+    for side, event in before:
+        src, dst = (vmm, daemon) if side == "vmm" else (daemon, vmm)
+        through(event, src, dst)
+    sender = vmm if who == "vmm" else daemon
+    with pytest.raises(LocalProtocolError, match=match):
+        sender.send(last)
+
+
+def test_state_frames_need_protocol_v2() -> None:
+    vmm, daemon = running_pair()  # WELCOME chose version 1
+    with pytest.raises(LocalProtocolError, match="needs protocol version 2"):
+        vmm.send(wire.StateSave(1))
+    with pytest.raises(LocalProtocolError, match="needs protocol version 2"):
+        daemon.send(wire.MigrationBlocker("x"))
+    raw = wire.encode(wire.StateSave(1))
+    daemon.receive_data(raw)
+    with pytest.raises(RemoteProtocolError, match="needs protocol version 2"):
+        daemon.next_event()
+
+
 def test_version_negotiation() -> None:
-    assert wire.negotiate_version(1, 5) == 1
-    assert wire.negotiate_version(2, 5) is None
+    assert wire.negotiate_version(1, 5) == 2
+    assert wire.negotiate_version(1, 1) == 1  # a v1 VMM: no state transfer
+    assert wire.negotiate_version(2, 2) == 2
+    assert wire.negotiate_version(3, 5) is None
 
 
 @settings(deadline=None)  # examples: the profile (tests/conftest.py)

@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from ..config.diagnostics import Section
 from ..plugins import installed, load_plugin
 from ..smccc import MASK64, SmcccResult
-from ..wire import Call, Effect, VcpuInfo, VmEvent
+from ..wire import EFFECTS_UNDECLARED, Call, Effect, EffectKind, VcpuInfo, VmEvent
 from .guestmem import GuestMemory
 
 ENTRY_POINT_GROUP = "hvcproxyd.handlers"
@@ -57,7 +57,7 @@ class VmFacts:
     """The VM as the VM service keeps it; handlers read it through :class:`VmContext`."""
 
     __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "highest_el", "interfaces", "memory", "name",
-                 "peers", "touched", "vcpus", "versions")
+                 "peers", "performs", "touched", "vcpus", "versions")
 
     def __init__(self, name: str, versions: Mapping[str, str]) -> None:
         self.name = name
@@ -69,6 +69,7 @@ class VmFacts:
         self.highest_el = 1
         self.attached = False
         self.confirms_effects = False
+        self.performs: frozenset[EffectKind] = EFFECTS_UNDECLARED
         self.peers: Mapping[str, Handler] = {}
         self.interfaces: Mapping[type, object] = {}
         #: Peers a handler reached through :meth:`VmContext.peer` during the call in
@@ -128,6 +129,11 @@ class VmContext:
         """The VMM sends EFFECT_DONE; without it, effect_done() is never called and a
         handler must infer completion (e.g. from the target's first call)."""
         return self._facts.confirms_effects
+
+    def vmm_performs(self, kind: EffectKind) -> bool:
+        """Whether the VMM carries out effects of this kind (HELLO's ``effects``):
+        a handler offers the guest only what will work (QEMU has no SYSTEM_SUSPEND)."""
+        return kind in self._facts.performs
 
     def vcpu_by_mpidr(self, mpidr: int) -> int | None:
         return self._facts.by_mpidr.get(mpidr)

@@ -218,6 +218,7 @@ class VmService:
         facts.accel = hello.accel.name.lower()
         facts.highest_el = 2 if hello.el2 else 1
         facts.confirms_effects = bool(hello.features & FEATURE_EFFECT_DONE)
+        facts.performs = hello.performs
         self.vmm_power = {v.index: v.powered_on for v in hello.vcpus}
         if not hello.reconnect:
             self._last_reply.clear()  # a fresh VM process numbers its calls anew

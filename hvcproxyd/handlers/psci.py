@@ -165,7 +165,9 @@ class PsciHandler(Handler):
         if since is None or self.version < since:
             return False
         if fid in (Fn.SYSTEM_SUSPEND, Fn.SYSTEM_SUSPEND_64):
-            return self.options.allow_system_suspend
+            # Offered only if the VMM can carry it out: QEMU cannot, and a guest
+            # told it exists would try it and get NOT_SUPPORTED at suspend time.
+            return self.options.allow_system_suspend and self.vm.vmm_performs(EffectKind.SYSTEM_SUSPEND)
         return True
 
     # ------------------------------------------------------------ calls
@@ -352,6 +354,9 @@ class PsciHandler(Handler):
 
     # ------------------------------------------------------------ lifecycle
     def attach(self, reconnect: bool) -> Notes:
+        if self.options.allow_system_suspend and not self.vm.vmm_performs(EffectKind.SYSTEM_SUSPEND):
+            self.log.warning("allow_system_suspend is set, but the VMM does not carry out SYSTEM_SUSPEND "
+                             "(its HELLO does not declare the effect): the guest is not offered it")
         view = {v.index: Power.ON if v.powered_on else Power.OFF for v in self.vm.vcpus}
         if not reconnect or set(view) != set(self.power):
             self.power = view

@@ -294,6 +294,8 @@ class Daemon:
             if self.journal is not None:
                 self.journal.compact_soon()
             log.info("%s: reloaded %s (%d handlers, %d rules)", new.name, path, len(new.handlers), len(new.rules))
+            if self.session is not None:
+                self.session.reloaded()
         else:
             self.reloads_refused += 1
             log.error("%s: reload refused, keeping the running config: %s", old.name, error)

@@ -30,6 +30,7 @@ from ..core.handler import Handler
 from ..core.service import VmService
 from ..errors import TransportError
 from ..vmm.qmp import QmpWatcher
+from .transfer import StateTransfer
 from .transport import Transport
 
 log = logging.getLogger("hvcproxyd.daemon")
@@ -106,6 +107,8 @@ class Session:
         self._arrivals = 0
         self._top = 0
         self._reader_task: trio.lowlevel.Task | None = None
+        self._nursery: trio.Nursery | None = None
+        self.transfer = StateTransfer(vm, self._queue, self.flush, self._wait_idle)
 
     async def send(self, event: wire.Event) -> None:
         data = self.conn.send(event)
@@ -114,6 +117,20 @@ class Session:
             return
         self._out.append(data)
         self._flush()
+
+    def _queue(self, event: wire.Event) -> None:
+        """Send from a task that is not the reader, without waiting for the kernel."""
+        self._out.append(self.conn.send(event))
+        self._flush()
+
+    async def _wait_idle(self) -> None:
+        while not self.idle.is_set():
+            await self.idle.wait()
+
+    def reloaded(self) -> None:
+        """The VM's config changed live: the VMM hears if the migration blocker did."""
+        if self._nursery is not None and self.conn.version >= wire.STATE_VERSION:
+            self.transfer.announce_blocker()
 
     def _flush(self) -> None:
         """Write what is queued, without waiting; hand the rest to the writer task."""
@@ -334,6 +351,9 @@ class Session:
         assert self.hello is not None
         async with trio.open_nursery() as nursery:
             await nursery.start(self._writer)
+            self._nursery = nursery
+            if self.conn.version >= wire.STATE_VERSION:
+                self.transfer.announce_blocker()
             for index in range(len(self.hello.vcpus)):
                 send, receive = trio.open_memory_channel[wire.Call](VCPU_QUEUE)
                 self._queues.append(send)
@@ -348,6 +368,7 @@ class Session:
                 await self._read_loop()
             finally:
                 self._reader_task = None
+                self._nursery = None
                 self.closing.set()
                 nursery.cancel_scope.cancel()
                 for p in self._pending.values():
@@ -464,6 +485,14 @@ class Session:
             vm.effect_done(event.seq, event.index, event.status)
         elif isinstance(event, wire.VmEvent):
             vm.event(event)
+        elif isinstance(event, wire.StateSave):
+            assert self._nursery is not None
+            self._nursery.start_soon(self.transfer.save, event.seq)
+        elif isinstance(event, wire.StateData):
+            data = self.transfer.load_chunk(event)
+            if data is not None:
+                assert self._nursery is not None
+                self._nursery.start_soon(self.transfer.load, event.seq, data)
         elif isinstance(event, wire.Error):
             log.error("%s: VMM sent ERROR %s: %s", vm.config.name, event.code.name, event.reason)
             return False

@@ -104,10 +104,12 @@ class Simulator:
                  conduit_smc: bool = False, accel: wire.Accel = wire.Accel.TCG,
                  programs: dict[int, Program] | None = None, boot: Program | None = None,
                  reconnect_timeout: float = 10.0, call_timeout: float = 30.0,
-                 filter_status: int = 0, on_reset: str = "stop", seal_memfd: bool = True) -> None:
+                 filter_status: int = 0, on_reset: str = "stop", seal_memfd: bool = True,
+                 effects: frozenset[wire.EffectKind] = frozenset(wire.EffectKind)) -> None:
         """``seal_memfd`` seals the RAM memfd against shrinking and growing, as QEMU's
         memory-backend-memfd does by default (seal=on); without it the daemon must
-        not map it."""
+        not map it.  ``effects``: what HELLO says the VMM carries out (the simulator
+        does every kind; QEMU all but SYSTEM_SUSPEND)."""
         self.socket_path = str(socket_path)
         self.name = name
         self.ipa_bits = ipa_bits
@@ -120,6 +122,7 @@ class Simulator:
         self.call_timeout = call_timeout
         self.filter_status = filter_status
         self.on_reset = on_reset
+        self.effects = effects
         self.vcpus = [SimVcpu(self, i) for i in range(n_vcpus)]
         self.ram_fd = os.memfd_create(f"{name}-ram", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.ram_fd, ram_size)
@@ -149,6 +152,9 @@ class Simulator:
         self._programs_running = 0
         self._programs_done = trio.Event()
         self.stop_reason: str | None = None
+        #: The daemon's last MIGRATION_BLOCKER text ("": none, as at the handshake).
+        self.migration_blocker = ""
+        self._transfer: tuple[int, trio.Event, bytearray, list[wire.StateStatus]] | None = None
         self.vcpus[0].powered_on = True
 
     # -- transcript
@@ -170,7 +176,7 @@ class Simulator:
             (wire.FEATURE_MEMFD if self.pass_memfd else 0) | wire.FEATURE_EFFECT_DONE,
             reconnect, self.ranges if reconnect else (),
             wire.PsciConduit.SMC if self.conduit_smc else wire.PsciConduit.HVC,
-            fds=(self.ram_fd,) if self.pass_memfd else ())
+            effects=sum(1 << kind for kind in self.effects), fds=(self.ram_fd,) if self.pass_memfd else ())
 
     async def connect(self, reconnect: bool = False) -> wire.Welcome:
         """Connect to the daemon and run the handshake (HELLO, WELCOME, FILTER_STATUS).
@@ -308,6 +314,17 @@ class Simulator:
                     await self.send(wire.MemReadResp(ev.seq, 0, self.ram[off:off + ev.length]))
                 else:
                     await self.send(wire.MemReadResp(ev.seq, -14))  # EFAULT
+            elif isinstance(ev, wire.MigrationBlocker):
+                self.migration_blocker = ev.reason
+                self._record("migration-blocker", 0, reason=ev.reason)
+            elif isinstance(ev, (wire.StateData, wire.StateStatus)) and self._transfer is not None:
+                _seq, done, data, status = self._transfer
+                if isinstance(ev, wire.StateData):
+                    data += ev.data
+                else:
+                    status.append(ev)
+                if isinstance(ev, wire.StateStatus) or ev.last:
+                    done.set()
             elif isinstance(ev, wire.MemWrite):
                 if ev.gpa >= RAM_BASE and ev.gpa + len(ev.data) <= RAM_BASE + self.ram_size:
                     off = ev.gpa - RAM_BASE
@@ -315,6 +332,40 @@ class Simulator:
                     await self.send(wire.MemWriteResp(ev.seq, 0))
                 else:
                     await self.send(wire.MemWriteResp(ev.seq, -14))
+
+    # -- state transfer, as QEMU's forwarder does it at migration (protocol v2)
+    async def save_state(self) -> bytes:
+        """The daemon's state document (STATE_SAVE); raises DaemonRefused with the
+        daemon's reason if it will not give it.  Needs :meth:`run` reading."""
+        seq = next(self._seq)
+        done, data, status = trio.Event(), bytearray(), list[wire.StateStatus]()
+        self._transfer = (seq, done, data, status)
+        try:
+            await self.send(wire.StateSave(seq))
+            await done.wait()
+        finally:
+            self._transfer = None
+        if status:
+            raise DaemonRefused(f"state save refused: {status[0].reason}")
+        return bytes(data)
+
+    async def load_state(self, document: bytes) -> None:
+        """Hand the daemon a state document (STATE_DATA chunks), as a migration's
+        destination does before its vCPUs run; raises DaemonRefused with the
+        daemon's reason if it refuses it."""
+        seq = next(self._seq)
+        done, status = trio.Event(), list[wire.StateStatus]()
+        self._transfer = (seq, done, bytearray(), status)
+        try:
+            chunk = wire.MAX_MEM_CHUNK
+            last = max(0, (len(document) - 1) // chunk)
+            for i in range(last + 1):
+                await self.send(wire.StateData(seq, document[i * chunk:(i + 1) * chunk], last=i == last))
+            await done.wait()
+        finally:
+            self._transfer = None
+        if status[0].status:
+            raise DaemonRefused(f"state load refused: {status[0].reason}")
 
     # -- calls, as the VMM's vCPU thread would make them
     def _filter_action(self, func_id: int) -> wire.FilterAction:

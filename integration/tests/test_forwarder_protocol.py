@@ -121,6 +121,9 @@ def test_handshake_registers_and_guest_memory(start_qemu: StartQemu, guests: Pat
     assert [(v.index, v.mpidr, v.powered_on, v.aarch32) for v in hello.vcpus] == [(0, 0, True, False),
                                                                                    (1, 1, False, False)]
     assert hello.regions == (wire.RamRegion(RAM_BASE, RAM_SIZE, 0, -1),)
+    # Every effect but SYSTEM_SUSPEND, which QEMU cannot carry out: a handler must not offer it.
+    assert hello.performs == frozenset(wire.EffectKind) - {wire.EffectKind.SYSTEM_SUSPEND}, hello.effects
+    assert hello.max_version == 2
 
     c = expect_call(s, PSCI_VERSION)
     assert c.vcpu == 0 and c.flags == (1 << wire.CALL_EL_SHIFT)  # HVC from EL1, AArch64
@@ -244,6 +247,25 @@ def test_call_timeout_gives_not_supported(start_qemu: StartQemu, guests: Path,
     out, _ = finish(q, s)
     assert parse_calls(out)["STATIC"][0] == NOT_SUPPORTED, out
     assert re.search(r"call 0xc2000001 from vCPU 0 timed out after 300 ms", q.messages()), q.messages()
+
+
+def test_a_timed_out_call_gets_its_services_failure_and_a_late_replys_effects_are_reported(
+        start_qemu: StartQemu, guests: Path, handler: ScriptedHandler) -> None:
+    """§5: PSCI's own failure (INTERNAL_FAILURE) for a PSCI call the VMM gave up on,
+    and EFFECT_DONE(-ETIMEDOUT) for each effect of a REPLY that came too late, so
+    the handler's state follows the VM's (a CPU_ON it answered never happened)."""
+    q = run_calls_guest(start_qemu, guests, handler, smp=2, forwarder_opts=",timeout-ms=300")
+    s = handler.accept()
+    s.handshake(RANGES)
+    late = expect_call(s, PSCI_VERSION)  # never answered in time
+    nxt = expect_call(s, PSCI_FEATURES)  # the guest moved on after timeout-ms
+    power_on = wire.Effect(wire.EffectKind.CPU_ON, 1, GUEST_LOAD, 0, 1, wire.EFFECT_AARCH64)
+    s.send(wire.Reply(late.seq, late.vcpu, (0,), (power_on,)))
+    answer(s, nxt)
+    done = s.expect(wire.EffectDone)  # the IOThread read the late REPLY first
+    assert done == wire.EffectDone(late.seq, 0, -errno.ETIMEDOUT)
+    out, _ = finish(q, s)
+    assert parse_calls(out)["PSCI_VERSION"][0] == (-6) & U64, out  # PSCI INTERNAL_FAILURE
 
 
 def test_refused_vm_stops_qemu(start_qemu: StartQemu, guests: Path, handler: ScriptedHandler, line: bool) -> None:

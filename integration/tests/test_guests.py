@@ -23,6 +23,7 @@ from transcripts import (
     assert_power_cycles,
     assert_smp_transcript,
     assert_standby_waited,
+    secondary_endianness,
 )
 
 GUEST_TIMEOUT = 60
@@ -68,6 +69,17 @@ def test_smp_cpu_on_off_via_daemon(start_daemon: StartDaemon, start_qemu: StartQ
     out = _run_to_exit(q)
     assert_smp_transcript(out)
     assert_daemon_saw(daemon, 0xC4000003, 0xC4000004, 0x84000002, 0x84000008)
+
+
+def test_cpu_on_carries_the_callers_endianness(start_daemon: StartDaemon, start_qemu: StartQemu,
+                                               guests: Path) -> None:
+    """As KVM does (kvm_psci_vcpu_on): a big-endian caller's target starts big-endian;
+    QEMU's own TCG PSCI starts every target little-endian (shown beside it)."""
+    daemon = start_daemon()
+    out = _run_to_exit(start_qemu("-kernel", str(guests / "endian.elf"), forwarder=daemon.socket, smp=3))
+    assert secondary_endianness(out) == {1: 1, 2: 0}, out
+    stock = _run_to_exit(start_qemu("-kernel", str(guests / "endian.elf"), smp=3))
+    assert secondary_endianness(stock) == {1: 0, 2: 0}, stock
 
 
 def test_without_forwarder_qemu_is_stock(start_qemu: StartQemu, guests: Path) -> None:

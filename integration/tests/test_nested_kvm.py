@@ -36,6 +36,7 @@ from transcripts import (
     assert_power_cycles,
     assert_smp_transcript,
     assert_standby_waited,
+    secondary_endianness,
 )
 
 L1_BOOT_TIMEOUT = 600.0
@@ -132,6 +133,13 @@ def test_calls_under_kvm(l1: L1Host, daemon: Daemon, conduit: str) -> None:
 def test_smp_under_kvm(l1: L1Host, daemon: Daemon) -> None:
     """CPU_ON, AFFINITY_INFO and CPU_OFF of every secondary through the daemon's PSCI."""
     assert_smp_transcript(_l2(l1, _guest("smp.elf"), smp=4))
+    assert_daemon_log_clean(daemon)
+
+
+def test_cpu_on_carries_the_callers_endianness_under_kvm(l1: L1Host, daemon: Daemon) -> None:
+    """The forwarder sets a big-endian caller's target big-endian before its registers
+    go to KVM, as KVM's own PSCI does."""
+    assert secondary_endianness(_l2(l1, _guest("endian.elf"), smp=3)) == {1: 1, 2: 0}
     assert_daemon_log_clean(daemon)
 
 

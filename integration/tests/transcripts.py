@@ -116,3 +116,14 @@ def assert_power_cycles(out: str) -> None:
         assert re.search(rf"^FINAL_OFF target=0x0*{n} x0=0x0*1\s*$", out, re.MULTILINE), out  # OFF
     assert "FINAL_FAIL" not in out and "EXCEPTION" not in out, out
     assert "CYCLES DONE" in out and out.rstrip().endswith("SYSTEM_OFF"), out
+
+
+def secondary_endianness(out: str) -> dict[int, int]:
+    """endian.S: each secondary's SCTLR_EL1.EE as it started (CPU 1 from a big-endian caller)."""
+    assert "ENDIAN DONE" in out, out
+    calls = {int(m[1], 16): int(m[2], 16) for m in re.finditer(
+        r"^CPU_ON(?:_BIG_ENDIAN)? target=0x([0-9a-f]+) x0=0x([0-9a-f]+)\s*$", out, re.MULTILINE)}
+    assert calls == {1: 0, 2: 0}, out  # both CPU_ONs succeeded
+    return {int(m[1], 16): int(m[2], 16) for m in re.finditer(
+        r"^SECONDARY_EE target=0x([0-9a-f]+) x0=0x([0-9a-f]+)\s*$", out, re.MULTILINE)}
+
