@@ -9,6 +9,7 @@ Tree::
      ├── ConfigError (config/diagnostics.py)    a config file is wrong; names file:line:col
      ├── GuestMemoryError (core/guestmem.py)    a guest address/length outside its RAM
      ├── ControlError (ops/control.py)          the control socket cannot be reached or refused
+     ├── DurableError (durable/store.py)        the state directory cannot be used, or its state loaded
      └── TransportError                         the peer went away (wraps trio's errors)
 """
 
@@ -27,11 +28,12 @@ class ExitCode:
     OK = 0
     #: Anything else: an internal error, a crash, the watchdog: worth a restart.
     FAILURE = 1
-    #: A socket cannot be created (its directory, an existing non-socket file, a missing group).
+    #: A socket cannot be created (its directory, an existing non-socket file, a missing group),
+    #: or the state directory cannot be created or written (read-only, full).
     CANTCREAT = 73
     #: Permission denied on a socket or its directory.
     NOPERM = 77
-    #: The config is missing or has errors.
+    #: The config is missing or has errors, or the saved state does not fit it.
     CONFIG = 78
     PERMANENT = (CANTCREAT, NOPERM, CONFIG)
 

@@ -44,15 +44,18 @@ DOC = "/usr/share/doc/hvcproxyd"
 EXIT_STATUS = [
     (ExitCode.OK, "success"),
     (ExitCode.FAILURE, "anything a restart may fix: an internal error, a lost VMM, the watchdog"),
-    (ExitCode.CANTCREAT, "a socket cannot be created: its directory, a file in the way, a missing group"),
+    (ExitCode.CANTCREAT, "a socket cannot be created (its directory, a file in the way, a missing group), "
+                         "or the state directory cannot be created or written (read-only, full)"),
     (ExitCode.NOPERM, "permission denied on a socket or its directory"),
-    (ExitCode.CONFIG, "the config is missing or has errors"),
+    (ExitCode.CONFIG, "the config is missing or has errors, or the saved state does not fit it"),
 ]
 
 FILES = [
     ("/etc/hvcproxyd/VM.yaml", "the config of the VM named VM (hvcproxyd@VM.service serves it)"),
     ("/run/hvcproxyd/VM.sock", "the VMM socket QEMU connects to (the config's socket path)"),
     ("/run/hvcproxyd/VM.ctl", "the control socket that status, trace and memshare use"),
+    ("/var/lib/hvcproxyd/VM/", "the VM's durable state with a state: section (snapshot.json, journal.N); "
+                               "state export and import read and write it"),
     ("/usr/lib/systemd/system/hvcproxyd@.service", "the systemd unit, one instance per VM"),
 ]
 
@@ -205,7 +208,8 @@ def generate(outdir: Path) -> list[Path]:
                           see_also=[f"\\fB{esc(r)}\\fR" for _, r in sorted(refs.items())] + ["\\fBsystemctl\\fR(1)"]))
     for name, child in sorted(sub.choices.items()):
         section = SECTIONS.get(name, "8")
-        extra = (exit_status + files) if name == "run" else files if name in {"status", "trace", "memshare"} else []
+        with_files = {"status", "trace", "memshare", "state"}
+        extra = (exit_status + files) if name == "run" else files if name in with_files else []
         see = [f"\\fB{PROG}\\fR(8)"] + [f"\\fB{esc(r)}\\fR" for n, r in sorted(refs.items()) if n != name]
         write(f"{PROG}-{name}", section,
               page(f"{PROG}-{name}", section, first_clause(helps[name]), child, date=date, extra=extra, see_also=see))

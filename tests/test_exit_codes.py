@@ -25,13 +25,27 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
     (None, None, ExitCode.CONFIG, "cannot read: No such file or directory"),  # `systemctl start hvcproxyd@typo`
     ("vm: a\nhandlers: [\n", None, ExitCode.CONFIG, "has errors, not starting"),
     (f"vm: a\n{RULES}", "/proc/hvcproxyd-test.sock", ExitCode.CANTCREAT, "cannot listen on /proc/hvcproxyd-test"),
+    (f"vm: a\nstate: {{dir: /proc/hvcproxyd-test}}\n{RULES}", None, ExitCode.CANTCREAT,
+     "state directory /proc/hvcproxyd-test/a cannot be created"),
 ])
 def test_permanent_failures_have_their_own_exit_status(tmp_path: Path, config: str | None, socket: str | None,
                                                        code: int, says: str) -> None:
     path = tmp_path / "vm.yaml"
     if config is not None:
         path.write_text(config)
-    done = run(str(path), *(["--socket", socket] if socket else []))
+    done = run(str(path), "--socket", socket or str(tmp_path / "vm.sock"))
     assert done.returncode == code and code in ExitCode.PERMANENT, done.stderr
     assert says in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_saved_state_that_does_not_fit_the_config_is_a_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "vm.yaml"
+    state = tmp_path / "state" / "a"
+    state.mkdir(parents=True)
+    (state / "snapshot.json").write_bytes((REPO / "tests" / "fixtures" / "state-v1.json").read_bytes())
+    path.write_text(f"vm: a\nstate: {{dir: {tmp_path / 'state'}}}\n{RULES}")
+    done = run(str(path), "--socket", str(tmp_path / "vm.sock"))
+    assert done.returncode == ExitCode.CONFIG, done.stderr
+    assert "cannot serve: the state in" in done.stderr and "hvcproxyd state import" in done.stderr
     assert "Traceback" not in done.stderr

@@ -170,3 +170,24 @@ def test_journal_falls_back_to_stderr_when_journald_is_away(tmp_path: Path,
     handler.emit(logging.LogRecord("hvcproxyd.x", logging.ERROR, "f.py", 1, "still seen", (), None))
     handler.close()
     assert capsys.readouterr().err == "<3>still seen\n"  # sd-daemon(3) priority prefix
+
+
+def test_state_section(cfg: Callable[[str], Path], tmp_path: Path) -> None:
+    assert load_config(cfg("")).state is None
+    assert load_config(cfg("state: false\n")).state is None
+    on = load_config(cfg("state: {}\n")).state
+    assert on is not None and (on.dir, on.fsync) == (Path("/var/lib/hvcproxyd"), "batch")
+    mine = load_config(cfg(f"state: {{dir: {tmp_path}, fsync: never}}\n")).state
+    assert mine is not None and (mine.dir, mine.fsync) == (tmp_path, "never")
+
+
+@pytest.mark.parametrize(("extra", "says"), [
+    ("state: true\n", ":7:8: error: state: give a mapping (dir, fsync), {} for the defaults, or false"),
+    ("state: {fsync: sometimes}\n", ":7:16: error: state.fsync: 'sometimes' is not valid; one of: always, batch"),
+    ("state: {dir: var/lib}\n", ":7:14: error: state.dir: var/lib is relative"),
+    ("state: {dir: /nonexistent/hvc}\n", ":7:14: warning: state.dir: /nonexistent/hvc does not exist"),
+    ("state: {fsync: batch, mode: 1}\n", ":7:23: error: state.mode: unknown key; valid keys: dir, fsync"),
+])
+def test_state_section_problems_say_where(cfg: Callable[[str], Path], extra: str, says: str) -> None:
+    found = problems(cfg(extra))
+    assert any(says in p for p in found), found

@@ -621,6 +621,22 @@ def test_reconnect_keeps_pending_power_ons_and_takes_the_vmm_view_otherwise(capl
     assert power(h) == [Power.ON] + [Power.OFF] * 5
 
 
+def test_a_cpu_off_whose_reply_is_replayed_stays_off_at_reconnect() -> None:
+    h = handler()
+    confirm_all(h, call(h, CPU_ON64, mpidr(1), ENTRY, 0))
+    off = call(h, CPU_OFF, vcpu=1)  # answered, and the connection dropped before the VMM read it
+    FACTS[h.vm].set_vcpus(tuple(VcpuInfo(i, mpidr(i), i in (0, 1)) for i in range(4)))
+    h.attach(reconnect=True)  # the VMM still runs vCPU 1: the replayed reply will stop it
+    assert power(h)[1] is Power.OFF
+    restored = PsciHandler("psci", h.options, h.vm)
+    restored.restore(h.snapshot())  # a daemon restart in between changes nothing
+    restored.attach(reconnect=True)
+    assert power(restored)[1] is Power.OFF
+    confirm_all(h, off)
+    h.attach(reconnect=True)  # confirmed, yet the VMM says on: its word again
+    assert power(h)[1] is Power.ON
+
+
 def test_vm_reset_and_vcpu_power_events() -> None:
     h = handler()
     confirm_all(h, call(h, CPU_ON64, mpidr(1), ENTRY, 0))

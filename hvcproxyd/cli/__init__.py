@@ -1,5 +1,5 @@
 """``hvcproxyd`` command line: the parser is built from the subcommands that
-:mod:`.run`, :mod:`.control`, :mod:`.memshare` and :mod:`.demo` register."""
+:mod:`.run`, :mod:`.control`, :mod:`.memshare`, :mod:`.state` and :mod:`.demo` register."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import argparse
 from .. import __version__
 from ..ops.logsetup import FORMATS
 from ..ops.logsetup import configure as setup_logging
-from . import control, demo, memshare, run  # noqa: F401  (each registers its subcommands)
+from . import control, demo, memshare, run, state  # noqa: F401  (each registers its subcommands)
 from .registry import SUBCOMMANDS
 
 # ----------------------------------------------------------------- main

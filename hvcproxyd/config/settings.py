@@ -21,6 +21,9 @@ from .diagnostics import ConfigError, Problem, Section, shown
 from .source import LocMap, Mark
 
 DEFAULT_RUNTIME_DIR = Path("/run/hvcproxyd")
+#: What the unit reserves with StateDirectory=; each VM keeps its state in a directory of its name below.
+DEFAULT_STATE_DIR = Path("/var/lib/hvcproxyd")
+FSYNC_POLICIES = ("always", "batch", "never")
 DEFAULT_TIMEOUT_MS = 1000
 _MISSING = object()
 
@@ -31,7 +34,7 @@ _MISSING = object()
 
 OPS_KEYS = ("vmm", "control_socket", "metrics", "log_calls")
 #: The keys this layer reads; handlers and rules are read by the layer above.
-SETTINGS_KEYS = ("vm", "socket", "qmp", "handler_timeout_ms", "versions", *OPS_KEYS)
+SETTINGS_KEYS = ("vm", "socket", "qmp", "handler_timeout_ms", "versions", "state", *OPS_KEYS)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,15 @@ class MetricsConfig:
     group: int | str | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class StateConfig:
+    """Durable state (docs/operations.md, "Durable state"): the base directory
+    (the VM's own is ``dir/<vm>``) and when the journal is fsynced."""
+
+    dir: Path = DEFAULT_STATE_DIR
+    fsync: str = "batch"
+
+
 @dataclass(slots=True)
 class _Ops:
     vmm: VmmAuth
@@ -78,6 +90,8 @@ class VmSettings:
     control_socket: Path
     metrics: MetricsConfig | None
     log_calls: bool
+    #: None: no ``state:`` section, handler state lives in memory only.
+    state: StateConfig | None
 
 
 def _ident(s: Section, key: str, kind: str) -> int | str | None:
@@ -280,6 +294,28 @@ def check_socket_path(s: Section, key: str, path: Path) -> None:
                        f"allows only below {DEFAULT_RUNTIME_DIR} (a typo?)", warning=True)
 
 
+def _parse_state(s: Section) -> StateConfig | None:
+    """``state:`` off by default (``false`` says so explicitly); a mapping, even an
+    empty one, turns durable state on."""
+    raw = s.raw("state", _MISSING)
+    if raw is _MISSING or raw is False:
+        return None
+    if raw is True:
+        s.problem("state", "give a mapping (dir, fsync), {} for the defaults, or false")
+        return None
+    st = s.section("state")
+    if st is None:
+        return None
+    st.allow_keys(("dir", "fsync"))
+    base = Path(st.string("dir", default=str(DEFAULT_STATE_DIR)))
+    if not base.is_absolute():
+        st.problem("dir", f"{base} is relative; give an absolute path (the daemon's working directory is /)")
+    elif not base.is_relative_to(DEFAULT_STATE_DIR) and not base.exists():
+        st.problem("dir", f"{base} does not exist; the daemon would create it, which the shipped unit allows "
+                          f"only below {DEFAULT_STATE_DIR} (a typo?)", warning=True)
+    return StateConfig(base, st.string("fsync", default="batch", choices=FSYNC_POLICIES))
+
+
 def parse_settings(s: Section, path: Path, socket: str | None) -> VmSettings:
     """The VM's settings from the top-level section; problems go to ``s``."""
     name = s.string("vm") or "?"
@@ -299,8 +335,8 @@ def parse_settings(s: Section, path: Path, socket: str | None) -> VmSettings:
         check_socket_path(s, "socket", socket_path)
     ops = _parse_ops(s, socket_path)
     return VmSettings(path, name, socket_path, Path(qmp_text) if qmp_text else None, timeout_ms / 1000,
-                      versions, ops.vmm, ops.control_socket, ops.metrics, ops.log_calls)
+                      versions, ops.vmm, ops.control_socket, ops.metrics, ops.log_calls, _parse_state(s))
 
 
-__all__ = ["DEFAULT_RUNTIME_DIR", "DEFAULT_TIMEOUT_MS", "SETTINGS_KEYS", "MetricsConfig", "VmSettings", "VmmAuth",
-           "parse_settings", "read_document"]
+__all__ = ["DEFAULT_RUNTIME_DIR", "DEFAULT_STATE_DIR", "DEFAULT_TIMEOUT_MS", "FSYNC_POLICIES", "SETTINGS_KEYS",
+           "MetricsConfig", "StateConfig", "VmSettings", "VmmAuth", "parse_settings", "read_document"]

@@ -57,7 +57,7 @@ class VmFacts:
     """The VM as the VM service keeps it; handlers read it through :class:`VmContext`."""
 
     __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "executable", "highest_el", "interfaces",
-                 "memory", "name", "peers", "performs", "vcpus", "versions")
+                 "memory", "name", "peers", "performs", "touched", "vcpus", "versions")
 
     def __init__(self, name: str, versions: Mapping[str, str]) -> None:
         self.name = name
@@ -74,6 +74,9 @@ class VmFacts:
         self.performs: frozenset[EffectKind] = EFFECTS_UNDECLARED
         self.peers: Mapping[str, Handler] = {}
         self.interfaces: Mapping[type, object] = {}
+        #: Peers a handler reached through :meth:`VmContext.peer` during the call in
+        #: progress: the journal looks at their state too (a delegated call changes it).
+        self.touched: set[str] = set()
 
     def set_vcpus(self, vcpus: tuple[VcpuInfo, ...]) -> None:
         self.vcpus = tuple(sorted(vcpus, key=lambda v: v.index))
@@ -147,7 +150,10 @@ class VmContext:
     def peer(self, name: str) -> Handler | None:
         """Another handler instance of this VM, by its name in the config; for a
         handler that is configured to pass some calls on (e.g. memshare's ``delegate``)."""
-        return self._facts.peers.get(name)
+        found = self._facts.peers.get(name)
+        if found is not None:
+            self._facts.touched.add(name)
+        return found
 
     def interface(self, kind: type[Iface]) -> Iface | None:
         """The object some handler of this VM publishes as ``kind`` (see
@@ -178,6 +184,11 @@ class Handler:
     #: never suspends).  An instance may set it from its options.
     inline: bool = False
     ANSWERS_DISCOVERY: ClassVar[bool] = False
+    #: True when :meth:`take_delta`/:meth:`apply_delta` carry this handler's changes
+    #: to the durable journal; otherwise the journal writes the whole
+    #: :meth:`snapshot` whenever it differs from the last one written (fine for a
+    #: small state such as PSCI's, not for a ledger of millions of ranges).
+    JOURNAL_DELTAS: ClassVar[bool] = False
     SIDECARS: ClassVar[tuple[str, ...]] = ()
     PER_CALL_WARNING: ClassVar[str | None] = None
 
@@ -239,6 +250,18 @@ class Handler:
         """Inverse of :meth:`snapshot`.  ``data`` may come from a damaged file: raise
         ValueError, changing nothing, for anything this handler's snapshot() did not write."""
         return ()
+
+    def take_delta(self) -> Any:
+        """With ``JOURNAL_DELTAS``: plain data (JSON) for every change since the last
+        call of this method, or None when nothing changed, which must be cheap: it
+        runs after every call this handler answers."""
+        return None
+
+    def apply_delta(self, delta: Any) -> Notes:
+        """Redo a :meth:`take_delta` record on top of the state it followed (daemon
+        start-up, replaying the journal).  Raise ValueError for a record this
+        handler's take_delta() did not write."""
+        raise ValueError(f"{type(self).__name__} journals no deltas")
 
     def guest_abi(self) -> dict[str, Any]:
         """What the guest has seen from this instance and relies on (a service's

@@ -14,7 +14,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -29,6 +29,7 @@ from ..wire import (
     EffectKind,
     EventKind,
     Hello,
+    ProtocolError,
     RemoteProtocolError,
     Reply,
     VmEvent,
@@ -49,6 +50,14 @@ Observer = Callable[[Call, Reply, str, float], None]
 Bound = Handler | Deny | LeaveToKvm
 #: Effects remembered for their EFFECT_DONE; older ones are forgotten first.
 MAX_PENDING_EFFECTS = 4096
+
+
+class StateSink(Protocol):
+    """Where the service writes each guest-visible change (hvcproxyd.durable's
+    journal).  ``append`` takes one record and must not suspend; the sink makes
+    every reply that leaves after it wait until it is durable."""
+
+    def append(self, record: dict[str, Any]) -> None: ...
 
 
 class _Unrouted(enum.Enum):
@@ -85,6 +94,10 @@ class VmService:
         self.sidecars: dict[str, list[Sidecar]] = {name: self._make_sidecars(inst)
                                                    for name, inst in self.instances.items()}
         self._last_reply: dict[int, Reply] = {}
+        #: The journal, when the state is durable; see :meth:`_changes`.
+        self.sink: StateSink | None = None
+        #: The snapshot last journaled of each handler without JOURNAL_DELTAS.
+        self._written: dict[str, dict[str, Any]] = {}
         self._effects: OrderedDict[int, tuple[str, tuple[Effect, ...]]] = OrderedDict()
         #: Per-call views (trace, per-call logging): attached only while someone wants them.
         self.observers: list[Observer] = []
@@ -136,6 +149,9 @@ class VmService:
         # (a plugin's constructor, a snapshot it refuses) leaves the old service whole.
         old_specs = self.config.handlers
         instances = self._instantiate(config, self.instances)
+        for inst in instances.values():
+            if inst.JOURNAL_DELTAS:
+                inst.take_delta()  # adopting the old state is no change to journal
         change = SidecarChange()
         sidecars: dict[str, list[Sidecar]] = {}
         rebound: list[tuple[Sidecar, Handler]] = []
@@ -166,6 +182,7 @@ class VmService:
         if self.facts.attached:
             for name, inst in instances.items():
                 self._notes(name, inst.attach(reconnect=True))
+        self._journal_all()
         return change
 
     def all_sidecars(self) -> list[Sidecar]:
@@ -209,6 +226,7 @@ class VmService:
             self._effects.clear()
         facts.attached = True
         self._each_handler(lambda inst: inst.attach(reconnect=hello.reconnect), "attach")
+        self._journal_all(fresh=not hello.reconnect)
 
     def detach(self) -> None:
         """The VMM went away; state stays for its reconnect, memory access does not."""
@@ -226,6 +244,7 @@ class VmService:
         elif ev.kind is EventKind.VCPU_POWER and ev.vcpu in self.vmm_power:
             self.vmm_power[ev.vcpu] = bool(ev.arg)
         self._each_handler(lambda inst: inst.event(ev), f"event {ev.kind.name}")
+        self._journal_all()
 
     def effect_done(self, seq: int, index: int, status: int) -> None:
         pending = self._effects.get(seq)
@@ -246,6 +265,7 @@ class VmService:
             log.exception("handler %s failed on effect confirmation", handler.name)
             return
         self._notes(name, notes)
+        self._journal_all()
 
     def snapshot(self) -> dict[str, Any]:
         return {name: inst.snapshot() for name, inst in self.instances.items()}
@@ -258,14 +278,95 @@ class VmService:
         """Adopt a state document (from :func:`state.decode`) as this VM's, all or
         nothing; raises StateError naming every way its guest ABI differs from this
         VM's, or the handler that refused its part."""
+        self._check_fits(doc, "the guest would see a different machine")
+        state.restore_all(self.instances, doc["handlers"], self._notes)
+        self._last_reply.clear()  # the source's vCPUs numbered their calls on another connection
+        self._effects.clear()
+        self._journal_all(fresh=True)
+
+    def _check_fits(self, doc: dict[str, Any], what: str) -> None:
+        """StateError naming every way ``doc`` is not this VM's machine."""
         differences = state.abi_differences(doc["abi"], state.guest_abi(self.config, self.instances))
         if doc["vm"] != self.config.name:
             differences.insert(0, f"it is VM {doc['vm']!r}'s state, this is {self.config.name!r}")
         if differences:
-            raise state.StateError("the guest would see a different machine: " + "; ".join(differences))
-        state.restore_all(self.instances, doc["handlers"], self._notes)
-        self._last_reply.clear()  # the source's vCPUs numbered their calls on another connection
-        self._effects.clear()
+            raise state.StateError(f"{what}: " + "; ".join(differences))
+
+    # -- durable state: the journal's records (hvcproxyd.durable writes and reads them)
+    def durable_document(self) -> dict[str, Any]:
+        """:meth:`state_document` plus the replay window (each vCPU's last journaled
+        reply), which a restart must keep and a migration must not carry."""
+        doc = self.state_document()
+        doc["replay"] = {str(v): _reply_data(r) for v, r in sorted(self._last_reply.items())}
+        return doc
+
+    def resume(self, doc: dict[str, Any] | None, records: Iterable[dict[str, Any]]) -> None:
+        """Daemon start-up: adopt the compacted ``doc`` (from :func:`state.decode`, or
+        None for none yet) and redo the journal's ``records`` after it, replay
+        window included.  Raises StateError, naming the record, for state this
+        config cannot take; then nothing may be served from it."""
+        if doc is not None:
+            self._check_fits(doc, "the saved state is of a different machine")
+            state.restore_all(self.instances, doc["handlers"], self._notes)
+            self._last_reply = _replies(doc.get("replay", {}))
+        for n, record in enumerate(records, 1):
+            try:
+                self._redo(record)
+            except (ValueError, TypeError, KeyError) as err:
+                raise state.StateError(f"journal record {n} cannot be applied: {err}") from err
+        for inst in self.instances.values():
+            if inst.JOURNAL_DELTAS:
+                inst.take_delta()  # what the journal already says
+        self._written = {name: inst.snapshot() for name, inst in self.instances.items() if not inst.JOURNAL_DELTAS}
+
+    def _redo(self, record: dict[str, Any]) -> None:
+        if record.get("fresh"):
+            self._last_reply.clear()
+        for name, change in record.get("h", {}).items():
+            inst = self.instances.get(name)
+            if inst is None:
+                raise ValueError(f"it changes handler {name!r}, which this config does not have")
+            self._notes(name, inst.restore(change["s"]) if "s" in change else inst.apply_delta(change["d"]))
+        if "v" in record:
+            self._last_reply[record["v"]] = _reply_of(record["v"], record["q"], record["r"], record["e"])
+
+    def _changes(self, names: Iterable[str]) -> dict[str, dict[str, Any]]:
+        """What changed in these handlers since the journal last looked: a delta
+        where the handler keeps them, else the snapshot when it differs."""
+        out: dict[str, dict[str, Any]] = {}
+        for name in names:
+            inst = self.instances[name]
+            if inst.JOURNAL_DELTAS:
+                delta = inst.take_delta()
+                if delta is not None:
+                    out[name] = {"d": delta}
+                continue
+            snap = inst.snapshot()
+            if snap != self._written.get(name):
+                self._written[name] = snap
+                out[name] = {"s": snap}
+        return out
+
+    def _journal_all(self, *, fresh: bool = False) -> None:
+        """Journal whatever a lifecycle hook changed; ``fresh``: the whole state
+        replaces what came before, replay window included (a new VM process, a
+        migrated-in state)."""
+        sink = self.sink
+        if sink is None:
+            return
+        if fresh:
+            for inst in self.instances.values():
+                if inst.JOURNAL_DELTAS:
+                    inst.take_delta()
+            self._written = {}
+            changes = {name: {"s": inst.snapshot()} for name, inst in self.instances.items()}
+            sink.append({"fresh": 1, "h": changes})
+            self._written = {name: change["s"] for name, change in changes.items()
+                             if not self.instances[name].JOURNAL_DELTAS}
+            return
+        changes = self._changes(self.instances)
+        if changes:
+            sink.append({"h": changes})
 
     def migration_blockers(self) -> list[str]:
         """Each handler's reason its state cannot move with the VM now."""
@@ -323,6 +424,15 @@ class VmService:
             name = "none" if target is None else target.name
             result = NOT_SUPPORTED
         reply = reply_to(call, result.regs, result.effects)
+        sink = self.sink
+        if sink is not None and isinstance(target, Handler):
+            touched = self.facts.touched
+            changes = self._changes((target.name, *touched) if touched else (target.name,))
+            touched.clear()
+            if changes:  # a call that changed nothing costs no write (PSCI_VERSION, FEATURES, refusals)
+                # A write that fails raises here: no reply, not even a replayed one, for
+                # a change that is not durable (the journal stops the daemon).
+                sink.append({"v": call.vcpu, **_reply_data(reply), "h": changes})
         self._last_reply[call.vcpu] = reply
         if result.effects:  # only handlers return effects
             self._effects[call.seq] = (name, result.effects)
@@ -357,4 +467,26 @@ class VmService:
         return handler.failure(call)
 
 
-__all__ = ["Bound", "Observer", "ReloadRefused", "SidecarChange", "VmService"]
+def _reply_data(reply: Reply) -> dict[str, Any]:
+    return {"q": reply.seq, "r": list(reply.regs),
+            "e": [[int(e.kind), e.vcpu, e.entry, e.context, e.arg, e.eflags] for e in reply.effects]}
+
+
+def _reply_of(vcpu: int, seq: int, regs: list[int], effects: list[list[int]]) -> Reply:
+    """A journaled reply; ValueError for one the codec would not send."""
+    try:
+        return Reply(seq, vcpu, tuple(regs), tuple(Effect(EffectKind(e[0]), *e[1:]) for e in effects))
+    except ProtocolError as err:
+        raise ValueError(str(err)) from err
+
+
+def _replies(data: object) -> dict[int, Reply]:
+    if not isinstance(data, dict):
+        raise state.StateError(f"the replay window is not a mapping: {type(data).__name__}")
+    try:
+        return {int(v): _reply_of(int(v), r["q"], r["r"], r["e"]) for v, r in data.items()}
+    except (ValueError, TypeError, KeyError) as err:
+        raise state.StateError(f"the replay window is damaged: {err!r}") from err
+
+
+__all__ = ["Bound", "Observer", "ReloadRefused", "SidecarChange", "StateSink", "VmService"]

@@ -22,7 +22,9 @@ from typing import Any
 import trio
 
 from ..core.service import Observer
+from ..core.state import StateError
 from ..core.vmconfig import VmConfig
+from ..durable.store import DurableError
 from ..errors import ExitCode, HvcproxydError
 from ..server.daemon import Daemon, DaemonHooks, ReloadOutcome
 from ..unixsock import set_group
@@ -112,7 +114,7 @@ class Service:
         if new is not None:
             old = outcome.old
             self.config_loaded = time.time()
-            for key in ("control_socket", "metrics"):
+            for key in ("control_socket", "metrics", "state"):
                 if getattr(old, key) != getattr(new, key):
                     log.warning("%s: %s changed; it applies when the daemon restarts", new.name, key)
             if new.vmm.gid is not None and new.vmm.gid != old.vmm.gid:
@@ -189,7 +191,12 @@ def run_service(config: VmConfig) -> int:
     log.error("%s: cannot serve: %s", config.name, problem)
     notifier.notify(STATUS=f"{config.name}: failed: {problem}"[:400])
     # Every startup error of ours is about the host (sockets, directories, groups),
-    # which a restart does not change.
+    # which a restart does not change.  Saved state this config cannot take is the
+    # config's (or the operator's) to fix; a state directory that cannot be used,
+    # the host's, whatever the errno.
+    durable = [e for e in problems if isinstance(e, DurableError)]
+    if durable:
+        return ExitCode.CONFIG if any(isinstance(e.__cause__, StateError) for e in durable) else ExitCode.CANTCREAT
     denied = any(isinstance(e.__cause__, PermissionError) for e in problems)
     return ExitCode.NOPERM if denied else ExitCode.CANTCREAT
 

@@ -109,6 +109,7 @@ def status_of(d: Daemon, *, config_loaded: float, last_reload: dict[str, Any] | 
         "calls": {"total": stats.total(), "replays": stats.replays, "results": dict(stats.by_result()),
                   "handlers": handlers},
         "trace_clients": len(hub.subscribers), "trace_dropped": hub.dropped, "control_refused": control_refused,
+        "durable": None if d.journal is None else d.journal.report(),
     }
 
 

@@ -26,6 +26,7 @@ from ..config import ConfigError
 from ..core.service import ReloadRefused, SidecarChange, VmService
 from ..core.sidecar import Sidecar
 from ..core.vmconfig import VmConfig, load_config
+from ..durable.store import Fsync, Journal, vm_dir
 from ..errors import TransportError
 from ..unixsock import UnixListener, peer_credentials
 from ..vmm.qmp import QmpWatcher
@@ -79,6 +80,10 @@ class Daemon:
         self.config = config
         self.hooks = hooks or DaemonHooks()
         self.vm = VmService(config)
+        #: The write-ahead journal, with a ``state:`` section; opened (and the state
+        #: restored) when serving starts, so a bad directory fails the start.
+        self.journal = (Journal(vm_dir(config.state.dir, config.name), self.vm, Fsync(config.state.fsync),
+                                on_failure=lambda _err: self.stop()) if config.state is not None else None)
         self.session: Session | None = None
         self.draining = False
         #: QEMU's QMP view of this VM, when the config names its socket.
@@ -96,6 +101,16 @@ class Daemon:
     # -- serving
     async def serve(self, *, task_status: trio.TaskStatus[Path] = trio.TASK_STATUS_IGNORED) -> None:
         path = self.config.socket
+        journal = self.journal
+        if journal is not None:
+            journal.open()  # before the socket exists: a VMM never meets a daemon that forgot
+        try:
+            await self._serve(path, task_status)
+        finally:
+            if journal is not None:
+                journal.close()
+
+    async def _serve(self, path: Path, task_status: trio.TaskStatus[Path]) -> None:
         async with UnixListener(path, 0o660, self.config.vmm.gid, "socket", "vmm.gid") as listener, \
                 self._asyncio_loop(), trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -103,6 +118,8 @@ class Daemon:
                      len(self.config.rules), len(self.vm.filter))
             if self.qmp is not None:
                 await nursery.start(self.qmp.run)
+            if self.journal is not None:
+                await nursery.start(self.journal.run)
             for sidecar in self.vm.all_sidecars():
                 await self._start_sidecar(sidecar)
             nursery.start_soon(trio.serve_listeners, self._connection, [listener])
@@ -148,7 +165,7 @@ class Daemon:
         under the handshake timeout); the VMM slot goes only to a peer that passed
         the credential check and sent a HELLO, so a silent connection cannot lock
         QEMU out."""
-        transport = Transport(stream.socket)
+        transport = Transport(stream.socket, self.journal)
         name = self.config.name
         try:
             check = self.hooks.peer_check
@@ -274,6 +291,8 @@ class Daemon:
         if error is None and new is not None:
             self.config = new
             self.reloads += 1
+            if self.journal is not None:
+                self.journal.compact_soon()
             log.info("%s: reloaded %s (%d handlers, %d rules)", new.name, path, len(new.handlers), len(new.rules))
             if self.session is not None:
                 self.session.reloaded()

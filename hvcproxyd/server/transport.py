@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import select
 import socket as stdsocket
+from typing import Protocol
 
 import trio
 
@@ -64,11 +65,24 @@ class _Loop:
         return bool(r.deadlines.next_deadline() - r.clock.current_time() > POLL_BEFORE_PARK / 1000)
 
 
-class Transport:
-    """A connected UNIX stream socket: bytes and fds in, bytes out."""
+class Barrier(Protocol):
+    """What must be durable before bytes leave (the journal, hvcproxyd.durable):
+    a reply may reveal a state change only once its record is on disk."""
 
-    def __init__(self, sock: trio.socket.SocketType) -> None:
+    def pending(self) -> bool: ...
+
+    async def settle(self) -> None: ...
+
+
+class Transport:
+    """A connected UNIX stream socket: bytes and fds in, bytes out.  With a
+    ``barrier``, nothing is sent while it has records pending: ``send_nowait``
+    takes nothing (so the session's writer task takes over) and ``send`` first
+    waits for them, which lets one fsync cover every reply queued meanwhile."""
+
+    def __init__(self, sock: trio.socket.SocketType, barrier: Barrier | None = None) -> None:
         self.sock = sock
+        self.barrier = barrier
         # The same open socket, as a plain nonblocking socket for direct syscalls.
         self._raw = stdsocket.socket(fileno=os.dup(sock.fileno()))
         self._raw.setblocking(False)
@@ -122,6 +136,11 @@ class Transport:
 
     def send_nowait(self, data: bytes | memoryview) -> int:
         """Bytes the kernel took now (maybe 0)."""
+        if self.barrier is not None and self.barrier.pending():
+            return 0
+        return self._send_now(data)
+
+    def _send_now(self, data: bytes | memoryview) -> int:
         try:
             return self._raw.send(data)
         except BlockingIOError:
@@ -132,9 +151,11 @@ class Transport:
     async def send(self, data: bytes) -> None:
         """All of ``data``, waiting for room as needed; concurrent callers take turns."""
         async with self._send_lock:
+            if self.barrier is not None:
+                await self.barrier.settle()
             view = memoryview(data)
             while True:
-                view = view[self.send_nowait(view):]
+                view = view[self._send_now(view):]
                 if not view:
                     return
                 try:
@@ -153,4 +174,4 @@ class Transport:
         self.sock.close()
 
 
-__all__ = ["MAX_FDS", "RECV_SIZE", "Transport"]
+__all__ = ["MAX_FDS", "RECV_SIZE", "Barrier", "Transport"]

@@ -45,7 +45,17 @@ class PoweredOff(Exception):
 
 
 class DaemonRefused(Exception):
-    """The daemon answered the handshake with ERROR; retrying will not help."""
+    """The daemon answered the handshake with ERROR; ``code`` says which (None for
+    a filter the simulator itself failed).  BUSY and SHUTDOWN are retried until
+    the reconnect timeout, as QEMU does: the slot frees, a restarted daemon listens."""
+
+    def __init__(self, message: str, code: wire.ErrorCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+#: ERROR codes of a daemon that is restarting or whose slot is still held: worth a retry.
+RETRIED = (wire.ErrorCode.BUSY, wire.ErrorCode.SHUTDOWN)
 
 
 class SystemStopped(Exception):
@@ -127,6 +137,10 @@ class Simulator:
         self.welcome: wire.Welcome | None = None
         self._seq = itertools.count(1)
         self._waiting: dict[int, tuple[trio.Event, list[wire.Reply], wire.Call]] = {}
+        #: seq -> the connection (its number) a waiting call was last sent on: a
+        #: call goes once to each connection, by the replay or by its vCPU, never both.
+        self._sent_on: dict[int, int] = {}
+        self._link = 0
         self._sock: trio.socket.SocketType | None = None
         self._conn: wire.Connection | None = None
         self._ran = False
@@ -185,9 +199,11 @@ class Simulator:
             try:
                 await self._connect_once(reconnect)
                 return
-            except (OSError, wire.RemoteProtocolError):
+            except (OSError, wire.RemoteProtocolError, DaemonRefused) as err:
                 if self._sock is not None:
                     self._sock.close()
+                if isinstance(err, DaemonRefused) and err.code not in RETRIED:
+                    raise
                 if trio.current_time() > deadline:
                     raise
                 await trio.sleep(0.05)
@@ -204,7 +220,7 @@ class Simulator:
         self._sock, self._conn = sock, conn
         welcome = await self.next_event()
         if isinstance(welcome, wire.Error):
-            raise DaemonRefused(f"daemon refused: {welcome.code.name}: {welcome.reason}")
+            raise DaemonRefused(f"daemon refused: {welcome.code.name}: {welcome.reason}", welcome.code)
         if welcome is None:
             raise ConnectionResetError("daemon closed the connection during the handshake")
         if not isinstance(welcome, wire.Welcome):
@@ -217,11 +233,22 @@ class Simulator:
             err = await self.next_event()
             raise DaemonRefused(f"daemon refused: {err}")
         self._ran = True
+        self._link += 1
         if reconnect:
             self._record("reconnect", 0)
             for _seq, (_ev, _box, call) in sorted(self._waiting.items()):
-                await self.send(call)  # replay with the same seq (protocol §5)
+                await self._send_call(call)  # replay with the same seq (protocol §5)
         self._connected.set()
+
+    async def _send_call(self, call: wire.Call) -> None:
+        """Send ``call`` unless this connection has it already."""
+        if self._sent_on.get(call.seq) == self._link:
+            return
+        self._sent_on[call.seq] = self._link
+        try:
+            await self.send(call)
+        except (OSError, wire.ProtocolError):
+            pass  # the connection is gone: the reader reconnects and replays everything still waiting
 
     async def send(self, event: wire.Event, fds: list[int] | None = None) -> None:
         """Encode ``event`` as one frame and send it, as the VMM's next frame, with
@@ -276,7 +303,9 @@ class Simulator:
                 continue
             if isinstance(ev, wire.Reply):
                 waiter = self._waiting.pop(ev.seq, None)
-                if waiter is not None:
+                if waiter is None:
+                    self._record("stray-reply", ev.vcpu, seq=ev.seq, regs=ev.regs)
+                else:
                     waiter[1].append(ev)
                     waiter[0].set()
             elif isinstance(ev, wire.MemRead):
@@ -362,12 +391,10 @@ class Simulator:
         box: list[wire.Reply] = []
         self._waiting[call.seq] = (done, box, call)
         await self._connected.wait()
-        try:
-            await self.send(call)
-        except OSError:
-            pass  # the reader reconnects and replays everything still waiting
+        await self._send_call(call)
         with trio.fail_after(self.call_timeout):
             await done.wait()
+        self._sent_on.pop(call.seq, None)
         reply = box[0]
         self._record("call", cpu.index, func=func_id, args=args, regs=reply.regs,
                      effects=[e.kind.name for e in reply.effects])
@@ -409,7 +436,10 @@ class Simulator:
             raise PoweredOff(cpu.index)
 
     async def _confirm(self, seq: int, index: int) -> None:
-        await self.send(wire.EffectDone(seq, index, 0))
+        try:
+            await self.send(wire.EffectDone(seq, index, 0))
+        except (OSError, wire.ProtocolError):
+            pass  # the connection is gone: the next HELLO says how the vCPUs are
 
     def _start(self, cpu: SimVcpu, entry: int, context: int, restart: bool = False) -> None:
         program = self.programs.get(entry)
@@ -503,4 +533,5 @@ def socket_ready(path: str | Path) -> bool:
     return Path(path).is_socket()
 
 
-__all__ = ["RAM_BASE", "PoweredOff", "SimVcpu", "Simulator", "SystemStopped", "default_mpidr"]
+__all__ = ["RAM_BASE", "RETRIED", "DaemonRefused", "PoweredOff", "SimVcpu", "Simulator", "SystemStopped",
+           "default_mpidr"]

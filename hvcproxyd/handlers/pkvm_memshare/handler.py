@@ -187,6 +187,7 @@ class MemshareHandler(Handler):
     :class:`~.ledger.Change`), which the memshare sidecar publishes."""
 
     ANSWERS_DISCOVERY: ClassVar[bool] = True
+    JOURNAL_DELTAS: ClassVar[bool] = True
     SIDECARS: ClassVar[tuple[str, ...]] = ("memshare-stream",)
 
     def __init__(self, name: str, options: MemshareOptions, vm: VmContext) -> None:
@@ -199,6 +200,9 @@ class MemshareHandler(Handler):
         self.guarded = RangeSet()
         self.range_abi = options.abi == "range"
         self._complained: set[int] = set()
+        #: Changes since the journal last asked (take_delta): ["s"|"u", ipa, size, vcpu],
+        #: ["g", lo, hi], ["r"], or ["S", snapshot] for a whole new state (restore, adopt).
+        self._delta: list[list[Any]] = []
         features = options.features()
         words = [(features >> (32 * i)) & 0xFFFF_FFFF for i in range(4)]
         count = options.call_count
@@ -286,6 +290,7 @@ class MemshareHandler(Handler):
             return INVALID
         if change is None:  # already shared / not shared: pKVM refuses and changes nothing
             return INVALID
+        self._delta.append([change.op[0], ipa, size, call.vcpu])
         if self.range_abi:
             return Result.of(SmcccResult.SUCCESS, n, notes=(change,))
         return Result(SUCCESS.regs, notes=(change,))
@@ -310,7 +315,9 @@ class MemshareHandler(Handler):
         # Guarding again what is already guarded succeeds, as in pKVM.
         if len(self.guarded) >= MAX_GUARD_RANGES and not self.guarded.intersects(ipa - 1, end + 1):
             return INVALID
-        self.guarded.add(ipa, end)
+        if not self.guarded.covers(ipa, end):
+            self.guarded.add(ipa, end)
+            self._delta.append(["g", ipa, end])
         return Result.of(SmcccResult.SUCCESS, n) if self.range_abi else SUCCESS
 
     async def _delegate(self, name: str, call: Call) -> Result:
@@ -368,6 +375,7 @@ class MemshareHandler(Handler):
             self.ledger = Ledger(self.opts.granule, max_ranges=self.opts.max_ranges)
             self.ledger.counters.resets = resets
         self.guarded.clear()
+        self._delta.append(["r"])
         return (self.ledger.reset(),)
 
     def snapshot(self) -> dict[str, Any]:
@@ -397,7 +405,44 @@ class MemshareHandler(Handler):
                              ledger.granule, self.opts.granule, ledger.granule)
         self.ledger = ledger
         self.guarded = guarded
+        self._delta = [["S", self.snapshot()]]
         return (ledger,)  # subscribers start again from the restored ledger
+
+    # -- the journal: one small record per change, never the ledger itself
+    def take_delta(self) -> Any:
+        if not self._delta:
+            return None
+        delta, self._delta = self._delta, []
+        return delta
+
+    def apply_delta(self, delta: Any) -> Notes:
+        """Redo the changes of one :meth:`take_delta` record; a change the ledger
+        refuses means the journal does not follow from this state (ValueError)."""
+        if not isinstance(delta, list):
+            raise ValueError(f"not a memshare delta: {type(delta).__name__}")
+        notes: list[object] = []
+        for op in delta:
+            match op:
+                case ["s" | "u" as kind, int(ipa), int(size), int(vcpu)]:
+                    apply = self.ledger.share if kind == "s" else self.ledger.unshare
+                    try:
+                        change = apply(ipa, size, vcpu=vcpu)
+                    except LedgerFull as full:
+                        raise ValueError(f"replaying {op!r}: ledger full ({full})") from full
+                    if change is None:
+                        raise ValueError(f"replaying {op!r}: the ledger refuses it, so the journal does not "
+                                         "follow from this state")
+                    notes.append(change)
+                case ["g", int(lo), int(hi)] if 0 <= lo < hi:
+                    self.guarded.add(lo, hi)
+                case ["r"]:
+                    notes.extend(self._reset())
+                case ["S", dict(data)]:
+                    notes.extend(self.restore(data))
+                case _:
+                    raise ValueError(f"not a memshare journal entry: {op!r}")
+        self._delta = []
+        return tuple(notes)
 
 
 __all__ = [
