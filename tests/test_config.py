@@ -174,7 +174,7 @@ def test_yielding_call_of_a_non_trusted_owner_is_refused(make_config: Make) -> N
     ("{match: 0x82000001, action: nobody}", "rules[0].action", "valid actions: kvm, deny, id6, hello, probe"),
     ("{match: psi, action: hello}", "rules[0].match", "unknown service 'psi'"),
     ("{match: 0x82000001, conduit: both, action: hello}", "rules[0].conduit", "one of: hvc, smc, any"),
-    ("{match: 0x82000001, action: hello, when: always}", "rules[0].when", "valid keys: match, conduit"),
+    ("{match: 0x82000001, action: hello, when: always}", "rules[0].when", "valid keys: match, except, conduit"),
     ("{match: 0x82000001, vcpus: [0, x], action: hello}", "rules[0].vcpus", "list of 1.."),
     ("{match: [1, 2, 3], action: hello}", "rules[0].match", "service name, a function ID"),
 ])

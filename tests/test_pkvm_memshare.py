@@ -50,13 +50,14 @@ CallFn = Callable[..., Awaitable[tuple[int, ...]]]
 
 
 def make_service(make_config: Callable[[str], VmConfig], tmp_path: Path, options: str = "",
-                 handlers: str = "", top: str = "") -> VmService:
+                 handlers: str = "", top: str = "", rule: str = "") -> VmService:
     """A VmService with ``ms`` (pkvm-memshare) owning the vendor-hyp range and 1 MiB of RAM
-    at RAM; ``options`` from :func:`opts`, ``handlers`` and ``top`` as YAML lines."""
+    at RAM; ``options`` from :func:`opts`, ``handlers``, ``top`` and more of the rule
+    (``rule``) as YAML lines."""
     config = make_config("\n".join([
         "vm: t", top, "handlers:", "  ms:", "    type: pkvm-memshare", "    options:",
         f"      socket: {tmp_path / 'ms.sock'}", options, handlers,
-        "rules:", "  - match: kvm-vendor", "    action: ms", ""]))
+        "rules:", "  - match: kvm-vendor", "    action: ms", rule, ""]))
     svc = VmService(config)
     svc.facts.memory = GuestMemory((RamRegion(RAM, RAM_SIZE),), 40)
     return svc
@@ -159,6 +160,21 @@ async def test_discovery_defaults(svc: VmService) -> None:
     # The 64-bit forms of SMC32 discovery/FEATURES do not exist.
     for fid in (UID_ID | 1 << 30, FEATURES_ID | 1 << 30):
         assert (await call(fid))[0] == NOT_SUPPORTED
+
+
+@pytest.mark.parametrize(("accel", "left", "ptp_bit"), [("kvm", True, True), ("tcg", True, False),
+                                                      ("kvm", False, False)])
+async def test_features_lists_kvms_ptp_clock_when_left_to_kvm(make_config: Callable[[str], VmConfig], tmp_path: Path,
+                                                              accel: str, left: bool, ptp_bit: bool) -> None:
+    """``except: kvm-ptp`` leaves PTP to KVM: under KVM, FEATURES says so (bit 1), as
+    KVM's own FEATURES does, so ptp_kvm keeps working; under TCG nothing answers it."""
+    svc = make_service(make_config, tmp_path, rule="    except: kvm-ptp" if left else "")
+    assert svc.ctx.left_to_kvm(PTP_ID) is left
+    svc.facts.accel = accel
+    handler(svc).attach(reconnect=False)
+    call = caller(svc)
+    assert (await call(FEATURES_ID))[0] == 0b11101 | (0b10 if ptp_bit else 0)
+    assert (await call(COUNT_ID))[0] == 4 + ptp_bit
 
 
 async def test_discovery_and_features_follow_options(make_config: Callable[[str], VmConfig], tmp_path: Path) -> None:

@@ -4,14 +4,15 @@ compiler against the quadratic one it replaced (kept below as the reference)."""
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hvcproxyd.config import Problem
+from hvcproxyd.config import ConfigError, Problem
 from hvcproxyd.config.source import Mark
+from hvcproxyd.core.vmconfig import VmConfig
 from hvcproxyd.rules import checks
 from hvcproxyd.rules.checks import HandlerFacts, compile_rules
 from hvcproxyd.rules.parse import RuleSpec
@@ -339,3 +340,41 @@ def test_long_range_minimum_queries_match_the_reference(monkeypatch: pytest.Monk
         compile_rules(rules, {}, {}, new)
         old_compile_rules(rules, {}, {}, old)
         assert new == first_overlap_per_rule(old)
+
+
+def test_except_leaves_ids_of_an_identity_owner_to_kvm(make_config: Callable[[str], VmConfig]) -> None:
+    """A handler owning the vendor range may leave KVM's PTP clock to KVM: the filter
+    skips it, and check says what that means."""
+    config = make_config("""
+        vm: t
+        handlers: {ms: {type: pkvm-memshare, options: {stream: false}}}
+        rules:
+          - {match: kvm-vendor, except: [kvm-ptp, 0xc6000005], action: ms}
+        """)
+    ranges = [(r.base, r.last) for r in config.table.filter_ranges()]
+    assert ranges == [(0x8600_0000, 0x8600_0000), (0x8600_0002, 0x8600_FFFF), (0xC600_0000, 0xC600_0004),
+                      (0xC600_0006, 0xC600_FFFF)]
+    assert [w.key for w in config.warnings] == ["rules[0].except", "rules[0].except"]
+    assert "under KVM the kernel answers these calls" in config.warnings[0].message
+
+
+@pytest.mark.parametrize(("rule", "key", "message"), [
+    ("{match: kvm-vendor, except: 0x86010001, action: ms}", "rules[0].except", "not inside what this rule matches"),
+    ("{match: 0x86000001, except: 0x86000001, action: ms}", "rules[0].except", "takes out everything"),
+    ("{match: kvm-vendor, except: nosuch, action: ms}", "rules[0].except", "unknown service 'nosuch'"),
+    ("{match: kvm-vendor, except: [1.5], action: ms}", "rules[0].except", "or a list of those"),
+    ("{match: [0x82000000, 0x820000ff], except: 0x82000001, action: deny}", "rules[0].except",
+     "only a rule that sends calls to a handler"),
+    ("{match: [0x86000000, 0x8600fffe], action: ms}", "rules[0].match", "0x8600ffff (hvc) is not covered"),
+])
+def test_except_errors(rule: str, key: str, message: str, make_config: Callable[[str], VmConfig]) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_config(f"""
+            vm: t
+            handlers: {{ms: {{type: pkvm-memshare, options: {{stream: false}}}}}}
+            rules:
+              - {rule}
+            """)
+    problems = info.value.problems
+    assert any(p.key == key and message in p.message for p in problems), problems
+

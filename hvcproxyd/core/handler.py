@@ -22,7 +22,7 @@ from typing import Any, ClassVar, TypeVar
 from ..config.diagnostics import Section
 from ..plugins import installed, load_plugin
 from ..smccc import MASK64, SmcccResult
-from ..wire import EFFECTS_UNDECLARED, Call, Effect, EffectKind, VcpuInfo, VmEvent
+from ..wire import EFFECTS_UNDECLARED, Call, Effect, EffectKind, FilterRange, VcpuInfo, VmEvent
 from .guestmem import GuestMemory
 
 ENTRY_POINT_GROUP = "hvcproxyd.handlers"
@@ -56,8 +56,8 @@ NOT_SUPPORTED = Result.of(SmcccResult.NOT_SUPPORTED)
 class VmFacts:
     """The VM as the VM service keeps it; handlers read it through :class:`VmContext`."""
 
-    __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "executable", "highest_el", "interfaces",
-                 "memory", "name", "peers", "performs", "touched", "vcpus", "versions")
+    __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "executable", "filter", "highest_el",
+                 "interfaces", "memory", "name", "peers", "performs", "touched", "vcpus", "versions")
 
     def __init__(self, name: str, versions: Mapping[str, str]) -> None:
         self.name = name
@@ -67,6 +67,8 @@ class VmFacts:
         self.memory: GuestMemory | None = None
         #: (start, end) of every region a vCPU can execute: RAM, ROM and flash.
         self.executable: tuple[tuple[int, int], ...] = ()
+        #: The ranges the VMM forwards or denies (the config's filter, fixed once the VM ran).
+        self.filter: tuple[FilterRange, ...] = ()
         self.accel = "tcg"
         self.highest_el = 1
         self.attached = False
@@ -137,6 +139,11 @@ class VmContext:
         RAM, or ROM and flash (a firmware or kernel there), which the handler
         cannot read but a vCPU may start in."""
         return any(lo <= addr and addr + size <= hi for lo, hi in self._facts.executable)
+
+    def left_to_kvm(self, func_id: int) -> bool:
+        """Whether the config leaves ``func_id`` to the hypervisor (no filter range
+        forwards or denies it): under KVM the kernel answers it, under TCG QEMU."""
+        return not any(r.base <= func_id <= r.last for r in self._facts.filter)
 
     def vmm_performs(self, kind: EffectKind) -> bool:
         """Whether the VMM carries out effects of this kind (HELLO's ``effects``):

@@ -90,6 +90,7 @@ class VmService:
         self._publish_registry()
         self.table: RuleTable[Bound] = self._bind(config, self.instances)
         self.filter = config.table.filter_ranges()
+        self.facts.filter = self.filter
         self.timeouts = {name: spec.timeout_s for name, spec in config.handlers.items()}
         self.sidecars: dict[str, list[Sidecar]] = {name: self._make_sidecars(inst)
                                                    for name, inst in self.instances.items()}

@@ -242,6 +242,8 @@ def _check_identity_owners(table: RuleTable[Target], rules: list[RuleSpec], hand
     """An owner with an ABI identity (vendor hyp, trusted OS) is taken whole or not at
     all, and one handler instance answers its discovery queries on every conduit."""
     touched: dict[int, RuleSpec] = {}
+    #: IDs a rule's except: leaves to KVM: holes the owner's range may have.
+    holes = sorted(span for rule in rules for span in rule.excepted)
     for rule in rules:
         if isinstance(rule.action, LeaveToKvm):
             continue
@@ -249,12 +251,20 @@ def _check_identity_owners(table: RuleTable[Target], rules: list[RuleSpec], hand
             owner = (lo >> OWNER_SHIFT) & 0x3F
             if owner in _IDENTITY_OWNERS and owner not in touched:
                 touched[owner] = rule
+        for lo, hi in rule.excepted:
+            owner = (lo >> OWNER_SHIFT) & 0x3F
+            if owner in _IDENTITY_OWNERS:
+                problems.append(Problem(rule.mark, f"rules[{rule.index}].except", (
+                    f"{lo:#010x}..{hi:#010x} is left to KVM inside owner {owner}, whose discovery "
+                    f"{rule.action.name!r} answers: under KVM the kernel answers these calls (and a handler such "
+                    "as pkvm-memshare lists them in its FEATURES); under TCG nothing does, and the guest gets "
+                    "NOT_SUPPORTED"), warning=True))
     for owner, first in touched.items():
         why = (f"owner {owner} has an ABI identity (its UID tells the guest which ABI it speaks), so a "
                "config that forwards any of it must forward all of it")
         for lo, hi in owner_ranges(owner):
             for conduit in (Conduit.HVC, Conduit.SMC):
-                gap = _first_gap(table, lo, hi, conduit)
+                gap = _first_gap_outside(table, lo, hi, conduit, holes)
                 if gap is not None:
                     problems.append(Problem(first.mark, f"rules[{first.index}].match",
                                             f"{why}; {gap:#010x} ({conduit.name.lower()}) is not covered "
@@ -301,6 +311,20 @@ def _first_gap(table: RuleTable[Target], lo: int, hi: int, conduit: Conduit) -> 
         if i >= len(table.starts):
             break
         pos = table.starts[i]
+    return None
+
+
+def _first_gap_outside(table: RuleTable[Target], lo: int, hi: int, conduit: Conduit,
+                       holes: list[tuple[int, int]]) -> int | None:
+    """The first ID of lo..hi no rule covers on ``conduit``, skipping ``holes``."""
+    pos = lo
+    while (gap := _first_gap(table, pos, hi, conduit)) is not None:
+        hole = next((h for h in holes if h[0] <= gap <= h[1]), None)
+        if hole is None:
+            return gap
+        pos = hole[1] + 1
+        if pos > hi:
+            return None
     return None
 
 

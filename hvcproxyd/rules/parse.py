@@ -25,6 +25,8 @@ class RuleSpec:
     action: Target
     mark: Mark
     service: str | None = None
+    #: IDs ``except:`` took out of ``match``: no rule answers them, so KVM does.
+    excepted: tuple[tuple[int, int], ...] = ()
 
     @property
     def label(self) -> str:
@@ -35,24 +37,30 @@ class RuleSpec:
 def parse_rule(s: Section, index: int, handlers: Collection[str]) -> RuleSpec | None:
     """The rule in ``s``, or None with the problem recorded; ``handlers`` are the names defined."""
 
-    s.allow_keys(("match", "conduit", "vcpus", "action"))
-    match = s.raw("match")
-    service = None
-    ranges: list[tuple[int, int]] = []
-    if isinstance(match, str):
-        if match not in SERVICES:
-            s.problem("match", f"unknown service {match!r}; a service is one of: {', '.join(SERVICE_NAMES)}; "
-                               "or give a function ID or an inclusive [first, last] range")
-            return None
-        service, ranges = match, list(SERVICES[match])
-    elif isinstance(match, int) and not isinstance(match, bool):
-        ranges = [(match, match)]
-    elif isinstance(match, list) and len(match) == 2 and all(isinstance(v, int) for v in match):
-        ranges = [(match[0], match[1])]
-    else:
-        s.problem("match", "must be a service name, a function ID, or an inclusive [first, last] range",
-                  mark=s.mark_of("match"))
+    s.allow_keys(("match", "except", "conduit", "vcpus", "action"))
+    matched = _ids(s, "match", s.raw("match"))
+    if matched is None:
         return None
+    service, ranges = matched
+    excepted: list[tuple[int, int]] = []
+    if s.has("except"):
+        raw = s.raw("except")
+        # One item (a service, an ID, a [first, last] pair), or a list of them.
+        items = raw if isinstance(raw, list) and not _is_pair(raw) else [raw]
+        for item in items:
+            got = _ids(s, "except", item)
+            if got is None:
+                return None
+            excepted.extend(got[1])
+        for lo, hi in excepted:
+            if not any(mlo <= lo and hi <= mhi for mlo, mhi in ranges):
+                s.problem("except", f"{lo:#010x}..{hi:#010x} is not inside what this rule matches; "
+                                    "except: takes IDs out of the rule's own match")
+                return None
+        ranges = _subtract(ranges, excepted)
+        if not ranges:
+            s.problem("except", "takes out everything the rule matches")
+            return None
     for lo, hi in ranges:
         if not (0 <= lo <= hi <= 0xFFFF_FFFF):
             s.problem("match", f"range {lo:#x}..{hi:#x} is not an ordered pair of 32-bit function IDs")
@@ -93,7 +101,50 @@ def parse_rule(s: Section, index: int, handlers: Collection[str]) -> RuleSpec | 
                                    "which KVM always handles itself and refuses to filter (EEXIST); the only valid "
                                    "action here is kvm")
                 return None
-    return RuleSpec(index, tuple(ranges), _CONDUITS[conduit or "any"], vcpus, action, s.data.mark, service)
+    if excepted and not isinstance(action, ToHandler):
+        s.problem("except", f"only a rule that sends calls to a handler may leave some to KVM; action {action.name!r} "
+                            "with except: is two rules: write them so")
+        return None
+    return RuleSpec(index, tuple(ranges), _CONDUITS[conduit or "any"], vcpus, action, s.data.mark, service,
+                    tuple(sorted(excepted)))
+
+
+def _is_pair(value: list[object]) -> bool:
+    return len(value) == 2 and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+
+
+def _ids(s: Section, key: str, value: object) -> tuple[str | None, list[tuple[int, int]]] | None:
+    """A service name, a function ID or an inclusive [first, last] range, as
+    (the service's name or None, its ranges); None with the problem recorded."""
+    if isinstance(value, str):
+        if value not in SERVICES:
+            s.problem(key, f"unknown service {value!r}; a service is one of: {', '.join(SERVICE_NAMES)}; "
+                           "or give a function ID or an inclusive [first, last] range")
+            return None
+        return value, list(SERVICES[value])
+    if isinstance(value, int) and not isinstance(value, bool):
+        return None, [(value, value)]
+    if isinstance(value, list) and _is_pair(value):
+        return None, [(int(value[0]), int(value[1]))]
+    s.problem(key, "must be a service name, a function ID, or an inclusive [first, last] range"
+                   + (", or a list of those" if key == "except" else ""), mark=s.mark_of(key))
+    return None
+
+
+def _subtract(ranges: list[tuple[int, int]], holes: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """``ranges`` without ``holes`` (inclusive ranges), in order."""
+    out = []
+    for lo, hi in ranges:
+        pos = lo
+        for hlo, hhi in sorted(holes):
+            if hhi < pos or hlo > hi:
+                continue
+            if hlo > pos:
+                out.append((pos, hlo - 1))
+            pos = max(pos, hhi + 1)
+        if pos <= hi:
+            out.append((pos, hi))
+    return out
 
 
 __all__ = ["BLOCK", "RuleSpec", "parse_rule"]

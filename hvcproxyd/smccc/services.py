@@ -19,6 +19,8 @@ SERVICES: dict[str, tuple[tuple[int, int], ...]] = {
     "ffa": ((0x8400_0060, 0x8400_00FF), (0xC400_0060, 0xC400_00FF)),
     "pv-time": ((0xC500_0020, 0xC500_0021),),
     "kvm-vendor": tuple(owner_ranges(Owner.VENDOR_HYP)),
+    # KVM's PTP clock (ARM_SMCCC_VENDOR_HYP_KVM_PTP_FUNC_ID, ptp_kvm), inside kvm-vendor.
+    "kvm-ptp": ((0x8600_0001, 0x8600_0001),),
     # OP-TEE: its calls live in trusted-OS owner 50, its API discovery in owner 63.
     "optee": tuple(owner_ranges(50) + owner_ranges(63)),
 }

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from qemu_harness import Daemon, Qemu, parse_calls
+from qemu_harness import CONFIGS, Daemon, Qemu, parse_calls
 from transcripts import (
     NOT_SUPPORTED,
     assert_daemon_log_clean,
@@ -25,6 +25,7 @@ from transcripts import (
     assert_smp_transcript,
     assert_standby_waited,
     secondary_endianness,
+    vendor_calls,
 )
 
 GUEST_TIMEOUT = 60
@@ -99,6 +100,18 @@ def test_cpu_on_at_an_entry_in_flash(start_daemon: StartDaemon, start_qemu: Star
     calls = {m[1]: int(m[2], 16) for m in re.finditer(r"^(\w+) target=0x0*1 x0=0x([0-9a-f]+)\s*$", out, re.MULTILINE)}
     assert calls == {"CPU_ON_MMIO": INVALID_ADDRESS, "CPU_ON_FLASH": 0, "FLASH_CODE_RAN": 1}, out
     assert re.search(r"VMM attached \(TCG, 2 vCPUs, 1 RAM and [1-9]\d* ROM regions", daemon.log), daemon.log
+
+
+def test_vendor_range_owned_with_ptp_left_to_the_hypervisor(start_daemon: StartDaemon, start_qemu: StartQemu,
+                                                             guests: Path) -> None:
+    """`except: kvm-ptp` under TCG: the handler's FEATURES does not list PTP, which
+    nothing answers here (test_nested_kvm.py has KVM answer it)."""
+    daemon = start_daemon(config=CONFIGS / "vendor-ptp.yaml")
+    features, ptp = vendor_calls(_run_to_exit(start_qemu("-kernel", str(guests / "vendor.elf"),
+                                                         forwarder=daemon.socket)))
+    assert features == 0b11101 and ptp == NOT_SUPPORTED, (hex(features), hex(ptp))
+    assert re.search(r"vcpu\d+ HVC 0x86000000 KVM_FUNC_FEATURES.* -> memshare", daemon.log), daemon.log
+    assert not re.search(r"vcpu\d+ HVC 0x86000001", daemon.log)  # never forwarded
 
 
 def test_without_forwarder_qemu_is_stock(start_qemu: StartQemu, guests: Path) -> None:

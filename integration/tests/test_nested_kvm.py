@@ -28,8 +28,9 @@ from pathlib import Path
 import nested
 import pytest
 from nested import Job, L1Host, build_l1
-from qemu_harness import GUESTS_CONFIG, REPO, Daemon, _run_build, scratch_dir
+from qemu_harness import CONFIGS, GUESTS_CONFIG, REPO, Daemon, _run_build, scratch_dir
 from transcripts import (
+    NOT_SUPPORTED,
     assert_daemon_log_clean,
     assert_daemon_saw,
     assert_forwarded_transcript,
@@ -37,6 +38,7 @@ from transcripts import (
     assert_smp_transcript,
     assert_standby_waited,
     secondary_endianness,
+    vendor_calls,
 )
 
 L1_BOOT_TIMEOUT = 600.0
@@ -141,6 +143,17 @@ def test_cpu_on_carries_the_callers_endianness_under_kvm(l1: L1Host, daemon: Dae
     go to KVM, as KVM's own PSCI does."""
     assert secondary_endianness(_l2(l1, _guest("endian.elf"), smp=3)) == {1: 1, 2: 0}
     assert_daemon_log_clean(daemon)
+
+
+def test_kvm_answers_ptp_beside_an_owned_vendor_range(l1: L1Host, start_daemon: StartDaemon,
+                                                      line_adapter: Path) -> None:
+    """pkvm-memshare owns the vendor-hypervisor range with `except: kvm-ptp`: its
+    FEATURES lists PTP under KVM, and KVM's own PTP answers (ptp_kvm keeps working)."""
+    daemon = start_daemon(config=CONFIGS / "vendor-ptp.yaml", socket=line_adapter, qmp=False)
+    features, ptp = vendor_calls(_l2(l1, _guest("vendor.elf")))
+    assert features == 0b11111 and ptp != NOT_SUPPORTED, (hex(features), hex(ptp))
+    assert re.search(r"vcpu\d+ HVC 0x86000000 KVM_FUNC_FEATURES.* -> memshare", daemon.log), daemon.log
+    assert not re.search(r"vcpu\d+ HVC 0x86000001", daemon.log)  # KVM answered it: never forwarded
 
 
 def test_power_cycles_under_kvm(l1: L1Host, daemon: Daemon) -> None:

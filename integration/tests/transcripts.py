@@ -127,3 +127,11 @@ def secondary_endianness(out: str) -> dict[int, int]:
     return {int(m[1], 16): int(m[2], 16) for m in re.finditer(
         r"^SECONDARY_EE target=0x([0-9a-f]+) x0=0x([0-9a-f]+)\s*$", out, re.MULTILINE)}
 
+
+def vendor_calls(out: str) -> tuple[int, int]:
+    """vendor.S: (FEATURES x0, PTP x0)."""
+    found = {m[1]: int(m[2], 16) for m in re.finditer(
+        r"^(KVM_FEATURES|KVM_PTP) target=0x0+ x0=0x([0-9a-f]+)\s*$", out, re.MULTILINE)}
+    assert set(found) == {"KVM_FEATURES", "KVM_PTP"}, out
+    return found["KVM_FEATURES"], found["KVM_PTP"]
+

@@ -48,6 +48,8 @@ from .ledger import GRANULES, Change, Ledger, LedgerFull, RangeSet
 # Function numbers in the vendor-hyp range (include/linux/arm-smccc.h).
 KVM_FUNC_FEATURES = 0
 KVM_FUNC_PTP = 1
+#: KVM's PTP clock, ARM_SMCCC_VENDOR_HYP_KVM_PTP_FUNC_ID (SMC32 only).
+PTP_ID = 0x8600_0000 | KVM_FUNC_PTP
 KVM_FUNC_HYP_MEMINFO = 2
 KVM_FUNC_MEM_SHARE = 3
 KVM_FUNC_MEM_UNSHARE = 4
@@ -203,21 +205,28 @@ class MemshareHandler(Handler):
         #: Changes since the journal last asked (take_delta): ["s"|"u", ipa, size, vcpu],
         #: ["g", lo, hi], ["r"], or ["S", snapshot] for a whole new state (restore, adopt).
         self._delta: list[list[Any]] = []
-        features = options.features()
+        self._fixed: dict[int, Result] = self._discovery(kvm_ptp=False)
+        self._calls: dict[int, Callable[[Call], Result]] = {
+            HYP_MEMINFO_ID: self._meminfo, MEM_SHARE_ID: self._share, MEM_UNSHARE_ID: self._unshare}
+        if options.mmio_guard:
+            self._calls[MMIO_GUARD_ID] = self._mmio_guard
+
+    def _discovery(self, *, kvm_ptp: bool) -> dict[int, Result]:
+        """The owner's discovery answers.  ``kvm_ptp``: the config leaves KVM's PTP
+        clock to the kernel (``except: kvm-ptp``) under KVM, so FEATURES lists it, as
+        KVM's own FEATURES does, and ptp_kvm keeps working in the guest."""
+        options = self.opts
+        features = options.features() | (1 << KVM_FUNC_PTP if kvm_ptp else 0)
         words = [(features >> (32 * i)) & 0xFFFF_FFFF for i in range(4)]
         count = options.call_count
         if count is None:
             count = features.bit_count() + sum(1 for fn in options.delegate if fn >= KVM_NUM_FUNCS)
-        self._fixed: dict[int, Result] = {
+        return {
             CALL_COUNT_ID: Result.of(count),
             CALL_UID_ID: Result.of(*options.uid),
             REVISION_ID: Result.of(*options.revision),
             FEATURES_ID: Result.of(*words),
         }
-        self._calls: dict[int, Callable[[Call], Result]] = {
-            HYP_MEMINFO_ID: self._meminfo, MEM_SHARE_ID: self._share, MEM_UNSHARE_ID: self._unshare}
-        if options.mmio_guard:
-            self._calls[MMIO_GUARD_ID] = self._mmio_guard
 
     @classmethod
     def parse_options(cls, section: Section) -> MemshareOptions:
@@ -351,6 +360,7 @@ class MemshareHandler(Handler):
 
     # -- lifecycle
     def attach(self, reconnect: bool) -> Notes:
+        self._fixed.update(self._discovery(kvm_ptp=self.vm.accel == "kvm" and self.vm.left_to_kvm(PTP_ID)))
         for fn, name in self.opts.delegate.items():
             target = self.vm.peer(name)
             if target is None or isinstance(target, MemshareHandler):
