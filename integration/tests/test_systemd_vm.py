@@ -72,7 +72,9 @@ def status(vm: SystemdVm) -> dict[str, Any]:
 
 
 def journal(vm: SystemdVm, unit: str, *matches: str) -> list[dict[str, Any]]:
-    out = vm.run(f"journalctl -u {unit} -o json --no-pager {' '.join(matches)}").out
+    """The unit's processes' journal records (matched by _SYSTEMD_UNIT: `-u`'s wider match
+    is far slower in a loaded nested-TCG VM), as JSON objects."""
+    out = vm.run(f"journalctl _SYSTEMD_UNIT={unit}.service -o json --no-pager {' '.join(matches)}").out
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
@@ -149,7 +151,6 @@ def test_reload_applies_good_refuses_bad(vm: SystemdVm, started: list[tuple[str,
 def test_journal_has_the_daemon_fields(vm: SystemdVm, started: list[tuple[str, str]]) -> None:
     records = journal(vm, UNIT, "HVC_VM=vm1")
     assert records, "no journal record of hvcproxyd@vm1 carries HVC_VM=vm1"
-    assert all(r.get("_SYSTEMD_UNIT") == f"{UNIT}.service" for r in records)
     messages = [str(r.get("MESSAGE", "")) for r in records]
     assert any("ready" in m for m in messages), messages[-20:]
     refused = [r for r in records if "colour" in str(r.get("MESSAGE", "")) or "refused" in str(r.get("MESSAGE", ""))]
@@ -191,7 +192,7 @@ def test_unprivileged_qemu_is_served(vm: SystemdVm, qemu_unit: str) -> None:
     assert st["vmm"]["memory"] == "memfd", st["vmm"]
     assert st["calls"]["handlers"]["beat"]["calls"] >= len(got) - 1, st["calls"]
     assert show(vm, UNIT, "StatusText")["StatusText"].startswith("serving vm1: 1 vCPUs, 2 rules, ")
-    calls = journal(vm, UNIT, "HVC_HANDLER=beat")
+    calls = journal(vm, UNIT, "-n", "50", "HVC_HANDLER=beat")
     assert calls, "no per-call journal record for the beat handler"
     assert {(r["HVC_FUNC_ID"], r["HVC_VCPU"], r["HVC_CONDUIT"], r["HVC_RESULT"]) for r in calls} == \
         {("0x82000001", "0", "HVC", "SUCCESS")}, calls[:3]
