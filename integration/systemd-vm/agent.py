@@ -32,7 +32,9 @@ def serve(fd: int) -> None:
                 rc, out, err = 124, e.stdout or b"", (e.stderr or b"") + b"\nagent: timed out"
             answer = {"id": req["id"], "rc": rc, "out": out.decode(errors="replace"),
                       "err": err.decode(errors="replace")}
-            os.write(fd, json.dumps(answer).encode() + b"\n")
+            data = memoryview(json.dumps(answer).encode() + b"\n")
+            while data:  # the port takes at most 32 KiB a write
+                data = data[os.write(fd, data):]
 
 
 def main() -> None:
