@@ -11,6 +11,7 @@ Needs root (the image build), the patched QEMU and the cross toolchain
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -36,7 +37,7 @@ BEAT = re.compile(r"^BEAT n=0x([0-9a-f]{16}) x0=0x([0-9a-f]{16}) x1=0x([0-9a-f]{
 def vm(qemu_bin: Path) -> Iterator[SystemdVm]:
     """The booted VM with the share mounted at /mnt/share: the .deb, the patched QEMU,
     the beat guest and the files of integration/systemd-vm."""
-    if subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0":
+    if os.geteuid() != 0:
         pytest.fail("the systemd-vm tier needs root (debootstrap in build-image.sh)")
     image = _run_build("systemd-vm/build-image.sh", timeout=1800)
     deb = build_deb()
