@@ -73,8 +73,7 @@ def status(vm: SystemdVm) -> dict[str, Any]:
 
 
 def journal(vm: SystemdVm, unit: str, *matches: str) -> list[dict[str, Any]]:
-    """The unit's processes' journal records (matched by _SYSTEMD_UNIT: `-u`'s wider match
-    is far slower in a loaded nested-TCG VM), as JSON objects."""
+    """The records the unit's own processes wrote (_SYSTEMD_UNIT, not systemd's about it), as JSON objects."""
     out = vm.run(f"journalctl _SYSTEMD_UNIT={unit}.service -o json --no-pager {' '.join(matches)}").out
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
