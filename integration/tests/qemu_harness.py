@@ -59,6 +59,21 @@ def _run_build(script: str, timeout: float = BUILD_TIMEOUT, args: Sequence[str] 
     return path
 
 
+def build_deb() -> Path:
+    """The project's .deb: scripts/build-deb.sh --cached (keyed by the hash of its inputs)."""
+    if shutil.which("dpkg-deb") is None:
+        pytest.fail("dpkg-deb not found: install the Debian package dpkg-dev (scripts/build-deb.sh does)")
+    try:
+        done = subprocess.run([str(REPO / "scripts" / "build-deb.sh"), "--cached"], capture_output=True, text=True,
+                              timeout=2400, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        pytest.fail("scripts/build-deb.sh --cached did not finish in 2400s")
+    assert done.returncode == 0, f"scripts/build-deb.sh --cached failed ({done.returncode}):\n{done.stderr[-3000:]}"
+    path = Path(done.stdout.strip().splitlines()[-1])
+    assert path.is_file() and path.name.startswith("hvcproxyd_") and path.suffix == ".deb"
+    return path
+
+
 @pytest.fixture(scope="session")
 def qemu_bin() -> Path:
     return _run_build("qemu/build.sh")

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from qemu_harness import build_deb
 
 from hvcproxyd.cli import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
-BUILD = REPO / "scripts" / "build-deb.sh"
 
 
 def run(argv: list[str], timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -34,12 +34,7 @@ def run(argv: list[str], timeout: float = 120, check: bool = True) -> subprocess
 
 @pytest.fixture(scope="module")
 def deb() -> Path:
-    if shutil.which("dpkg-deb") is None:
-        pytest.fail("dpkg-deb not found: install the Debian package dpkg-dev (scripts/build-deb.sh does)")
-    done = run([str(BUILD), "--cached"], timeout=2400)
-    path = Path(done.stdout.strip().splitlines()[-1])
-    assert path.is_file() and path.name.startswith("hvcproxyd_") and path.suffix == ".deb"
-    return path
+    return build_deb()
 
 
 def subcommands() -> dict[str, str]:
