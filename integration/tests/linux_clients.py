@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ import pytest
 import yaml
 from qemu_harness import CONFIGS, REPO, Qemu, _run_build
 
+from tests.process import DaemonProcess
 from tests.waiting import poll
 
 # A cold build: download + unpack ~2.5 min, kernel ~3.5-6 min on 2 busy cores.
@@ -198,3 +200,54 @@ def ranges_to_pages(ranges: list[list[int]], granule: int = 4096) -> set[int]:
     return {ipa + off for ipa, size in ranges for off in range(0, size, granule)}
 
 
+#: -smp and -m of a LinuxVm.
+VM_SMP = 4
+VM_MEMORY = "512M"
+
+
+class LinuxVm:
+    """The client kernel as a pKVM guest (-smp 4) under the patched QEMU, and its daemon
+    (integration/configs/pkvm-guest.yaml, with its memshare stream in the work
+    directory): one end of a migration, or a VM whose daemon a test restarts."""
+
+    def __init__(self, name: str, start_daemon: Callable[..., DaemonProcess], workdir: Path,
+                 psci: str | None = None, blocker: str | None = None, state: dict[str, str] | None = None) -> None:
+        """``psci``: pin another PSCI version; ``blocker``: add a handler whose state
+        cannot move, for that reason; ``state``: the config's durable ``state:``."""
+        self.ms_sock = workdir / f"{name}-memshare.sock"
+        config = write_config(PKVM_GUEST_CONFIG, workdir, self.ms_sock, name=f"{name}.yaml")
+        data = yaml.safe_load(config.read_text())
+        if psci is not None:
+            data["versions"]["psci"] = psci
+        if blocker is not None:
+            data["handlers"]["held"] = {"type": "tests.plugins:Blocking", "options": {"reason": blocker}}
+        if state is not None:
+            data["state"] = state
+        config.write_text(yaml.safe_dump(data, sort_keys=False))
+        self.config = config
+        self.socket = workdir / f"{name}.sock"
+        self.daemon = start_daemon(config=config, socket=self.socket, qmp=False)
+        poll(self.ms_sock.exists, f"the memshare stream {self.ms_sock}", timeout=20, log=self.daemon.log_path)
+        self.q: Qemu | None = None
+
+    def boot(self, start_qemu: Callable[..., Qemu], kernel: Path, *extra: str) -> Qemu:
+        self.q = start_qemu("-kernel", str(kernel / "Image"), "-initrd", str(kernel / "initramfs.cpio.gz"),
+                            "-append", "console=ttyAMA0 rdinit=/init panic=-1", *extra,
+                            forwarder=self.socket, smp=VM_SMP, memory=VM_MEMORY, forwarder_opts=",vm-name=linux")
+        return self.q
+
+    def status(self) -> dict[str, Any]:
+        proc = subprocess.run([sys.executable, "-m", "hvcproxyd", "status", "--json", "--control-socket",
+                               str(self.socket.with_suffix(".ctl")), "x"],
+                              capture_output=True, text=True, timeout=30, cwd=REPO, stdin=subprocess.DEVNULL)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)  # type: ignore[no-any-return]
+
+    def power(self) -> dict[str, str]:
+        """Each vCPU's power state as the daemon's PSCI handler holds it."""
+        status = self.status()
+        assert status["vcpu_power_source"] == "handler psci", status
+        return {str(v["index"]): v["power"] for v in status["vcpus"]}
+
+    def pages(self) -> set[int]:
+        return ranges_to_pages(memshare_ls(self.ms_sock)["ranges"])

@@ -13,27 +13,21 @@ guest's own calls are the assertion, beside the daemons' views.
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from linux_clients import (
-    PKVM_GUEST_CONFIG,
     Console,
+    LinuxVm,
     client_kernel,  # noqa: F401  (a fixture)
-    memshare_ls,
-    ranges_to_pages,
-    write_config,
 )
 from qemu.qmp import QMPError
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from qemu_harness import REPO, Qemu
+from qemu_harness import Qemu
 
 from tests.process import DaemonProcess
 from tests.waiting import poll
@@ -45,50 +39,6 @@ pytestmark = pytest.mark.integration
 
 BOOT_TIMEOUT = 240
 MIGRATE_TIMEOUT = 180
-SMP = 4
-MEMORY = "512M"
-
-
-class Vm:
-    """One end of a migration: its daemon (with its memshare stream) and its QEMU."""
-
-    def __init__(self, name: str, start_daemon: StartDaemon, workdir: Path, psci: str | None = None,
-                 blocker: str | None = None) -> None:
-        """``blocker``: add a handler whose state cannot move, for that reason."""
-        self.ms_sock = workdir / f"{name}-memshare.sock"
-        config = write_config(PKVM_GUEST_CONFIG, workdir, self.ms_sock, name=f"{name}.yaml")
-        data = yaml.safe_load(config.read_text())
-        if psci is not None:
-            data["versions"]["psci"] = psci
-        if blocker is not None:
-            data["handlers"]["held"] = {"type": "tests.plugins:Blocking", "options": {"reason": blocker}}
-        config.write_text(yaml.safe_dump(data, sort_keys=False))
-        self.socket = workdir / f"{name}.sock"
-        self.daemon = start_daemon(config=config, socket=self.socket, qmp=False)
-        poll(self.ms_sock.exists, f"the memshare stream {self.ms_sock}", timeout=20, log=self.daemon.log_path)
-        self.q: Qemu | None = None
-
-    def boot(self, start_qemu: StartQemu, kernel: Path, *extra: str) -> Qemu:
-        self.q = start_qemu("-kernel", str(kernel / "Image"), "-initrd", str(kernel / "initramfs.cpio.gz"),
-                            "-append", "console=ttyAMA0 rdinit=/init panic=-1", *extra,
-                            forwarder=self.socket, smp=SMP, memory=MEMORY, forwarder_opts=",vm-name=linux")
-        return self.q
-
-    def status(self) -> dict[str, Any]:
-        proc = subprocess.run([sys.executable, "-m", "hvcproxyd", "status", "--json", "--control-socket",
-                               str(self.socket.with_suffix(".ctl")), "x"],
-                              capture_output=True, text=True, timeout=30, cwd=REPO, stdin=subprocess.DEVNULL)
-        assert proc.returncode == 0, proc.stderr
-        return json.loads(proc.stdout)  # type: ignore[no-any-return]
-
-    def power(self) -> dict[str, str]:
-        """Each vCPU's power state as the daemon's PSCI handler holds it."""
-        status = self.status()
-        assert status["vcpu_power_source"] == "handler psci", status
-        return {str(v["index"]): v["power"] for v in status["vcpus"]}
-
-    def pages(self) -> set[int]:
-        return ranges_to_pages(memshare_ls(self.ms_sock)["ranges"])
 
 
 def qmp(q: Qemu) -> QEMUMonitorProtocol:
@@ -123,7 +73,7 @@ def prepare_guest(con: Console) -> None:
     assert "out 0-2" in lines, lines
 
 
-def assert_guest_sees_the_same_machine(con: Console, vm: Vm, power: dict[str, str], pages: set[int]) -> None:
+def assert_guest_sees_the_same_machine(con: Console, vm: LinuxVm, power: dict[str, str], pages: set[int]) -> None:
     assert vm.power() == power
     assert vm.pages() == pages
     rc, _ = con.run("reshare", ok=False)
@@ -138,7 +88,7 @@ def assert_guest_sees_the_same_machine(con: Console, vm: Vm, power: dict[str, st
 
 def test_live_migration_carries_power_states_and_the_ledger(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
                                                             start_qemu: StartQemu, workdir: Path) -> None:
-    src, dst = Vm("src", start_daemon, workdir), Vm("dst", start_daemon, workdir)
+    src, dst = LinuxVm("src", start_daemon, workdir), LinuxVm("dst", start_daemon, workdir)
     q = src.boot(start_qemu, client_kernel)
     con = Console(q)
     con.wait(r"^HVCTEST: ready", BOOT_TIMEOUT)
@@ -159,7 +109,7 @@ def test_live_migration_carries_power_states_and_the_ledger(client_kernel: Path,
 
 def test_savevm_and_loadvm_carry_the_state(client_kernel: Path, start_daemon: StartDaemon, start_qemu: StartQemu,  # noqa: F811
                                            workdir: Path) -> None:
-    vm = Vm("vm", start_daemon, workdir)
+    vm = LinuxVm("vm", start_daemon, workdir)
     snapshots = workdir / "snap.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(snapshots), "16M"], check=True, timeout=60)
     q = vm.boot(start_qemu, client_kernel, "-drive", f"if=none,id=snap,format=qcow2,file={snapshots}")
@@ -184,7 +134,7 @@ def test_savevm_and_loadvm_carry_the_state(client_kernel: Path, start_daemon: St
 
 def test_a_destination_that_pins_another_psci_version_refuses(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
                                                               start_qemu: StartQemu, workdir: Path) -> None:
-    src, dst = Vm("src", start_daemon, workdir), Vm("dst", start_daemon, workdir, psci="1.0")
+    src, dst = LinuxVm("src", start_daemon, workdir), LinuxVm("dst", start_daemon, workdir, psci="1.0")
     q = src.boot(start_qemu, client_kernel)
     con = Console(q)
     con.wait(r"^HVCTEST: ready", BOOT_TIMEOUT)
@@ -212,7 +162,7 @@ def test_a_destination_that_pins_another_psci_version_refuses(client_kernel: Pat
 def test_state_that_cannot_move_blocks_migrate_and_savevm(client_kernel: Path, start_daemon: StartDaemon,  # noqa: F811
                                                          start_qemu: StartQemu, workdir: Path) -> None:
     why = "held: its sessions live in a backend"
-    vm = Vm("vm", start_daemon, workdir, blocker=why)
+    vm = LinuxVm("vm", start_daemon, workdir, blocker=why)
     snapshots = workdir / "snap.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(snapshots), "16M"], check=True, timeout=60)
     q = vm.boot(start_qemu, client_kernel, "-drive", f"if=none,id=snap,format=qcow2,file={snapshots}")
