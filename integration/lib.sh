@@ -112,3 +112,21 @@ take_lock() {
         flock "$fd"
     fi
 }
+
+# Keep the newest three builds (cache directories named by key) in $1 besides
+# $2; the work tree, stock builds, downloads and the KVM check's headers are not
+# builds.
+prune_old() {
+    local root=$1 keep_key=$2 d n=0
+    while read -r d; do
+        case "$(basename "$d")" in
+        "$keep_key" | stock-* | work | debs | kvm-check-include) continue ;;
+        esac
+        n=$((n + 1))
+        if [ $n -ge 3 ]; then
+            log "removing old build $d"
+            rm -rf "$d"
+        fi
+    done < <(find "$root" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' |
+             sort -rn | cut -d' ' -f2-)
+}

@@ -187,19 +187,3 @@ ninja_build() {
     log "ninja finished in $((SECONDS - start)) s"
 }
 
-# Keep the newest three builds in $1 besides $2 (the work tree, stock
-# builds and downloads are not builds).
-prune_old() {
-    local root=$1 keep_key=$2 d n=0
-    while read -r d; do
-        case "$(basename "$d")" in
-        "$keep_key" | stock-* | work | debs) continue ;;
-        esac
-        n=$((n + 1))
-        if [ $n -ge 3 ]; then
-            log "removing old build $d"
-            rm -rf "$d"
-        fi
-    done < <(find "$root" -mindepth 1 -maxdepth 1 -type d -printf '%T@ %p\n' |
-             sort -rn | cut -d' ' -f2-)
-}

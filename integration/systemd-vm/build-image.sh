@@ -143,4 +143,5 @@ rm -rf "$work"
 touch "$out.tmp/done"
 mv "$out.tmp" "$out"
 log "built $out in $(( $(date +%s) - start ))s"
+prune_old "$HVC_CACHE/systemd-vm" "$k"  # an image is about 820 MB
 printf '%s\n' "$out"

@@ -190,6 +190,53 @@ def test_ffa_driver_probes_under_kvm_with_smccc_1_2(l1: L1Host, start_daemon: Ca
         _power_off(job)
 
 
+def _monitor(job: Job, command: str, until: str, timeout: float = 300.0) -> str:
+    """Run an HMP command on the L2 QEMU's monitor (-serial mon:stdio: Ctrl-A c
+    switches the console to it and back); the output up to ``until``."""
+    start = len(job.output())
+    job.send("\x01c")
+    job.send(command + "\n")
+    job.expect(until, timeout=timeout, count=len(re.findall(until, job.output(), re.MULTILINE)) + 1)
+    job.send("\x01c")
+    return job.output()[start:]
+
+
+def test_ffa_survives_a_migration_under_kvm(l1: L1Host, start_daemon: Callable[..., Daemon],
+                                            line_adapter: Path, workdir: Path) -> None:
+    """A guest whose FF-A driver is bound migrates to a new QEMU under KVM (to a file
+    in L1 and back in with -incoming): KVM_REG_ARM_SMCCC_VERSION (1.2) travels with
+    the other firmware registers, the daemon's FF-A state (the mapped RX/TX buffers,
+    the negotiated version) in the forwarder's section, and a new direct message
+    from the guest round-trips on the destination."""
+    daemon, out, _, _, job = _ffa_guest(l1, start_daemon, line_adapter, workdir, ",smccc-version=1.2")
+    assert re.search(r"^HVCTEST: klog ffa-echo-test: reply .* ok$", out, re.MULTILINE), out
+    mig = _monitor(job, 'migrate "exec:cat > /tmp/l2.mig"', r"^\(qemu\) ")
+    assert "rror" not in mig, mig
+    status = _monitor(job, "info migrate", r"^Migration status: \w+")
+    assert "Migration status: completed" in status, status
+    job.send("\x01cquit\n")
+    code, _ = job.wait(timeout=120)
+    assert code == 0, job.output()[-3000:]
+    daemon.wait_log(r"state saved for the VMM")
+
+    dest = l1.start(L2_FFA.format(opts=",smccc-version=1.2") + ' -incoming "exec:cat /tmp/l2.mig"', stdin=True)
+    try:
+        daemon.wait_log(r"state loaded from the VMM", timeout=300)
+        dest.send("\n")
+        dest.send("sh rmmod ffa_echo_test; insmod /lib/modules/ffa_echo_test.ko\n")
+        dest.expect(r"^HVCTEST: end sh rmmod .* rc=0", timeout=300)
+        # The destination's console: a new probe of the echo partition, and its direct message.
+        assert re.search(r"ffa-echo-test: probe partition .*\n(.*\n)*.*ffa-echo-test: reply .* ok", dest.output()), \
+            dest.output()[-4000:]
+        dest.send("dmesg SMC Calling Convention\n")
+        dest.expect(r"^HVCTEST: end dmesg .* rc=\d+", timeout=120)
+        assert "SMC Calling Convention v1.2" in dest.output(), dest.output()[-3000:]
+        assert re.search(r"vcpu\d+ HVC 0x[8c]400006f ", daemon.log.split("state loaded")[-1]), \
+            daemon.log[-4000:]
+    finally:
+        _power_off(dest)
+
+
 def test_ffa_driver_declines_with_kvms_default_smccc_1_1(l1: L1Host, start_daemon: Callable[..., Daemon],
                                                          line_adapter: Path, workdir: Path) -> None:
     """Without smccc-version the patched KVM still says 1.1, as every KVM does today,
