@@ -89,6 +89,7 @@ class MsgType(enum.IntEnum):
     STATE_DATA = 14
     STATE_STATUS = 15
     MIGRATION_BLOCKER = 16
+    MEMORY_MAP = 17
 
 
 class Accel(enum.IntEnum):
@@ -161,6 +162,17 @@ EFFECT_AARCH64: Final = 1 << 0
 #: STATE_DATA flag: the transfer's last chunk.
 STATE_LAST: Final = 1 << 0
 MPIDR_AFF_MASK: Final = 0xFF_00FF_FFFF
+
+
+def _check_regions(regions: tuple[RamRegion, ...]) -> None:
+    """A RAM map as HELLO and MEMORY_MAP carry it: 1..MAX_REGIONS regions, sorted,
+    not overlapping, at least one of them RAM."""
+    _check(1 <= len(regions) <= MAX_REGIONS, f"region count outside 1..{MAX_REGIONS}")
+    prev_end = 0
+    for r in regions:
+        _check(r.gpa >= prev_end, "RAM regions must be sorted and must not overlap")
+        prev_end = r.end
+    _check(any(not r.rom for r in regions), "no RAM region (only ROM)")
 
 
 def _check(cond: bool, what: str) -> None:
@@ -262,16 +274,12 @@ class Hello:
         indices = sorted(v.index for v in self.vcpus)
         _check(indices == list(range(len(self.vcpus))), "vCPU indices must be 0..n-1, each once")
         _check(len({v.mpidr for v in self.vcpus}) == len(self.vcpus), "two vCPUs share an MPIDR")
-        _check(1 <= len(self.regions) <= MAX_REGIONS, f"region count outside 1..{MAX_REGIONS}")
+        _check_regions(self.regions)
         limit = 1 << self.ipa_bits
-        prev_end = 0
         for r in self.regions:
-            _check(r.gpa >= prev_end, "RAM regions must be sorted and must not overlap")
             _check(r.end <= limit, f"RAM region {r.gpa:#x}+{r.size:#x} is beyond the IPA size")
             # Received fds are known only on decode; a constructed HELLO may not carry them yet.
             _check(not self.fds or r.fd_index < len(self.fds), "region names an fd that was not attached")
-            prev_end = r.end
-        _check(any(not r.rom for r in self.regions), "no RAM region (only ROM)")
         _check(self.reconnect or not self.filter_in_force, "a filter in force needs RECONNECT")
         _check(len(self.filter_in_force) <= MAX_RANGES, "too many filter ranges")
         _check(self.conduit in PsciConduit.__members__.values(), "unknown conduit")
@@ -518,8 +526,20 @@ class MigrationBlocker:
         _check(len(self.reason.encode()) <= MAX_REASON, "reason too long")
 
 
+@dataclass(frozen=True, slots=True)
+class MemoryMap:
+    """The VM's RAM and ROM map after memory hotplug, whole, as HELLO carries it (v2):
+    regions keep the fd indices of HELLO's fds; new RAM comes with none."""
+
+    regions: tuple[RamRegion, ...]
+
+    def __post_init__(self) -> None:
+        _check_regions(self.regions)
+
+
 Event = (Hello | Welcome | FilterStatus | Call | Reply | MemRead | MemReadResp | MemWrite
-         | MemWriteResp | EffectDone | VmEvent | Error | StateSave | StateData | StateStatus | MigrationBlocker)
+         | MemWriteResp | EffectDone | VmEvent | Error | StateSave | StateData | StateStatus | MigrationBlocker
+         | MemoryMap)
 
 
 class _NeedData:
@@ -542,6 +562,7 @@ _TYPE_OF: dict[type, MsgType] = {
     MemWriteResp: MsgType.MEM_WRITE_RESP, EffectDone: MsgType.EFFECT_DONE,
     VmEvent: MsgType.EVENT, Error: MsgType.ERROR, StateSave: MsgType.STATE_SAVE,
     StateData: MsgType.STATE_DATA, StateStatus: MsgType.STATE_STATUS, MigrationBlocker: MsgType.MIGRATION_BLOCKER,
+    MemoryMap: MsgType.MEMORY_MAP,
 }
 
 _SENDER: dict[MsgType, Role | None] = {
@@ -550,13 +571,13 @@ _SENDER: dict[MsgType, Role | None] = {
     MsgType.MEM_READ_RESP: Role.VMM, MsgType.MEM_WRITE: Role.DAEMON,
     MsgType.MEM_WRITE_RESP: Role.VMM, MsgType.EFFECT_DONE: Role.VMM, MsgType.EVENT: Role.VMM,
     MsgType.ERROR: None, MsgType.STATE_SAVE: Role.VMM, MsgType.STATE_DATA: None,
-    MsgType.STATE_STATUS: Role.DAEMON, MsgType.MIGRATION_BLOCKER: Role.DAEMON,
+    MsgType.STATE_STATUS: Role.DAEMON, MsgType.MIGRATION_BLOCKER: Role.DAEMON, MsgType.MEMORY_MAP: Role.VMM,
 }
 
 _RUNNING_TYPES = (MsgType.CALL, MsgType.REPLY, MsgType.MEM_READ, MsgType.MEM_READ_RESP,
                   MsgType.MEM_WRITE, MsgType.MEM_WRITE_RESP, MsgType.EFFECT_DONE, MsgType.EVENT,
-                  MsgType.STATE_SAVE, MsgType.STATE_DATA, MsgType.STATE_STATUS, MsgType.MIGRATION_BLOCKER)
-_STATE_TYPES = frozenset(_RUNNING_TYPES[-4:])
+                  MsgType.STATE_SAVE, MsgType.STATE_DATA, MsgType.STATE_STATUS, MsgType.MIGRATION_BLOCKER,
+                  MsgType.MEMORY_MAP)
 
 TRANSITIONS: dict[tuple[State, MsgType], State] = {
     (State.AWAIT_HELLO, MsgType.HELLO): State.AWAIT_WELCOME,
@@ -586,6 +607,7 @@ _ERROR_FIXED = struct.Struct("<IHH")
 _STATE_FLAGS = struct.Struct("<II")
 _STATE_STATUS_FIXED = struct.Struct("<iHH")
 _BLOCKER_FIXED = struct.Struct("<HH")
+_MEMORY_MAP_FIXED = struct.Struct("<HHI")
 #: One precompiled register layout per count: the reply path never builds a format string.
 _REGS = [struct.Struct(f"<{n}Q") for n in range(MAX_REGS + 1)]
 
@@ -623,8 +645,7 @@ def encode(event: Event) -> bytes:
                 len(event.filter_in_force), len(name), event.effects)
             body += b"".join(_VCPU.pack(v.mpidr, v.index, int(v.powered_on), int(v.aarch32), 0)
                              for v in event.vcpus)
-            body += b"".join(_REGION.pack(r.gpa, r.size, r.fd_offset, r.fd_index, REGION_ROM if r.rom else 0)
-                             for r in event.regions)
+            body += _encode_regions(event.regions)
             body += _encode_ranges(event.filter_in_force) + name
             return _frame(MsgType.HELLO, 0, body)
         case Welcome():
@@ -661,6 +682,9 @@ def encode(event: Event) -> bytes:
         case MigrationBlocker():
             reason = event.reason.encode()
             return _frame(MsgType.MIGRATION_BLOCKER, 0, _BLOCKER_FIXED.pack(len(reason), 0) + reason)
+        case MemoryMap():
+            return _frame(MsgType.MEMORY_MAP, 0,
+                          _MEMORY_MAP_FIXED.pack(len(event.regions), 0, 0) + _encode_regions(event.regions))
     raise LocalProtocolError(f"cannot encode {event!r}")
 
 
@@ -688,6 +712,20 @@ def _decode_ranges(payload: memoryview, offset: int, n: int) -> tuple[FilterRang
     return tuple(out)
 
 
+def _decode_regions(p: memoryview, off: int, n: int) -> tuple[RamRegion, ...]:
+    regions = []
+    for _i in range(n):
+        gpa, size, fd_off, fd_index, region_flags = _REGION.unpack_from(p, off)
+        regions.append(RamRegion(gpa, size, fd_off, fd_index, bool(region_flags & REGION_ROM)))
+        off += _REGION.size
+    return tuple(regions)
+
+
+def _encode_regions(regions: tuple[RamRegion, ...]) -> bytes:
+    return b"".join(_REGION.pack(r.gpa, r.size, r.fd_offset, r.fd_index, REGION_ROM if r.rom else 0)
+                    for r in regions)
+
+
 def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
     _need(len(p) >= _HELLO_FIXED.size, "HELLO is truncated")
     (magic, vmin, vmax, features, flags, accel, ipa_bits, conduit, _r0, n_vcpus, n_regions,
@@ -705,11 +743,8 @@ def _decode_hello(p: memoryview, fds: tuple[int, ...]) -> Hello:
         _need(power in (0, 1) and state in (0, 1), f"vCPU entry {i}: bad power/exec state")
         vcpus.append(VcpuInfo(index, mpidr, bool(power), bool(state)))
         off += _VCPU.size
-    regions = []
-    for _i in range(n_regions):
-        gpa, size, fd_off, fd_index, region_flags = _REGION.unpack_from(p, off)
-        regions.append(RamRegion(gpa, size, fd_off, fd_index, bool(region_flags & REGION_ROM)))
-        off += _REGION.size
+    regions = _decode_regions(p, off, n_regions)
+    off += n_regions * _REGION.size
     ranges = _decode_ranges(p, off, n_filter)
     off += n_filter * _RANGE.size
     try:
@@ -847,6 +882,11 @@ def _decode_payload(msg_type: int, seq: int, p: memoryview, fds: tuple[int, ...]
         n, _r = _BLOCKER_FIXED.unpack_from(p)
         _need(len(p) == _BLOCKER_FIXED.size + n, "MIGRATION_BLOCKER length mismatch")
         return MigrationBlocker(bytes(p[_BLOCKER_FIXED.size:]).decode(errors="replace"))
+    if msg_type == MsgType.MEMORY_MAP:
+        _need(len(p) >= _MEMORY_MAP_FIXED.size, "MEMORY_MAP is truncated")
+        n, _r0, _r1 = _MEMORY_MAP_FIXED.unpack_from(p)
+        _need(len(p) == _MEMORY_MAP_FIXED.size + n * _REGION.size, "MEMORY_MAP length mismatch")
+        return MemoryMap(_decode_regions(p, _MEMORY_MAP_FIXED.size, n))
     raise RemoteProtocolError(f"unknown message type {msg_type}")
 
 
@@ -1017,6 +1057,8 @@ class Connection:
                 self.version = event.version
             case StateSave() | StateData() | StateStatus() | MigrationBlocker():
                 self._track_state(event, exc)
+            case MemoryMap() if self.version < STATE_VERSION:
+                raise exc(f"MEMORY_MAP needs protocol version {STATE_VERSION}, this is {self.version}")
         self.state = new_state
 
     def _track_state(self, event: StateSave | StateData | StateStatus | MigrationBlocker,

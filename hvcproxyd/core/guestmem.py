@@ -91,6 +91,22 @@ class GuestMemory:
         self._maps = {}
         self._remote_read = self._remote_write = None
 
+    def remap(self, regions: Sequence[RamRegion]) -> None:
+        """The RAM map after memory hotplug (protocol MEMORY_MAP), in place, so every
+        holder of this object sees it: a region that stays keeps its mapping, a new
+        one is reached through the VMM (fds travel with HELLO only), one that went
+        is unmapped."""
+        new = tuple(sorted(regions, key=lambda r: r.gpa))
+        old = {r: i for i, r in enumerate(self.regions)}
+        maps: dict[int, mmap.mmap] = {}
+        for j, r in enumerate(new):
+            i = old.get(r)
+            if i is not None and i in self._maps:
+                maps[j] = self._maps.pop(i)
+        for m in self._maps.values():
+            m.close()
+        self.regions, self._starts, self._maps = new, [r.gpa for r in new], maps
+
     # -- checks
     def _pieces(self, gpa: int, length: int) -> list[tuple[int, int, int]]:
         """(region index, offset in region, length) covering [gpa, gpa+length)."""

@@ -30,6 +30,7 @@ from ..wire import (
     EventKind,
     Hello,
     ProtocolError,
+    RamRegion,
     RemoteProtocolError,
     Reply,
     VmEvent,
@@ -228,6 +229,20 @@ class VmService:
         facts.attached = True
         self._each_handler(lambda inst: inst.attach(reconnect=hello.reconnect), "attach")
         self._journal_all(fresh=not hello.reconnect)
+
+    def remap(self, regions: tuple[RamRegion, ...]) -> None:
+        """The VMM's RAM and ROM map changed (memory hotplug): guest memory and what
+        is executable follow it."""
+        facts = self.facts
+        before = {(r.gpa, r.end) for r in facts.memory.regions} if facts.memory is not None else set()
+        ram = tuple(r for r in regions if not r.rom)
+        if facts.memory is not None:
+            facts.memory.remap(ram)
+        facts.executable = tuple((r.gpa, r.end) for r in regions)
+        after = {(r.gpa, r.end) for r in ram}
+        log.info("%s: guest RAM map changed: %s", self.config.name, "; ".join(
+            [f"+{lo:#x}..{hi - 1:#x}" for lo, hi in sorted(after - before)]
+            + [f"-{lo:#x}..{hi - 1:#x}" for lo, hi in sorted(before - after)]) or "no RAM change")
 
     def detach(self) -> None:
         """The VMM went away; state stays for its reconnect, memory access does not."""

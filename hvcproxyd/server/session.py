@@ -485,6 +485,14 @@ class Session:
             vm.effect_done(event.seq, event.index, event.status)
         elif isinstance(event, wire.VmEvent):
             vm.event(event)
+        elif isinstance(event, wire.MemoryMap):
+            assert self.hello is not None
+            limit = 1 << self.hello.ipa_bits
+            beyond = next((r for r in event.regions if r.end > limit), None)
+            if beyond is not None:
+                raise wire.RemoteProtocolError(f"MEMORY_MAP region {beyond.gpa:#x}+{beyond.size:#x} is beyond the "
+                                               f"{self.hello.ipa_bits}-bit IPA size of HELLO")
+            vm.remap(event.regions)
         elif isinstance(event, wire.StateSave):
             assert self._nursery is not None
             self._nursery.start_soon(self.transfer.save, event.seq)

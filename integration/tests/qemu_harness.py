@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from tests.process import DaemonProcess
 from tests.waiting import poll
@@ -165,6 +166,12 @@ class Qemu:
             return self.qmp_path.is_socket()
         poll(listening, f"QEMU's QMP socket {self.qmp_path}", timeout=timeout, log=self.err_path)
         return self.qmp_path
+
+    def monitor(self) -> QEMUMonitorProtocol:
+        """A synchronous QMP client on its socket, connected; close() it when done."""
+        mon = QEMUMonitorProtocol(str(self.wait_qmp()))
+        mon.connect()
+        return mon
 
     def kill(self) -> None:
         """SIGKILL, as a crash would end it."""

@@ -114,6 +114,30 @@ def test_vendor_range_owned_with_ptp_left_to_the_hypervisor(start_daemon: StartD
     assert not re.search(r"vcpu\d+ HVC 0x86000001", daemon.log)  # never forwarded
 
 
+def test_a_hotplugged_dimm_is_guest_ram_for_the_daemon(start_daemon: StartDaemon, start_qemu: StartQemu,
+                                                        guests: Path) -> None:
+    """Memory plugged while the guest runs (virtio-mem, at the start of -M virt's
+    device-memory window): the forwarder sends the new RAM map
+    (MEMORY_MAP), and the guest's share of a page in it, refused until then, is
+    accepted."""
+    daemon = start_daemon(config=CONFIGS / "vendor-ptp.yaml")
+    # virtio-mem behind a PCIe root port: -M virt plugs pc-dimms only with ACPI, which needs firmware.
+    q = start_qemu("-kernel", str(guests / "hotplug.elf"), "-device", "pcie-root-port,id=rp0,chassis=1",
+                   forwarder=daemon.socket, memory="256M,maxmem=1G")
+    q.wait_output(r"^WAITING for a DIMM", timeout=GUEST_TIMEOUT)
+    mon = q.monitor()
+    try:
+        mon.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m1", "size": 128 << 20})
+        # The guest powers off as soon as its share is accepted: nothing more to ask QEMU.
+        mon.cmd("device_add", driver="virtio-mem-pci", id="d1", memdev="m1", bus="rp0", **{"requested-size": 0})
+    finally:
+        mon.close()
+    out = _run_to_exit(q)
+    found = re.search(r"^HOTPLUG_SHARE target=0x([0-9a-f]+) x0=0x([0-9a-f]+)", out, re.MULTILINE)
+    assert found and int(found[2], 16) == 0 and int(found[1], 16) > 1, out  # refused first, then accepted
+    assert re.search(r"guest RAM map changed: \+0x80000000\.\.0x87ffffff", daemon.log), daemon.log[-3000:]
+
+
 def test_without_forwarder_qemu_is_stock(start_qemu: StartQemu, guests: Path) -> None:
     """The patched QEMU without an hvc-forwarder behaves as upstream does."""
     out = _run_to_exit(start_qemu("-kernel", str(guests / "calls-hvc.elf")))

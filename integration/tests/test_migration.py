@@ -26,7 +26,6 @@ from linux_clients import (
     client_kernel,  # noqa: F401  (a fixture)
 )
 from qemu.qmp import QMPError
-from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu_harness import Qemu
 
 from tests.process import DaemonProcess
@@ -41,15 +40,9 @@ BOOT_TIMEOUT = 240
 MIGRATE_TIMEOUT = 180
 
 
-def qmp(q: Qemu) -> QEMUMonitorProtocol:
-    mon = QEMUMonitorProtocol(str(q.wait_qmp()))
-    mon.connect()
-    return mon
-
-
 def migrate(src: Qemu, uri: str) -> dict[str, Any]:
     """`migrate` on the source, then query-migrate until it ends; its last answer."""
-    mon = qmp(src)
+    mon = src.monitor()
     try:
         mon.cmd("migrate-set-capabilities", capabilities=[{"capability": "return-path", "state": True}])
         mon.cmd("migrate", uri=uri)
@@ -117,7 +110,7 @@ def test_savevm_and_loadvm_carry_the_state(client_kernel: Path, start_daemon: St
     con.wait(r"^HVCTEST: ready", BOOT_TIMEOUT)
     prepare_guest(con)
     power, pages = vm.power(), vm.pages()
-    mon = qmp(q)
+    mon = q.monitor()
     try:
         mon.cmd("human-monitor-command", **{"command-line": "savevm before"})
         # Change what the daemon holds: the guest unshares its region and brings CPU 3 up.
@@ -148,7 +141,7 @@ def test_a_destination_that_pins_another_psci_version_refuses(client_kernel: Pat
     q2.wait_output(re.escape(why), stderr=True)  # the destination QEMU says why, as its daemon does
     q2.wait(timeout=60)  # and gives up on the incoming migration
     # The source runs on (a failed migration resumes it), its guest and its daemon's state untouched.
-    mon = qmp(q)
+    mon = q.monitor()
     try:
         poll(lambda: mon.cmd("query-status")["status"] == "running",  # type: ignore[index]
              "the source to run again", timeout=30, log=q.err_path)
@@ -167,7 +160,7 @@ def test_state_that_cannot_move_blocks_migrate_and_savevm(client_kernel: Path, s
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(snapshots), "16M"], check=True, timeout=60)
     q = vm.boot(start_qemu, client_kernel, "-drive", f"if=none,id=snap,format=qcow2,file={snapshots}")
     Console(q).wait(r"^HVCTEST: ready", BOOT_TIMEOUT)
-    mon = qmp(q)
+    mon = q.monitor()
     try:
         with pytest.raises(QMPError) as refused:
             mon.cmd("migrate", uri=f"unix:{workdir / 'nobody.sock'}")
