@@ -156,6 +156,25 @@ def test_kvm_answers_ptp_beside_an_owned_vendor_range(l1: L1Host, start_daemon: 
     assert not re.search(r"vcpu\d+ HVC 0x86000001", daemon.log)  # KVM answered it: never forwarded
 
 
+def test_linux_ptp_kvm_beside_an_owned_vendor_range(l1: L1Host, start_daemon: StartDaemon,
+                                                    line_adapter: Path) -> None:
+    """Debian's kernel (PTP_1588_CLOCK_KVM=y) with pkvm-memshare owning the vendor range
+    and `except: kvm-ptp`: its KVM services probe sees PTP in the handler's FEATURES,
+    and ptp_kvm registers KVM's clock, which KVM itself answers."""
+    daemon = start_daemon(config=CONFIGS / "vendor-ptp.yaml", socket=line_adapter, qmp=False)
+    job = _boot_linux(l1)
+    job.expect(r"HVCTEST: ready for a command", timeout=LINUX_TIMEOUT)
+    out = job.output()
+    job.send("poweroff\n")
+    status, _ = job.wait(timeout=LINUX_TIMEOUT)
+    assert status == 0, job.output()[-3000:]
+    assert "HVCTEST: kvm_services=hypervisor services detected (0x00000000 0x00000000 0x00000000 0x0000001f)" \
+        in out, out
+    assert "HVCTEST: ptp=KVM virtual PTP" in out, out
+    assert re.search(r"vcpu\d+ HVC 0x86000000 KVM_FUNC_FEATURES.* -> memshare", daemon.log), daemon.log[-3000:]
+    assert not re.search(r"vcpu\d+ HVC 0x86000001", daemon.log)  # KVM answered PTP itself
+
+
 def test_power_cycles_under_kvm(l1: L1Host, daemon: Daemon) -> None:
     """120 power cycles of the secondaries (60 of CPU 1 back to back) with 4 vCPUs:
     no abort, no hang, no lost vCPU (each CPU_ON resets its target with every vCPU out
