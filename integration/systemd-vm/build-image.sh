@@ -125,6 +125,14 @@ printf '[Journal]\nStorage=volatile\nRateLimitBurst=100000\n' > "$root/etc/syste
 # The kvm group QEMU's unit runs in (and the daemon's SupplementaryGroups=kvm).
 chroot "$root" getent group kvm >/dev/null || chroot "$root" groupadd --system kvm
 # /usr/local/bin gets the patched QEMU at test time (from the 9p share).
+# libvirt (libvirt-vm1.xml): no AppArmor confinement of its QEMU.  The kernel has
+# AppArmor, but the image has no apparmor package (no apparmor_parser), so the
+# per-domain profile that virt-aa-helper writes could not be loaded and every
+# domain start would fail; the DAC driver (libvirt-qemu:kvm) still applies.
+printf '\n# the systemd-vm image (build-image.sh): no apparmor_parser here\nsecurity_driver = "none"\n' \
+    >> "$root/etc/libvirt/qemu.conf"
+# Its "default" network would need dnsmasq; the test domain has no network.
+rm -f "$root/etc/libvirt/qemu/networks/autostart/default.xml"
 rm -f "$root"/var/cache/apt/archives/*.deb
 vmlinuz=$(find "$root/boot" -maxdepth 1 -name 'vmlinuz-*' | sort | tail -1)
 initrd=$(find "$root/boot" -maxdepth 1 -name 'initrd.img-*' | sort | tail -1)

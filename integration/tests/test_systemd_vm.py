@@ -3,7 +3,8 @@ of a Debian 12 VM under TCG, integration/systemd-vm/), with the patched QEMU as
 an unprivileged user in its own unit, serving a bare-metal arm64 guest.
 
 The tests run in file order on one boot and build on each other: install, start,
-reload, journal, a missing config, then QEMU and a daemon restart under it.
+reload, journal, a missing config, then QEMU and a daemon restart under it, and
+last the same guest through Debian's libvirt (define, start, save, restore).
 Needs root (the image build), the patched QEMU and the cross toolchain
 (integration/setup.sh), PyPI for a cold .deb build.
 """
@@ -28,6 +29,10 @@ SHARE = "/mnt/share"
 UNIT = "hvcproxyd@vm1"
 QEMU_UNIT = "qemu-test@vm1"
 SERIAL = "/var/lib/qemu/vm1.serial"
+DOMAIN = "vm1"  # libvirt-vm1.xml's <name>
+LIBVIRT_SERIAL = "/var/log/libvirt/qemu/vm1.serial"  # its <serial type='file'>
+LIBVIRT_LOG = "/var/log/libvirt/qemu/vm1.log"  # libvirt's log of the domain (QEMU's command line and stderr)
+SAVE_FILE = "/var/lib/libvirt/qemu/save/vm1.save"
 #: The beat guest's answer: the config's regs [0, 0xa1], and 0xb2 after the good reload.
 X1_FIRST, X1_RELOADED = 0xA1, 0xB2
 BEAT = re.compile(r"^BEAT n=0x([0-9a-f]{16}) x0=0x([0-9a-f]{16}) x1=0x([0-9a-f]{16})$", re.MULTILINE)
@@ -50,7 +55,7 @@ def vm(qemu_bin: Path) -> Iterator[SystemdVm]:
         link_or_copy(work / "beat" / "beat.elf", share / "beat.elf")
         link_or_copy(deb, share / "hvcproxyd.deb")
         link_or_copy(qemu_bin, share / "qemu-system-aarch64")
-        for name in ("vm1.yaml", "qemu-test@.service"):
+        for name in ("vm1.yaml", "qemu-test@.service", "libvirt-vm1.xml"):
             link_or_copy(VMDIR / name, share / name)
         machine = SystemdVm(image, share, work)
         try:
@@ -78,9 +83,9 @@ def journal(vm: SystemdVm, unit: str, *matches: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in out.splitlines() if line.strip()]
 
 
-def beats(vm: SystemdVm) -> list[tuple[int, int, int]]:
+def beats(vm: SystemdVm, serial: str = SERIAL) -> list[tuple[int, int, int]]:
     """The beat guest's answers so far, (n, x0, x1) a line, from its serial log."""
-    text = vm.run(f"cat {SERIAL}").out
+    text = vm.run(f"cat {serial}").out
     return [(int(n, 16), int(x0, 16), int(x1, 16)) for n, x0, x1 in BEAT.findall(text)]
 
 
@@ -216,3 +221,101 @@ def test_qemu_survives_daemon_restart(vm: SystemdVm, qemu_unit: str) -> None:
     assert st["pid"] == int(after["MainPID"]) and st["vmm"] is not None, st
     assert st["vmm"]["pid"] == int(qemu_unit) and st["vmm"]["reconnect"], st["vmm"]
     assert st["calls"]["handlers"]["beat"]["calls"] >= 4, st["calls"]
+
+
+def libvirt_tail(vm: SystemdVm) -> str:
+    """What a libvirt failure message carries: the domain's log, libvirtd's journal, the guest's serial log."""
+    return vm.run(f"echo '--- {LIBVIRT_LOG} ---'; tail -c 3000 {LIBVIRT_LOG}; "
+                  "echo '--- journalctl -u libvirtd ---'; journalctl -u libvirtd --no-pager -n 30; "
+                  f"echo '--- {LIBVIRT_SERIAL} ---'; tail -n 5 {LIBVIRT_SERIAL}; "
+                  f"echo '--- journalctl -u {UNIT} ---'; journalctl -u {UNIT} --no-pager -n 15",
+                  check=False).out + "\n" + vm.console_tail(1500)
+
+
+def virsh(vm: SystemdVm, args: str, timeout: float = 300.0) -> str:
+    res = vm.run(f"virsh {args}", timeout=timeout, check=False)
+    assert res.rc == 0, f"in the VM: {res}\n{libvirt_tail(vm)}"
+    return res.out
+
+
+def wait_beats(vm: SystemdVm, count: int, what: str) -> list[tuple[int, int, int]]:
+    """Wait until the libvirt guest's serial log has ``count`` answers (the libvirt log on failure)."""
+    vm.wait_for(f"[ $(grep -c '^BEAT ' {LIBVIRT_SERIAL} 2>/dev/null || echo 0) -ge {count} ] || "
+                f"{{ tail -c 1500 {LIBVIRT_LOG}; tail -n 3 {LIBVIRT_SERIAL}; false; }}", what, timeout=300, interval=3)
+    return beats(vm, LIBVIRT_SERIAL)
+
+
+def transfers(vm: SystemdVm, text: str) -> int:
+    """How many of the daemon's journal records say ``text`` ("state saved for the VMM", ...)."""
+    return sum(text in str(r.get("MESSAGE", "")) for r in journal(vm, UNIT, "HVC_VM=vm1"))
+
+
+def beat_calls(vm: SystemdVm) -> int:
+    calls: int = status(vm)["calls"]["handlers"]["beat"]["calls"]
+    return calls
+
+
+def libvirt_qemu_pid(vm: SystemdVm) -> int:
+    return int(vm.run(f"cat /run/libvirt/qemu/{DOMAIN}.pid").out)
+
+
+def test_libvirt_domain_is_served_saved_and_restored(vm: SystemdVm, qemu_unit: str) -> None:
+    # hvcproxyd@vm1 serves one VMM: the unit's QEMU makes room for libvirt's.
+    vm.run(f"systemctl stop {QEMU_UNIT}", timeout=120)
+    vm.wait_for("hvcproxyd status vm1 --json | grep -q '\"vmm\": null'", "the daemon to see QEMU go")
+    saved0, loaded0 = transfers(vm, "state saved for the VMM"), transfers(vm, "state loaded from the VMM")
+    calls0 = beat_calls(vm)
+    # Debian 12's libvirt runs QEMU as libvirt-qemu:libvirt-qemu (kvm only supplementary);
+    # vm1.yaml admits by primary gid kvm (qemu-test@vm1 has no fixed uid), so libvirt's QEMU gets group kvm.
+    vm.run("printf 'group = \"kvm\"\\n' >> /etc/libvirt/qemu.conf && systemctl restart libvirtd", timeout=300)
+    virsh(vm, f"define {SHARE}/libvirt-vm1.xml")
+    virsh(vm, f"start {DOMAIN}", timeout=600)
+    try:
+        got = wait_beats(vm, 3, "three answered calls of the libvirt guest")
+        pid = libvirt_qemu_pid(vm)
+        user = vm.run(f"ps -o user= -p {pid}").out.strip()
+        assert user == "libvirt-qemu", f"libvirt's QEMU runs as {user!r}\n{libvirt_tail(vm)}"
+        cmdline = vm.run(f"tr '\\0' ' ' < /proc/{pid}/cmdline").out
+        assert "memory-backend-memfd" in cmdline and "hvc-forwarder" in cmdline, cmdline
+        # Every answer is the daemon's (the reloaded config's 0xb2), none NOT_SUPPORTED.
+        assert got and all((x0, x1) == (0, X1_RELOADED) for _, x0, x1 in got), f"{got}\n{libvirt_tail(vm)}"
+        st = status(vm)
+        assert st["vmm"] is not None and st["vmm"]["pid"] == pid, f"{st}\n{libvirt_tail(vm)}"
+        assert st["vmm"]["uid"] == int(vm.run("id -u libvirt-qemu").out), st["vmm"]
+        assert st["vmm"]["memory"] == "memfd", st["vmm"]
+        calls1 = beat_calls(vm)
+        assert calls1 > calls0, f"the beat handler's calls did not grow: {calls0} -> {calls1}\n{libvirt_tail(vm)}"
+
+        # libvirt's migration to a file: QEMU's migration stream, with the forwarder's section.
+        virsh(vm, f"save {DOMAIN} {SAVE_FILE}", timeout=600)
+        state = virsh(vm, f"domstate {DOMAIN}").strip()
+        assert state == "shut off", f"after virsh save the domain is {state!r}\n{libvirt_tail(vm)}"
+        saved = transfers(vm, "state saved for the VMM")
+        assert saved == saved0 + 1, f"'state saved for the VMM' {saved0} -> {saved} times\n{libvirt_tail(vm)}"
+        before = beats(vm, LIBVIRT_SERIAL)
+        assert vm.run(f"test -s {SAVE_FILE}", check=False).rc == 0, f"no {SAVE_FILE}\n{libvirt_tail(vm)}"
+
+        virsh(vm, f"restore {SAVE_FILE}", timeout=600)
+        vm.wait_for(f"journalctl _SYSTEMD_UNIT={UNIT}.service HVC_VM=vm1 --no-pager -o cat | "
+                    f"[ $(grep -c 'state loaded from the VMM') -ge {loaded0 + 1} ]",
+                    "the daemon to load the state from the restored QEMU", timeout=300, interval=3)
+        after = wait_beats(vm, len(before) + 5, "the restored guest's calls")
+        # The same guest went on where it stopped (its RAM came back): no line lost, none repeated,
+        # every answer still the daemon's.
+        ns = [n for n, _, _ in after]
+        assert ns == list(range(1, len(after) + 1)), f"the guest restarted or lost lines: {ns}\n{libvirt_tail(vm)}"
+        bad = [b for b in after if b[1:] != (0, X1_RELOADED)]
+        assert not bad, f"wrong answers: {bad}\n{libvirt_tail(vm)}"
+        new_pid = libvirt_qemu_pid(vm)
+        assert new_pid != pid, "virsh restore did not start a new QEMU"
+        st = status(vm)
+        assert st["vmm"] is not None and st["vmm"]["pid"] == new_pid, f"{st}\n{libvirt_tail(vm)}"
+        assert transfers(vm, "state loaded from the VMM") == loaded0 + 1, libvirt_tail(vm)
+        calls2 = beat_calls(vm)
+        assert calls2 > calls1, f"no calls after the restore: {calls1} -> {calls2}\n{libvirt_tail(vm)}"
+    finally:
+        vm.run(f"virsh destroy {DOMAIN}", timeout=300, check=False)
+    state = virsh(vm, f"domstate {DOMAIN}").strip()
+    assert state == "shut off", f"after virsh destroy the domain is {state!r}\n{libvirt_tail(vm)}"
+    vm.wait_for("hvcproxyd status vm1 --json | grep -q '\"vmm\": null'", "the daemon to see libvirt's QEMU go")
+    virsh(vm, f"undefine --managed-save {DOMAIN}")
