@@ -318,4 +318,5 @@ def test_libvirt_domain_is_served_saved_and_restored(vm: SystemdVm, qemu_unit: s
     state = virsh(vm, f"domstate {DOMAIN}").strip()
     assert state == "shut off", f"after virsh destroy the domain is {state!r}\n{libvirt_tail(vm)}"
     vm.wait_for("hvcproxyd status vm1 --json | grep -q '\"vmm\": null'", "the daemon to see libvirt's QEMU go")
-    virsh(vm, f"undefine --managed-save {DOMAIN}")
+    # The domain stays defined: the VM, its overlay and libvirt's records are thrown away with the
+    # session (libvirt 9.0 refuses `undefine --managed-save` after a restore from a save file).
