@@ -90,6 +90,7 @@ class MsgType(enum.IntEnum):
     STATE_STATUS = 15
     MIGRATION_BLOCKER = 16
     MEMORY_MAP = 17
+    INTERRUPT = 18
 
 
 class Accel(enum.IntEnum):
@@ -144,7 +145,11 @@ class ErrorCode(enum.IntEnum):
 # HELLO feature and flag bits
 FEATURE_MEMFD: Final = 1 << 0
 FEATURE_EFFECT_DONE: Final = 1 << 1
-HELLO_FEATURES_KNOWN: Final = FEATURE_MEMFD | FEATURE_EFFECT_DONE
+#: The VMM makes SGIs and PPIs pending when the daemon sends INTERRUPT (v2).
+FEATURE_INTERRUPT: Final = 1 << 2
+HELLO_FEATURES_KNOWN: Final = FEATURE_MEMFD | FEATURE_EFFECT_DONE | FEATURE_INTERRUPT
+#: INTERRUPT names an SGI (0..15) or a PPI (16..31).
+MAX_PRIVATE_INTID: Final = 31
 HELLO_RECONNECT: Final = 1 << 0
 #: HELLO region flag: guest-executable ROM or flash, not RAM.
 REGION_ROM: Final = 1 << 0
@@ -537,9 +542,23 @@ class MemoryMap:
         _check_regions(self.regions)
 
 
+@dataclass(frozen=True, slots=True)
+class Interrupt:
+    """Make SGI or PPI ``intid`` pending on ``vcpu`` (v2, to a VMM whose HELLO has
+    the INTERRUPT feature): a firmware interface's own interrupt, such as FF-A's
+    notification pending interrupt, at any time."""
+
+    vcpu: int
+    intid: int
+
+    def __post_init__(self) -> None:
+        _u(self.vcpu, 32, "vcpu")
+        _check(0 <= self.intid <= MAX_PRIVATE_INTID, f"INTERRUPT names INTID 0..{MAX_PRIVATE_INTID}")
+
+
 Event = (Hello | Welcome | FilterStatus | Call | Reply | MemRead | MemReadResp | MemWrite
          | MemWriteResp | EffectDone | VmEvent | Error | StateSave | StateData | StateStatus | MigrationBlocker
-         | MemoryMap)
+         | MemoryMap | Interrupt)
 
 
 class _NeedData:
@@ -562,7 +581,7 @@ _TYPE_OF: dict[type, MsgType] = {
     MemWriteResp: MsgType.MEM_WRITE_RESP, EffectDone: MsgType.EFFECT_DONE,
     VmEvent: MsgType.EVENT, Error: MsgType.ERROR, StateSave: MsgType.STATE_SAVE,
     StateData: MsgType.STATE_DATA, StateStatus: MsgType.STATE_STATUS, MigrationBlocker: MsgType.MIGRATION_BLOCKER,
-    MemoryMap: MsgType.MEMORY_MAP,
+    MemoryMap: MsgType.MEMORY_MAP, Interrupt: MsgType.INTERRUPT,
 }
 
 _SENDER: dict[MsgType, Role | None] = {
@@ -572,12 +591,13 @@ _SENDER: dict[MsgType, Role | None] = {
     MsgType.MEM_WRITE_RESP: Role.VMM, MsgType.EFFECT_DONE: Role.VMM, MsgType.EVENT: Role.VMM,
     MsgType.ERROR: None, MsgType.STATE_SAVE: Role.VMM, MsgType.STATE_DATA: None,
     MsgType.STATE_STATUS: Role.DAEMON, MsgType.MIGRATION_BLOCKER: Role.DAEMON, MsgType.MEMORY_MAP: Role.VMM,
+    MsgType.INTERRUPT: Role.DAEMON,
 }
 
 _RUNNING_TYPES = (MsgType.CALL, MsgType.REPLY, MsgType.MEM_READ, MsgType.MEM_READ_RESP,
                   MsgType.MEM_WRITE, MsgType.MEM_WRITE_RESP, MsgType.EFFECT_DONE, MsgType.EVENT,
                   MsgType.STATE_SAVE, MsgType.STATE_DATA, MsgType.STATE_STATUS, MsgType.MIGRATION_BLOCKER,
-                  MsgType.MEMORY_MAP)
+                  MsgType.MEMORY_MAP, MsgType.INTERRUPT)
 
 TRANSITIONS: dict[tuple[State, MsgType], State] = {
     (State.AWAIT_HELLO, MsgType.HELLO): State.AWAIT_WELCOME,
@@ -608,6 +628,7 @@ _STATE_FLAGS = struct.Struct("<II")
 _STATE_STATUS_FIXED = struct.Struct("<iHH")
 _BLOCKER_FIXED = struct.Struct("<HH")
 _MEMORY_MAP_FIXED = struct.Struct("<HHI")
+_INTERRUPT = struct.Struct("<II")
 #: One precompiled register layout per count: the reply path never builds a format string.
 _REGS = [struct.Struct(f"<{n}Q") for n in range(MAX_REGS + 1)]
 
@@ -685,6 +706,8 @@ def encode(event: Event) -> bytes:
         case MemoryMap():
             return _frame(MsgType.MEMORY_MAP, 0,
                           _MEMORY_MAP_FIXED.pack(len(event.regions), 0, 0) + _encode_regions(event.regions))
+        case Interrupt():
+            return _frame(MsgType.INTERRUPT, 0, _INTERRUPT.pack(event.vcpu, event.intid))
     raise LocalProtocolError(f"cannot encode {event!r}")
 
 
@@ -887,6 +910,8 @@ def _decode_payload(msg_type: int, seq: int, p: memoryview, fds: tuple[int, ...]
         n, _r0, _r1 = _MEMORY_MAP_FIXED.unpack_from(p)
         _need(len(p) == _MEMORY_MAP_FIXED.size + n * _REGION.size, "MEMORY_MAP length mismatch")
         return MemoryMap(_decode_regions(p, _MEMORY_MAP_FIXED.size, n))
+    if msg_type == MsgType.INTERRUPT:
+        return Interrupt(*_fixed(p, _INTERRUPT, "INTERRUPT"))
     raise RemoteProtocolError(f"unknown message type {msg_type}")
 
 
@@ -915,6 +940,8 @@ class Connection:
         #: The one state transfer in progress: its seq, whether the daemon is sending
         #: (a save) or receiving (a load), and whether its last chunk went by.
         self._transfer: tuple[int, bool, bool] | None = None
+        #: The handshake's HELLO, for what later frames may name (vCPUs, features).
+        self.hello: Hello | None = None
 
     # -- receiving
     def receive_data(self, data: bytes, fds: tuple[int, ...] = ()) -> None:
@@ -1053,13 +1080,24 @@ class Connection:
                 pending.discard(event.index)
                 if not pending:
                     del self._effects_pending[event.seq]
+            case Hello():
+                self.hello = event
             case Welcome():
                 self.version = event.version
             case StateSave() | StateData() | StateStatus() | MigrationBlocker():
                 self._track_state(event, exc)
             case MemoryMap() if self.version < STATE_VERSION:
                 raise exc(f"MEMORY_MAP needs protocol version {STATE_VERSION}, this is {self.version}")
+            case Interrupt():
+                self._check_interrupt(event, exc)
         self.state = new_state
+
+    def _check_interrupt(self, event: Interrupt, exc: type[ProtocolError]) -> None:
+        hello = self.hello
+        if self.version < STATE_VERSION or hello is None or not hello.features & FEATURE_INTERRUPT:
+            raise exc("INTERRUPT needs protocol version 2 and a HELLO with the INTERRUPT feature")
+        if event.vcpu >= len(hello.vcpus):
+            raise exc(f"INTERRUPT for vCPU {event.vcpu}, HELLO has {len(hello.vcpus)}")
 
     def _track_state(self, event: StateSave | StateData | StateStatus | MigrationBlocker,
                      exc: type[ProtocolError]) -> None:

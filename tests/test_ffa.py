@@ -3,6 +3,7 @@ decisions Linux's arm_ffa driver makes on our answers."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import uuid
 from collections.abc import Callable
@@ -12,9 +13,9 @@ import pytest
 
 from hvcproxyd.config import ConfigError
 from hvcproxyd.core.vmconfig import VmConfig
-from hvcproxyd.handlers.ffa.defs import Err, FfaError
+from hvcproxyd.handlers.ffa.defs import FEAT_NPI, Err, FfaError
 from hvcproxyd.handlers.ffa.echo import CMD_NOTIFY, CMD_RELINQUISH, CMD_RETRIEVE, EchoPartition
-from hvcproxyd.wire import CALL_AARCH32, EventKind, VmEvent
+from hvcproxyd.wire import CALL_AARCH32, FEATURE_INTERRUPT, Accel, EventKind, Hello, RamRegion, VcpuInfo, VmEvent
 
 from .ffa_support import (
     BIND,
@@ -604,3 +605,31 @@ def test_shipped_config_offers_partitions(tmp_path: Path) -> None:
     opts = config.handlers["ffa"].options
     assert [p.cls.__name__ for p in opts.partitions] == ["EchoPartition", "StoragePartition"]
     assert opts.id == 1 and opts.version == 0x10002
+
+
+async def test_the_npi_follows_the_vmm(g: Guest) -> None:
+    """FEATURES offers the NPI only while a VMM that raises interrupts is attached,
+    and a notification still pending when one reattaches (its interrupt may have
+    been lost with the old connection) is raised again on vCPU 0."""
+    sent: list[tuple[int, int]] = []
+    hello = Hello("t", Accel.TCG, 40, (VcpuInfo(0, 0, True), VcpuInfo(1, 1, True)),
+                  (RamRegion(RAM, RAM_SIZE),), FEATURE_INTERRUPT)
+    assert (await g.call(VERSION, 0x10002))[0] == 0x10002
+    assert (await g.call(FEATURES, FEAT_NPI))[:3] == err(NOT_SUPPORTED)  # no VMM yet
+    g.svc.attach(hello, g.svc.facts.memory, lambda vcpu, intid: sent.append((vcpu, intid)))  # type: ignore[arg-type]
+    assert (await g.call(VERSION, 0x10002))[0] == 0x10002  # a fresh boot negotiates again
+    assert (await g.call(FEATURES, FEAT_NPI))[:3] == (SUCCESS32, 0, 8)
+    assert (await g.call(BITMAP_CREATE, VM_ID, 2))[0] == SUCCESS32
+    assert (await g.call(BIND, ECHO << 16 | VM_ID, 0, 1, 0))[0] == SUCCESS32
+    assert (await g.call(DIRECT_REQ32, VM_ID << 16 | ECHO, 0, CMD_NOTIFY, 1, 0, 0, 0, vcpu=1))[7] == 0
+    assert sent == [(1, 8)]  # the caller's vCPU
+    memory = g.svc.facts.memory
+    g.svc.detach()
+    assert (await g.call(FEATURES, FEAT_NPI))[:3] == (SUCCESS32, 0, 8)  # the guest's view holds until reattach
+    g.svc.attach(dataclasses.replace(hello, reconnect=True, filter_in_force=g.svc.filter), memory,  # type: ignore[arg-type]
+                 lambda vcpu, intid: sent.append((vcpu, intid)))
+    assert sent == [(1, 8), (0, 8)]  # pending, so raised again
+    assert (await g.call(NOTIF_GET, VM_ID, 1))[2] == 1
+    g.svc.attach(dataclasses.replace(hello, features=0, reconnect=True, filter_in_force=g.svc.filter),
+                 memory)  # type: ignore[arg-type]
+    assert (await g.call(FEATURES, FEAT_NPI))[:3] == err(NOT_SUPPORTED)

@@ -10,8 +10,12 @@ import struct
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from hvcproxyd.core.vmconfig import VmConfig
+from hvcproxyd.handlers.ffa.defs import FEAT_NPI, FEAT_SRI
 from hvcproxyd.handlers.ffa.echo import CMD_NOTIFY
+from hvcproxyd.smccc import MASK64
 from hvcproxyd.vmm.simulator import RAM_BASE, Simulator, SimVcpu
 
 from .conftest import Serve
@@ -24,10 +28,13 @@ from .ffa_support import (
     DIRECT_RESP64,
     ECHO,
     ECHO_UUID,
+    ERROR,
+    FEATURES,
     INFO_GET,
     MEM_RECLAIM,
     MEM_SHARE,
     MSG_SEND2,
+    NOT_SUPPORTED,
     NOTIF_GET,
     PAGE,
     PART_INFO,
@@ -42,9 +49,11 @@ from .ffa_support import (
     Desc,
     handler_yaml,
 )
+from .ops_support import CPU_ON64
 
 TX, RX = RAM_BASE + 0x10_0000, RAM_BASE + 0x10_1000
 DATA, BACK = RAM_BASE + 0x20_0000, RAM_BASE + 0x30_0000
+SECONDARY = RAM_BASE + 0x1000  # the second vCPU's entry point
 
 
 class FfaGuest:
@@ -129,3 +138,72 @@ async def test_guest_walks_every_path(make_config: Callable[[str], VmConfig], tm
     assert (tmp_path / "state" / "t" / "ffa-storage" / "store" / "0000002a").read_bytes() == value
     handler = daemon.vm.instances["ffa"]
     assert handler.report()["transactions"] == 0  # type: ignore[union-attr]
+
+
+def _with_psci(yaml: str) -> str:
+    """The FF-A config plus PSCI, so that the guest can start its second vCPU."""
+    return (yaml.replace("handlers:\n", "handlers:\n  psci: {type: psci}\n", 1)
+            .replace("rules:\n", "rules:\n  - {match: psci, action: psci}\n", 1))
+
+
+class NpiGuest:
+    """A driver that takes notifications by interrupt: asks FEATURES for the NPI,
+    binds echo, and has echo raise a notification from the second vCPU."""
+
+    def __init__(self) -> None:
+        self.seen: dict[str, object] = {}
+
+    async def boot(self, cpu: SimVcpu, x0: int) -> None:
+        assert (await cpu.call(VERSION, 0x10002))[0] == 0x10002
+        self.seen["npi"] = (await cpu.call(FEATURES, FEAT_NPI))[:3]
+        self.seen["sri"] = (await cpu.call(FEATURES, FEAT_SRI))[:3]
+        assert (await cpu.call(BITMAP_CREATE, VM_ID, len(cpu.sim.vcpus)))[0] == SUCCESS32
+        assert (await cpu.call(BIND, ECHO << 16 | VM_ID, 0, 1 << 4, 0))[0] == SUCCESS32
+        assert (await cpu.call(CPU_ON64, 1, SECONDARY, 0))[0] == 0
+
+    async def secondary(self, cpu: SimVcpu, x0: int) -> None:
+        status = (await cpu.call(DIRECT_REQ32, VM_ID << 16 | ECHO, 0, CMD_NOTIFY, 1 << 4, 0, 0, 0))[7]
+        # The INTERRUPT frame went out before the REPLY: pending when the call returns.
+        self.seen["notify"] = (status, cpu.pending_irqs, cpu.sim.vcpus[0].pending_irqs)
+        self.seen["bits"] = (await cpu.call(NOTIF_GET, 1 << 16 | VM_ID, 0x1))[2]
+        self.seen["done"] = True
+
+
+async def _run_npi(config: VmConfig, **sim_args: object) -> tuple[NpiGuest, Simulator]:
+    guest = NpiGuest()
+    sim = Simulator(config.socket, n_vcpus=2, name="t", boot=guest.boot, programs={SECONDARY: guest.secondary},
+                    **sim_args)  # type: ignore[arg-type]
+    try:
+        assert await sim.run(timeout=60) == "idle"
+    finally:
+        sim.close()
+    assert guest.seen.get("done"), guest.seen
+    return guest, sim
+
+
+async def test_a_notification_raises_the_npi_on_the_calling_vcpu(make_config: Callable[[str], VmConfig],
+                                                                 serve: Serve) -> None:
+    """FEATURES offers SGI 8 (Xen's NPI) to a VMM with the INTERRUPT feature; the
+    notification echo raises inside vCPU 1's call interrupts vCPU 1, and GET finds it."""
+    config = make_config(_with_psci(handler_yaml()))
+    await serve(config)
+    guest, sim = await _run_npi(config)
+    assert guest.seen["npi"] == (SUCCESS32, 0, 8)
+    assert guest.seen["sri"][0] == ERROR and guest.seen["sri"][2] == NOT_SUPPORTED & MASK64  # type: ignore[index]
+    assert guest.seen["notify"] == (0, 1 << 8, 0)
+    assert guest.seen["bits"] == 1 << 4
+    assert [(e.vcpu, e.data["intid"]) for e in sim.entries("interrupt")] == [(1, 8)]
+
+
+@pytest.mark.parametrize(("options", "interrupts"), [("", False), ("notification_interrupt: null", True)])
+async def test_no_npi_is_offered_without_a_way_to_raise_it(make_config: Callable[[str], VmConfig], serve: Serve,
+                                                          options: str, interrupts: bool) -> None:
+    """A VMM without INTERRUPT, or a config that turns the NPI off: FEATURES says
+    NOT_SUPPORTED, nothing is sent, and the notification still waits for GET."""
+    config = make_config(_with_psci(handler_yaml(options)))
+    await serve(config)
+    guest, sim = await _run_npi(config, interrupts=interrupts)
+    assert guest.seen["npi"][0] == ERROR and guest.seen["npi"][2] == NOT_SUPPORTED & MASK64  # type: ignore[index]
+    assert guest.seen["notify"] == (0, 0, 0)
+    assert guest.seen["bits"] == 1 << 4
+    assert not sim.entries("interrupt")

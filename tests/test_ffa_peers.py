@@ -18,6 +18,8 @@ from hvcproxyd.vmm.simulator import Simulator, SimVcpu
 
 from .conftest import Serve
 from .ffa_support import (
+    BIND,
+    BITMAP_CREATE,
     DENIED,
     DIRECT_REQ32,
     DIRECT_REQ64,
@@ -25,7 +27,9 @@ from .ffa_support import (
     ECHO_UUID,
     FEATURES,
     MSG_SEND2,
+    NOTIF_GET,
     NOTIF_SET,
+    SUCCESS32,
     VERSION,
     VM_ID,
     Desc,
@@ -199,6 +203,55 @@ async def two_vms(write_config: Callable[..., Path], tmp_path: Path, serve: Serv
         for sim in sims:
             sim.close()
     return got[0], given
+
+
+async def test_a_peer_vm_notification_raises_the_npi(write_config: Callable[..., Path], tmp_path: Path,
+                                                     serve: Serve) -> None:
+    """VM1's guest sets a notification for VM2, which VM2's guest bound to VM1:
+    VM2's daemon gets it from its peers socket, outside any of VM2's calls, and
+    interrupts VM2's vCPU 0 with the NPI; GET (VM senders) returns the bit."""
+    from hvcproxyd.core.vmconfig import load_config
+    peer_sock = tmp_path / "vm2.ffa.sock"
+    cfg2 = load_config(write_config(vm_config("vm2", 2, tmp_path, f"listen: {peer_sock}\n      peers: [1]"),
+                                    "vm2.yaml"), socket=str(tmp_path / "vm2.sock"))
+    cfg1 = load_config(write_config(vm_config("vm1", 1, tmp_path, partitions=f"""
+        vm2: {{type: socket, id: 2, uuids: ["{ECHO_UUID}"], properties: [notifications],
+              options: {{path: {peer_sock}}}}}"""), "vm1.yaml"), socket=str(tmp_path / "vm1.sock"))
+    await serve(cfg2)
+    await serve(cfg1)
+    bound, finished = trio.Event(), trio.Event()
+    seen: dict[str, object] = {}
+    vm2 = Simulator(cfg2.socket, n_vcpus=2, name="vm2")
+
+    async def vm2_guest(cpu: SimVcpu, x0: int) -> None:
+        assert (await cpu.call(VERSION, 0x10002))[0] == 0x10002
+        assert (await cpu.call(BITMAP_CREATE, 2, 2))[0] == SUCCESS32
+        assert (await cpu.call(BIND, 1 << 16 | 2, 0, 1 << 9, 0))[0] == SUCCESS32
+        bound.set()
+        await finished.wait()
+        seen["irqs"] = cpu.pending_irqs
+        seen["bits"] = (await cpu.call(NOTIF_GET, 2, 0x2))[4]  # w4: VM senders' bits
+
+    async def vm1_guest(cpu: SimVcpu, x0: int) -> None:
+        await bound.wait()
+        assert (await cpu.call(VERSION, 0x10002))[0] == 0x10002
+        seen["set"] = (await cpu.call(NOTIF_SET, 1 << 16 | 2, 0, 1 << 9, 0))[0]
+        with trio.fail_after(10):
+            while not vm2.entries("interrupt"):
+                await trio.sleep(0.01)
+        finished.set()
+
+    vm2.boot = vm2_guest
+    sims = [vm2, Simulator(cfg1.socket, n_vcpus=1, name="vm1", boot=vm1_guest)]
+    try:
+        async with trio.open_nursery() as nursery:
+            for sim in sims:
+                nursery.start_soon(sim.run, 30)
+    finally:
+        for sim in sims:
+            sim.close()
+    assert seen == {"set": SUCCESS32, "irqs": 1 << 8, "bits": 1 << 9}, seen
+    assert [(e.vcpu, e.data["intid"]) for e in vm2.entries("interrupt")] == [(0, 8)]
 
 
 async def test_vm_to_vm_with_a_pair_policy(write_config: Callable[..., Path], tmp_path: Path,

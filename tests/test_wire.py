@@ -403,3 +403,35 @@ def test_reply_to_accepts_and_refuses_what_the_constructor_does(regs: list[int],
             wire.reply_to(c, tuple(regs), effects)
     else:
         assert wire.reply_to(c, tuple(regs), effects) == want
+
+
+def _interrupt_pair(features: int) -> tuple[Connection, Connection]:
+    hello = wire.Hello("vm", wire.Accel.TCG, 40, (wire.VcpuInfo(0, 0, True), wire.VcpuInfo(1, 1, False)),
+                       (wire.RamRegion(0x4000_0000, 1 << 20),), features)
+    vmm, daemon = Connection(Role.VMM), Connection(Role.DAEMON)
+    for event, src, dst in ((hello, vmm, daemon), (wire.Welcome(2, RANGES, 1000), daemon, vmm),
+                            (wire.FilterStatus(0), vmm, daemon)):
+        through(event, src, dst)
+    return vmm, daemon
+
+
+def test_interrupt_goes_to_a_vmm_that_offered_it() -> None:
+    vmm, daemon = _interrupt_pair(wire.FEATURE_INTERRUPT)
+    assert through(wire.Interrupt(1, 8), daemon, vmm) == wire.Interrupt(1, 8)
+    assert through(wire.Interrupt(0, 31), daemon, vmm) == wire.Interrupt(0, 31)
+    with pytest.raises(LocalProtocolError, match="vCPU 2, HELLO has 2"):
+        daemon.send(wire.Interrupt(2, 8))
+    with pytest.raises(LocalProtocolError, match="may only be sent by the daemon"):
+        vmm.send(wire.Interrupt(0, 8))
+    with pytest.raises(LocalProtocolError, match=r"INTID 0\.\.31"):
+        wire.Interrupt(0, 32)
+
+
+def test_interrupt_needs_the_feature() -> None:
+    vmm, daemon = _interrupt_pair(0)
+    with pytest.raises(LocalProtocolError, match="INTERRUPT feature"):
+        daemon.send(wire.Interrupt(0, 8))
+    # and the VMM refuses one it did not offer
+    vmm.receive_data(wire.encode(wire.Interrupt(0, 8)))
+    with pytest.raises(RemoteProtocolError, match="INTERRUPT feature"):
+        vmm.next_event()

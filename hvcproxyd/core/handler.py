@@ -15,7 +15,7 @@ spells out the contract.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
@@ -57,7 +57,7 @@ class VmFacts:
     """The VM as the VM service keeps it; handlers read it through :class:`VmContext`."""
 
     __slots__ = ("accel", "attached", "by_mpidr", "confirms_effects", "executable", "filter", "highest_el",
-                 "interfaces", "memory", "name", "peers", "performs", "touched", "vcpus", "versions")
+                 "interfaces", "interrupts", "memory", "name", "peers", "performs", "touched", "vcpus", "versions")
 
     def __init__(self, name: str, versions: Mapping[str, str]) -> None:
         self.name = name
@@ -74,6 +74,8 @@ class VmFacts:
         self.attached = False
         self.confirms_effects = False
         self.performs: frozenset[EffectKind] = EFFECTS_UNDECLARED
+        #: Sends INTERRUPT (vcpu, intid) to the VMM; None while no VMM that offers it is attached.
+        self.interrupts: Callable[[int, int], None] | None = None
         self.peers: Mapping[str, Handler] = {}
         self.interfaces: Mapping[type, object] = {}
         #: Peers a handler reached through :meth:`VmContext.peer` during the call in
@@ -149,6 +151,23 @@ class VmContext:
         """Whether the VMM carries out effects of this kind (HELLO's ``effects``):
         a handler offers the guest only what will work (QEMU has no SYSTEM_SUSPEND)."""
         return kind in self._facts.performs
+
+    @property
+    def raises_interrupts(self) -> bool:
+        """Whether the attached VMM makes SGIs and PPIs pending on request (HELLO's
+        INTERRUPT feature): a handler offers its guest an interrupt only then."""
+        return self._facts.interrupts is not None
+
+    def raise_interrupt(self, vcpu: int, intid: int) -> bool:
+        """Make SGI or PPI ``intid`` (0..31) pending on ``vcpu``, inside a call or not
+        (the VMM does it soon after, not at a defined point of the call).  False when
+        no VMM that can is attached: the interrupt is lost, so a handler that keeps
+        the reason pending raises it again at :meth:`Handler.attach`."""
+        send = self._facts.interrupts
+        if send is None or not 0 <= vcpu < len(self._facts.vcpus):
+            return False
+        send(vcpu, intid)
+        return True
 
     def vcpu_by_mpidr(self, mpidr: int) -> int | None:
         return self._facts.by_mpidr.get(mpidr)

@@ -211,7 +211,10 @@ class VmService:
                 self._notes(name, notes)
 
     # -- VMM lifecycle
-    def attach(self, hello: Hello, memory: GuestMemory) -> None:
+    def attach(self, hello: Hello, memory: GuestMemory,
+               interrupts: Callable[[int, int], None] | None = None) -> None:
+        """The VMM's handshake ended; ``interrupts`` sends it INTERRUPT frames, when
+        it offered them."""
         facts = self.facts
         if facts.memory is not None and facts.memory is not memory:
             facts.memory.close()
@@ -221,6 +224,7 @@ class VmService:
         facts.highest_el = 2 if hello.el2 else 1
         facts.confirms_effects = bool(hello.features & FEATURE_EFFECT_DONE)
         facts.performs = hello.performs
+        facts.interrupts = interrupts
         facts.executable = tuple((r.gpa, r.end) for r in hello.regions)
         self.vmm_power = {v.index: v.powered_on for v in hello.vcpus}
         if not hello.reconnect:
@@ -245,7 +249,9 @@ class VmService:
             + [f"-{lo:#x}..{hi - 1:#x}" for lo, hi in sorted(before - after)]) or "no RAM change")
 
     def detach(self) -> None:
-        """The VMM went away; state stays for its reconnect, memory access does not."""
+        """The VMM went away; state stays for its reconnect, memory access and
+        interrupts do not."""
+        self.facts.interrupts = None
         if self.facts.memory is not None:
             self.facts.memory.close()
             self.facts.memory = None

@@ -123,6 +123,16 @@ class Session:
         self._out.append(self.conn.send(event))
         self._flush()
 
+    def _send_interrupt(self, vcpu: int, intid: int) -> None:
+        """For VmContext.raise_interrupt, from any task: a session that is going
+        drops it (the handler raises it again when the VMM is back)."""
+        if self.closing.is_set():
+            return
+        try:
+            self._queue(wire.Interrupt(vcpu, intid))
+        except (wire.ProtocolError, TransportError) as err:
+            log.debug("%s: INTERRUPT %d for vCPU %d not sent: %s", self.vm.config.name, intid, vcpu, err)
+
     async def _wait_idle(self) -> None:
         while not self.idle.is_set():
             await self.idle.wait()
@@ -290,7 +300,8 @@ class Session:
             await self.refuse(wire.ErrorCode.FILTER_REJECTED,
                               f"the VMM could not install {which}: {_errno_name(status.status)}")
             return False
-        self.vm.attach(hello, memory)
+        offers_interrupts = version >= wire.STATE_VERSION and hello.features & wire.FEATURE_INTERRUPT
+        self.vm.attach(hello, memory, self._send_interrupt if offers_interrupts else None)
         if hello.reconnect:
             self.links.reconnects += 1
         log.info("%s: VMM attached (%s, %d vCPUs, %d RAM and %d ROM regions%s, %s, protocol v%d, %d filter ranges)",

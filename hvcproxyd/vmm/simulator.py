@@ -89,6 +89,8 @@ class SimVcpu:
         self.powered_on = False
         self.aarch32 = False
         self.el = 1
+        #: SGIs and PPIs the daemon made pending (INTERRUPT), bit n for INTID n.
+        self.pending_irqs = 0
 
     async def call(self, func_id: int, *args: int, smc: bool | None = None) -> tuple[int, ...]:
         """Issue an HVC/SMC and return x0..xN as unsigned 64-bit values."""
@@ -105,11 +107,14 @@ class Simulator:
                  programs: dict[int, Program] | None = None, boot: Program | None = None,
                  reconnect_timeout: float = 10.0, call_timeout: float = 30.0,
                  filter_status: int = 0, on_reset: str = "stop", seal_memfd: bool = True,
-                 effects: frozenset[wire.EffectKind] = frozenset(wire.EffectKind)) -> None:
+                 effects: frozenset[wire.EffectKind] = frozenset(wire.EffectKind),
+                 interrupts: bool = True) -> None:
         """``seal_memfd`` seals the RAM memfd against shrinking and growing, as QEMU's
         memory-backend-memfd does by default (seal=on); without it the daemon must
         not map it.  ``effects``: what HELLO says the VMM carries out (the simulator
-        does every kind; QEMU all but SYSTEM_SUSPEND)."""
+        does every kind; QEMU all but SYSTEM_SUSPEND).  ``interrupts``: HELLO offers
+        INTERRUPT, whose frames become "interrupt" transcript entries and set bits
+        of the vCPU's ``pending_irqs`` (the simulator has no GIC to take them)."""
         self.socket_path = str(socket_path)
         self.name = name
         self.ipa_bits = ipa_bits
@@ -123,6 +128,7 @@ class Simulator:
         self.filter_status = filter_status
         self.on_reset = on_reset
         self.effects = effects
+        self.interrupts = interrupts
         self.vcpus = [SimVcpu(self, i) for i in range(n_vcpus)]
         self.ram_fd = os.memfd_create(f"{name}-ram", os.MFD_ALLOW_SEALING)
         os.ftruncate(self.ram_fd, ram_size)
@@ -173,7 +179,8 @@ class Simulator:
             self.name, self.accel, self.ipa_bits,
             tuple(wire.VcpuInfo(v.index, v.mpidr, v.powered_on, v.aarch32) for v in self.vcpus),
             (wire.RamRegion(RAM_BASE, self.ram_size, 0, 0 if self.pass_memfd else -1),),
-            (wire.FEATURE_MEMFD if self.pass_memfd else 0) | wire.FEATURE_EFFECT_DONE,
+            (wire.FEATURE_MEMFD if self.pass_memfd else 0) | wire.FEATURE_EFFECT_DONE
+            | (wire.FEATURE_INTERRUPT if self.interrupts else 0),
             reconnect, self.ranges if reconnect else (),
             wire.PsciConduit.SMC if self.conduit_smc else wire.PsciConduit.HVC,
             effects=sum(1 << kind for kind in self.effects), fds=(self.ram_fd,) if self.pass_memfd else ())
@@ -314,6 +321,9 @@ class Simulator:
                     await self.send(wire.MemReadResp(ev.seq, 0, self.ram[off:off + ev.length]))
                 else:
                     await self.send(wire.MemReadResp(ev.seq, -14))  # EFAULT
+            elif isinstance(ev, wire.Interrupt):
+                self.vcpus[ev.vcpu].pending_irqs |= 1 << ev.intid
+                self._record("interrupt", ev.vcpu, intid=ev.intid)
             elif isinstance(ev, wire.MigrationBlocker):
                 self.migration_blocker = ev.reason
                 self._record("migration-blocker", 0, reason=ev.reason)

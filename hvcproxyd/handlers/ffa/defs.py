@@ -139,6 +139,9 @@ PARTINFO_REGS_PER_CALL: Final = 5
 FEAT_NPI: Final = 1
 FEAT_SRI: Final = 2
 FEAT_MANAGED_EXIT: Final = 3
+#: The notification pending interrupt's default INTID: SGI 8, as Xen gives its guests
+#: (GUEST_FFA_NOTIF_PEND_INTR_ID); Linux uses SGIs 0..7 for IPIs.
+DEFAULT_NPI: Final = 8
 
 # Memory transaction descriptor (DEN0077 1.2 §10.11, 1.0 §5.11).
 MTD_HEADER_V1_0: Final = 32

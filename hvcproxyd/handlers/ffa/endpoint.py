@@ -22,6 +22,7 @@ from ...core.guestmem import GuestMemory, GuestMemoryError
 from ...smccc import MASK32, MBZ_MASK, SVE_HINT
 from .defs import (
     DIRECT_FRAMEWORK,
+    FEAT_NPI,
     MEM_FLAG_ZERO,
     MSG2_DELAY_SRI,
     MSG2_HEADER_V1_1,
@@ -129,6 +130,10 @@ class Endpoint:
         self.mailbox = Mailbox()
         self.ledger = Ledger()
         self.notifications = Notifications()
+        #: The notification pending interrupt's INTID while the VMM can raise it
+        #: (the handler sets it at attach), and how to raise it.
+        self.npi: int | None = None
+        self.raise_npi: Callable[[], None] = lambda: None
         self.fragments: Fragments | None = None
         self.queued: deque[tuple[int, bytes]] = deque()
         #: Peer VMs' direct requests, oldest first (transient: they die with their sockets).
@@ -187,6 +192,14 @@ class Endpoint:
         bound = self.partitions.get(endpoint)
         return None if bound is None else bound.spec.access
 
+    def notify_guest(self, sender: int, bitmap: int) -> Err | int:
+        """A partition or a peer VM raises notifications the guest bound to it; the
+        guest hears of them through the notification pending interrupt."""
+        rc = self.notifications.raise_from(sender, bitmap)
+        if rc == 0:
+            self.raise_npi()
+        return rc
+
     def deliver_message(self, sender: int, payload: bytes) -> Err | int:
         """A partition's indirect message for the guest: queued, and written into RX
         by :meth:`flush_messages` once the producer owns RX (at most
@@ -210,7 +223,9 @@ class Endpoint:
         rx = self.mailbox.claim_rx(header + len(payload))
         head = struct.pack("<IIIII", 0, 0, header, sender << 16 | self.opts.id, len(payload))
         await self._fill_rx(rx, head.ljust(header, b"\0") + payload)
-        self.notifications.rx_full()
+        if self.notifications.created:
+            self.notifications.rx_full()
+            self.raise_npi()
 
     async def _fill_rx(self, rx: int, data: bytes) -> None:
         """Write what a claim of RX is for; a failed write hands RX back to the producer."""
@@ -240,8 +255,10 @@ class Endpoint:
 
     def call_features(self, fid: int, props: int) -> Regs:
         if not fid >> 31:
-            # A feature ID.  The notification interrupts (NPI, SRI) need the VMM to
-            # raise them, which it does not, so they are not offered.
+            # A feature ID: the NPI, when the VMM can raise it.  The schedule
+            # receiver interrupt is for an endpoint that schedules others: not a guest.
+            if fid == FEAT_NPI and self.npi is not None:
+                return ok(self.npi)
             raise FfaError(Err.NOT_SUPPORTED, f"feature {fid:#x}")
         fn = self.offered(fid)
         if fn is None:
@@ -493,8 +510,9 @@ class Endpoint:
         n = self.notifications
         if not n.created:
             raise FfaError(Err.DENIED, "no notification bitmap")
-        secure = {s for s in self.partitions if s & SECURE_BIT}
-        normal = set(self.partitions) - secure
+        # Senders by kind: partitions with the secure bit, else VMs (partitions or peers).
+        secure = {s for s in n.pending if s & SECURE_BIT}
+        normal = set(n.pending) - secure
         sp = n.take(secure) if flags & NOTIF_GET_SP else 0
         vm = n.take(normal) if flags & NOTIF_GET_VM else 0
         hyp = n.take_framework() if flags & NOTIF_GET_HYP else 0

@@ -12,6 +12,7 @@ leaves a choice, the answer is pKVM's or Xen's, cited where it is made.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from typing import Any, ClassVar
 
 from ...config.diagnostics import Section
@@ -21,6 +22,10 @@ from .. import Handler, Notes, Result, VmContext
 from .defs import ERROR, SINCE, V1_0, V1_1, V1_2, Err, FfaError, Fn
 from .endpoint import Endpoint, Regs
 from .options import FfaOptions, parse_ffa_options
+
+#: The vCPU whose call the running task serves (a sidecar's task has none): where
+#: an NPI goes when a call raised it.  Per task, as calls of vCPUs interleave.
+_CALLER: ContextVar[int | None] = ContextVar("ffa_caller", default=None)
 
 
 class _CallView:
@@ -93,6 +98,7 @@ class FfaHandler(Handler):
         super().__init__(name, options, vm)
         self.opts = options
         self.endpoint = Endpoint(options, vm.name, self.log)
+        self.endpoint.raise_npi = self._raise_npi
 
     @classmethod
     def parse_options(cls, section: Section) -> FfaOptions:
@@ -108,7 +114,22 @@ class FfaHandler(Handler):
         # A bug or a missing VMM: the guest sees an FF-A error, not a bare SMCCC -1.
         return _error(Err.ABORTED)
 
+    def _raise_npi(self) -> None:
+        """Notifications became pending: the guest's NPI, on the vCPU whose call
+        raised them (it takes the interrupt first), else on vCPU 0, as Xen does."""
+        npi = self.endpoint.npi
+        if npi is not None:
+            caller = _CALLER.get()
+            self.vm.raise_interrupt(0 if caller is None else caller, npi)
+
     async def handle(self, call: Call) -> Result:
+        token = _CALLER.set(call.vcpu)
+        try:
+            return await self._handle(call)
+        finally:
+            _CALLER.reset(token)
+
+    async def _handle(self, call: Call) -> Result:
         ep = self.endpoint
         ep.memory = self.vm.memory
         fid = call.func_id & ~SVE_HINT
@@ -154,9 +175,17 @@ class FfaHandler(Handler):
 
     # -- lifecycle
     def attach(self, reconnect: bool) -> Notes:
-        self.endpoint.memory = self.vm.memory
+        ep = self.endpoint
+        ep.memory = self.vm.memory
+        ep.npi = self.opts.notification_interrupt if self.vm.raises_interrupts else None
         if not reconnect:
-            self.endpoint.reset()  # a fresh boot: the guest negotiates again
+            ep.reset()  # a fresh boot: the guest negotiates again
+        elif ep.notifications.any_pending:
+            self._raise_npi()  # one raised while no VMM was attached was lost
+        if self.opts.notification_interrupt is not None and ep.npi is None:
+            self.log.info("the VMM cannot raise interrupts (its HELLO has no INTERRUPT feature): FFA_FEATURES does "
+                          "not offer the notification pending interrupt (INTID %d), so the guest's driver runs "
+                          "without notifications", self.opts.notification_interrupt)
         return ()
 
     def event(self, event: VmEvent) -> Notes:

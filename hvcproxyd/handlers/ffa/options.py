@@ -12,6 +12,7 @@ from pathlib import Path
 from ...config.diagnostics import Section, empty_map
 from .defs import (
     ACCESS_NAMES,
+    DEFAULT_NPI,
     DEFAULT_SPM_ID,
     PROP_AARCH64,
     PROPERTY_NAMES,
@@ -57,10 +58,13 @@ class FfaOptions:
     peers: frozenset[int] = frozenset()
     #: How long a peer's request waits for this guest's DIRECT_RESP.
     peer_timeout_ms: int = 400
+    #: The notification pending interrupt (NPI): an SGI or PPI INTID, offered in
+    #: FEATURES when the VMM can raise it; None: notifications without an interrupt.
+    notification_interrupt: int | None = DEFAULT_NPI
 
 
 OPTION_KEYS = ("id", "version", "spm_id", "donate", "state_dir", "limits", "partitions", "listen", "peers",
-               "peer_timeout_ms")
+               "peer_timeout_ms", "notification_interrupt")
 PARTITION_KEYS = ("type", "id", "uuids", "properties", "exec_contexts", "access", "options")
 
 
@@ -162,7 +166,11 @@ def parse_ffa_options(s: Section) -> FfaOptions:
     listen = s.string("listen", default=None)
     if peers and not listen:
         s.problem("peers", "accepting peers needs a listen socket")
+    # null turns the interrupt off; Linux takes SGIs 0..7 for its IPIs.
+    npi = (None if "notification_interrupt" in s.data and s.data["notification_interrupt"] is None
+           else s.integer("notification_interrupt", default=d.notification_interrupt, lo=0, hi=31))
     return FfaOptions(id=vid, version=version, spm_id=spm_id, donate=s.flag("donate", d.donate),
                       state_dir=Path(state_dir), limits=limits, partitions=tuple(parts),
                       listen=Path(listen) if listen else None, peers=frozenset(peers),
-                      peer_timeout_ms=s.integer("peer_timeout_ms", default=d.peer_timeout_ms, lo=1, hi=60_000))
+                      peer_timeout_ms=s.integer("peer_timeout_ms", default=d.peer_timeout_ms, lo=1, hi=60_000),
+                      notification_interrupt=npi)

@@ -26,7 +26,6 @@ from ...config.diagnostics import Section
 from ...plugins import load_plugin
 from .defs import DATA_RW, PAGE, Err, FfaError
 from .ledger import Ledger
-from .notify import Notifications
 
 ENTRY_POINT_GROUP = "hvcproxyd.ffa_partitions"
 
@@ -64,8 +63,7 @@ class Endpoint(Protocol):
     def opts(self) -> EndpointOptions: ...
     @property
     def ledger(self) -> Ledger: ...
-    @property
-    def notifications(self) -> Notifications: ...
+    def notify_guest(self, sender: int, bitmap: int) -> Err | int: ...
     def deliver_message(self, sender: int, payload: bytes) -> Err | int: ...
     async def read_guest(self, addr: int, n: int) -> bytes: ...
     async def write_guest(self, addr: int, data: bytes) -> None: ...
@@ -153,7 +151,7 @@ class PartitionContext:
 
     def notify(self, bitmap: int) -> Err | int:
         """Raise notifications the guest has bound to this partition."""
-        return self._ep.notifications.raise_from(self.id, bitmap)
+        return self._ep.notify_guest(self.id, bitmap)
 
 
 class Partition:

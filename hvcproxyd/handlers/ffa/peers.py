@@ -98,7 +98,7 @@ class PeersSidecar(Sidecar):
                 await ep.flush_messages()
             return {"status": int(rc)}
         if op == "notify":
-            return {"status": int(ep.notifications.raise_from(sender, req["bitmap"]))}
+            return {"status": int(ep.notify_guest(sender, req["bitmap"]))}
         if len(req["args"]) != 5:
             return {"status": int(Err.NOT_SUPPORTED)}  # REQ2 between VMs is not offered
         woken = trio.Event()
