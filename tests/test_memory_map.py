@@ -1,8 +1,8 @@
 """Memory hotplug (protocol v2 MEMORY_MAP): the daemon's RAM map follows the VMM's.
 
 The simulator stands for QEMU's forwarder, which sends the whole map again when
-a pc-dimm is plugged or unplugged (integration/tests/test_guests.py plugs one
-into a real QEMU)."""
+memory is plugged or unplugged (integration/tests/test_guests.py plugs a
+pc-dimm and a virtio-mem device into a real QEMU)."""
 
 from __future__ import annotations
 

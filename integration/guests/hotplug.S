@@ -1,9 +1,15 @@
 /*
- * Guest (j): memory hotplug (-m 256M,slots=1,maxmem=1G, with hvcproxyd's
+ * Guest (j): memory hotplug (-m 256M,maxmem=1G, with hvcproxyd's
  * pkvm-memshare handler owning the vendor range).  The guest asks to share
- * the first page of -M virt's device-memory window (0x80000000) until the
- * daemon accepts it: INVALID_PARAMETER while nothing is there, SUCCESS once a
- * pc-dimm is plugged and the forwarder has sent the new RAM map.
+ * the first page of -M virt's device-memory window (0x80000000: the first
+ * GiB boundary above 256 MiB of RAM at 0x40000000) until the daemon accepts
+ * it: INVALID_PARAMETER while nothing is there, SUCCESS once memory is
+ * plugged there and the forwarder has sent the new RAM map.
+ * integration/tests/test_guests.py plugs a virtio-mem device (the guest
+ * loaded with -kernel) and a pc-dimm (slots=1; the guest loaded with
+ * -device loader and started by bios-entry.bin as -bios, since -M virt
+ * takes pc-dimms only with firmware).  Nothing here depends on how it
+ * was loaded.
  *
  * Transcript lines:
  *   GUEST hotplug conduit=hvc el=0x1 mpidr=0x...

@@ -12,9 +12,10 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu_harness import CONFIGS, Daemon, Qemu, parse_calls
 from transcripts import (
     NOT_SUPPORTED,
@@ -114,28 +115,59 @@ def test_vendor_range_owned_with_ptp_left_to_the_hypervisor(start_daemon: StartD
     assert not re.search(r"vcpu\d+ HVC 0x86000001", daemon.log)  # never forwarded
 
 
-def test_a_hotplugged_dimm_is_guest_ram_for_the_daemon(start_daemon: StartDaemon, start_qemu: StartQemu,
-                                                        guests: Path) -> None:
-    """Memory plugged while the guest runs (virtio-mem, at the start of -M virt's
-    device-memory window): the forwarder sends the new RAM map
-    (MEMORY_MAP), and the guest's share of a page in it, refused until then, is
-    accepted."""
+#: hotplug.S's DIMM_BASE: -M virt's device-memory window starts at the first GiB boundary
+#: above RAM (0x40000000 + 256M rounds up to 0x80000000; hw/arm/virt.c).
+DIMM_BASE = 0x8000_0000
+DIMM_SIZE = 128 << 20
+
+
+def _plug_while_the_guest_shares(start_daemon: StartDaemon, start_qemu: StartQemu, q_args: Sequence[str], memory: str,
+                                 plug: Callable[[QEMUMonitorProtocol], None]) -> None:
+    """hotplug.S under hvcproxyd's memshare handler: once the guest asks in vain to
+    share DIMM_BASE, add a DIMM_SIZE memory backend over QMP and `plug` a device
+    on it.  The forwarder then sends the new RAM map (MEMORY_MAP), and the
+    guest's share, refused until then, is accepted."""
     daemon = start_daemon(config=CONFIGS / "vendor-ptp.yaml")
-    # virtio-mem behind a PCIe root port: -M virt plugs pc-dimms only with ACPI, which needs firmware.
-    q = start_qemu("-kernel", str(guests / "hotplug.elf"), "-device", "pcie-root-port,id=rp0,chassis=1",
-                   forwarder=daemon.socket, memory="256M,maxmem=1G")
+    q = start_qemu(*q_args, forwarder=daemon.socket, memory=memory)
     q.wait_output(r"^WAITING for a DIMM", timeout=GUEST_TIMEOUT)
     mon = q.monitor()
     try:
-        mon.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m1", "size": 128 << 20})
+        mon.cmd("object-add", **{"qom-type": "memory-backend-ram", "id": "m1", "size": DIMM_SIZE})
         # The guest powers off as soon as its share is accepted: nothing more to ask QEMU.
-        mon.cmd("device_add", driver="virtio-mem-pci", id="d1", memdev="m1", bus="rp0", **{"requested-size": 0})
+        plug(mon)
     finally:
         mon.close()
     out = _run_to_exit(q)
     found = re.search(r"^HOTPLUG_SHARE target=0x([0-9a-f]+) x0=0x([0-9a-f]+)", out, re.MULTILINE)
     assert found and int(found[2], 16) == 0 and int(found[1], 16) > 1, out  # refused first, then accepted
-    assert re.search(r"guest RAM map changed: \+0x80000000\.\.0x87ffffff", daemon.log), daemon.log[-3000:]
+    assert re.search(rf"guest RAM map changed: \+{DIMM_BASE:#x}\.\.{DIMM_BASE + DIMM_SIZE - 1:#x}\b",
+                     daemon.log), daemon.log[-3000:]
+
+
+def test_a_hotplugged_virtio_mem_is_guest_ram_for_the_daemon(start_daemon: StartDaemon, start_qemu: StartQemu,
+                                                             guests: Path) -> None:
+    """virtio-mem behind a PCIe root port, which QEMU maps at the start of -M virt's
+    device-memory window (its whole region, even with requested-size 0)."""
+    def plug(mon: QEMUMonitorProtocol) -> None:
+        mon.cmd("device_add", driver="virtio-mem-pci", id="d1", memdev="m1", bus="rp0", **{"requested-size": 0})
+
+    guest = ["-kernel", str(guests / "hotplug.elf"), "-device", "pcie-root-port,id=rp0,chassis=1"]
+    _plug_while_the_guest_shares(start_daemon, start_qemu, guest, "256M,maxmem=1G", plug)
+
+
+def test_a_hotplugged_pc_dimm_is_guest_ram_for_the_daemon(start_daemon: StartDaemon, start_qemu: StartQemu,
+                                                          guests: Path) -> None:
+    """A pc-dimm: -M virt plugs one only through its acpi-ged device, which it creates
+    only when firmware is loaded (and ACPI is on, the default).  So the guest boots
+    from a -bios (bios-entry.bin, which branches to it) and QEMU's generic loader
+    puts it in RAM: with firmware, -kernel would only go to fw_cfg."""
+    def plug(mon: QEMUMonitorProtocol) -> None:
+        qtree = mon.cmd("human-monitor-command", **{"command-line": "info qtree"})
+        assert isinstance(qtree, str) and re.search(r"dev: acpi-ged\b", qtree), qtree
+        mon.cmd("device_add", driver="pc-dimm", id="d1", memdev="m1", addr=DIMM_BASE)
+
+    guest = ["-bios", str(guests / "bios-entry.bin"), "-device", f"loader,file={guests / 'hotplug.elf'}"]
+    _plug_while_the_guest_shares(start_daemon, start_qemu, guest, "256M,slots=1,maxmem=1G", plug)
 
 
 def test_without_forwarder_qemu_is_stock(start_qemu: StartQemu, guests: Path) -> None:
