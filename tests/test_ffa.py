@@ -122,7 +122,7 @@ async def test_features(g: Guest) -> None:
                 MEM_LEND, MEM_RECLAIM, MSG_SEND2, BITMAP_CREATE, INFO_GET64, PART_INFO_REGS):
         assert (await g.call(FEATURES, fid))[0] == SUCCESS32, hex(fid)
     # Not implemented, not offered (DONATE unless configured), a 64-bit form that does not exist,
-    # the notification interrupts (no VMM delivers them), the guest-side retrieve.
+    # the notification interrupts (no VMM is attached here: test_the_npi_follows_the_vmm), the guest-side retrieve.
     for fid in (MEM_DONATE, DIRECT_RESP32, fid32(0x6D), MEM_RETRIEVE_REQ, 0xC400_0063, 2, 1, 0x8400_00FF):
         assert (await g.call(FEATURES, fid))[:3] == err(NOT_SUPPORTED), hex(fid)
     assert (await g.call(FEATURES, MEM_SHARE, 1))[:3] == err(INVALID)

@@ -118,6 +118,7 @@ def test_handshake_registers_and_guest_memory(start_qemu: StartQemu, guests: Pat
     assert hello.conduit is wire.PsciConduit.HVC
     assert not hello.reconnect and hello.filter_in_force == ()
     assert hello.features & wire.FEATURE_EFFECT_DONE and not hello.features & wire.FEATURE_MEMFD
+    assert not hello.features & wire.FEATURE_INTERRUPT  # -M virt's default GICv2 under TCG: no INTERRUPT
     assert 32 <= hello.ipa_bits <= 52
     assert [(v.index, v.mpidr, v.powered_on, v.aarch32) for v in hello.vcpus] == [(0, 0, True, False),
                                                                                    (1, 1, False, False)]
@@ -279,6 +280,28 @@ def test_refused_vm_stops_qemu(start_qemu: StartQemu, guests: Path, handler: Scr
     rc = q.wait(30)
     assert rc == 1, q.messages()
     assert "refused the VM: code 7: not this VM" in q.messages()
+
+
+def test_interrupt_is_offered_with_a_gicv3_and_checked(start_qemu: StartQemu, guests: Path,
+                                                        handler: ScriptedHandler) -> None:
+    """With a GICv3 HELLO offers INTERRUPT (§3.16); the forwarder takes a good one
+    and drops the connection at one for a vCPU HELLO did not name."""
+    q = run_calls_guest(start_qemu, guests, handler, machine="virt,gic-version=3", smp=2)
+    s = handler.accept()
+    hello = s.expect(wire.Hello)
+    assert hello.features & wire.FEATURE_INTERRUPT, hello
+    s.send(wire.Welcome(version=2, ranges=RANGES, call_timeout_ms=1000))
+    assert s.expect(wire.FilterStatus).status == 0
+    c = expect_call(s, PSCI_VERSION)
+    s.send(wire.Interrupt(1, 8))  # SGI 8 on vCPU 1 (off): pending, nothing to answer
+    answer(s, c)
+    expect_call(s, PSCI_FEATURES)
+    # Past our own Connection's check, as a broken handler would send it.
+    s.sock.sendall(wire.encode(wire.Interrupt(2, 8)))
+    while (ev := s.next_event()) is not None:  # QEMU says why (ERROR) and drops the connection
+        assert isinstance(ev, wire.Error), ev
+    q.kill()
+    assert "INTERRUPT 8 for vCPU 2 (INTIDs 0..31 on a vCPU from HELLO)" in q.messages(), q.messages()
 
 
 CPU_OFF, CPU_ON64 = 0x84000002, 0xC4000003

@@ -164,7 +164,9 @@ def test_ffa_driver_probes_under_kvm_with_smccc_1_2(l1: L1Host, start_daemon: Ca
                                                     line_adapter: Path, workdir: Path) -> None:
     """smccc-version=1.2: QEMU sets KVM_REG_ARM_SMCCC_VERSION, Linux reports SMCCC 1.2
     and its FF-A driver probes hvcproxyd's FF-A endpoint through the forwarded range,
-    finding the configured partitions; a direct message to echo round-trips."""
+    finding the configured partitions; a direct message to echo round-trips, and a
+    notification echo raises arrives by its interrupt: SGI 8, which QEMU makes
+    pending in KVM's vGICv3 (GICR_ISPENDR0, with every vCPU out of KVM_RUN)."""
     daemon, out, vm_id, offered, job = _ffa_guest(l1, start_daemon, line_adapter, workdir, ",smccc-version=1.2")
     try:
         assert "SMC Calling Convention v1.2" in out, out
@@ -173,6 +175,8 @@ def test_ffa_driver_probes_under_kvm_with_smccc_1_2(l1: L1Host, start_daemon: Ca
         assert "failed to setup partitions" not in out and "No partitions found" not in out, out
         # A direct message to the echo partition round-trips (integration/linux/ffa-echo-test).
         assert re.search(r"^HVCTEST: klog ffa-echo-test: reply data0=0xec40ffa0d0d0e0e0 .* ok$", out, re.MULTILINE), out
+        assert "Notification setup failed" not in out, out
+        assert re.search(r"^HVCTEST: klog ffa-echo-test: notification 4 received on cpu \d+$", out, re.MULTILINE), out
         job.send("sh grep -H . /sys/bus/arm_ffa/devices/*/uuid /sys/bus/arm_ffa/devices/*/partition_id\n")
         job.expect(r"^HVCTEST: end sh .* rc=\d+", timeout=120)
         found: dict[str, dict[str, str]] = {}
@@ -228,6 +232,7 @@ def test_ffa_survives_a_migration_under_kvm(l1: L1Host, start_daemon: Callable[.
         # The destination's console: a new probe of the echo partition, and its direct message.
         assert re.search(r"ffa-echo-test: probe partition .*\n(.*\n)*.*ffa-echo-test: reply .* ok", dest.output()), \
             dest.output()[-4000:]
+        assert re.search(r"ffa-echo-test: notification 4 received on cpu \d+", dest.output()), dest.output()[-4000:]
         dest.send("dmesg SMC Calling Convention\n")
         dest.expect(r"^HVCTEST: end dmesg .* rc=\d+", timeout=120)
         assert "SMC Calling Convention v1.2" in dest.output(), dest.output()[-3000:]

@@ -7,20 +7,29 @@
  * checks that echo answers with the same payload; then it tries
  * FFA_MSG_SEND_DIRECT_REQ2, which the driver only sends if the firmware
  * offers it at the negotiated version (Linux 6.12's driver speaks FF-A 1.1,
- * REQ2 is 1.2, so it is expected to be refused with -EOPNOTSUPP).
+ * REQ2 is 1.2, so it is expected to be refused with -EOPNOTSUPP).  Last, it
+ * asks the driver for notification ECHO_NOTIFY_ID from echo and has echo
+ * raise it (echo's NOTIFY command word): the callback runs from the
+ * driver's notification pending interrupt (NPI) handler, which fetches the
+ * pending bits with FFA_NOTIFICATION_GET.
  *
  * Every line is logged as "ffa-echo-test: ...":
  *   probe partition 0x8001 uuid <uuid> version 1.1 mode 64-bit
  *   request data0=0x... data1=0x... data2=0x... data3=0x... data4=0x...
  *   reply data0=0x... data1=0x... data2=0x... data3=0x... data4=0x... ok|MISMATCH
  *   req2 unsupported (-95) | req2 reply ... ok|MISMATCH | req2 error N
+ *   notification N requested | notifications unavailable (N)
+ *   notification N raised by echo status S
+ *   notification N received on cpu C | notification N not received
  * The probe fails (-EIO) on a mismatch, so the device stays unbound.
  */
 
 #define pr_fmt(fmt) "ffa-echo-test: " fmt
 
 #include <linux/arm_ffa.h>
+#include <linux/completion.h>
 #include <linux/errno.h>
+#include <linux/jiffies.h>
 #include <linux/kernel.h>
 #include <linux/module.h>
 #include <linux/uuid.h>
@@ -44,6 +53,53 @@ static const struct ffa_device_id ffa_echo_test_ids[] = {
  * words (0x45430001..0x45430003 in data0), so echo returns them unchanged.
  */
 #define ECHO_WORD(i)	(0xec40ffa000000000ULL | 0xd0d0e0e0ULL | (i))
+
+/* Echo's command word: raise notifications data1 (low) / data2 (high) */
+#define ECHO_CMD_NOTIFY	0x45430003UL
+#define ECHO_NOTIFY_ID	4
+
+static DECLARE_COMPLETION(ffa_echo_notified);
+static atomic_t ffa_echo_notified_cpu = ATOMIC_INIT(-1);
+
+static void ffa_echo_notify_cb(int notify_id, void *cb_data)
+{
+	atomic_set(&ffa_echo_notified_cpu, raw_smp_processor_id());
+	complete(&ffa_echo_notified);
+}
+
+/* Notifications are optional: without them, say so and pass. */
+static int ffa_echo_notify(struct ffa_device *ffa_dev)
+{
+	const struct ffa_ops *ops = ffa_dev->ops;
+	struct ffa_send_direct_data msg = {
+		.data0 = ECHO_CMD_NOTIFY, .data1 = BIT(ECHO_NOTIFY_ID),
+	};
+	int rc;
+
+	if (!ops->notifier_ops) {
+		pr_info("notifications unavailable (no notifier_ops)\n");
+		return 0;
+	}
+	rc = ops->notifier_ops->notify_request(ffa_dev, false,
+					       ffa_echo_notify_cb, NULL,
+					       ECHO_NOTIFY_ID);
+	if (rc) {
+		pr_info("notifications unavailable (%d)\n", rc);
+		return 0;
+	}
+	pr_info("notification %d requested\n", ECHO_NOTIFY_ID);
+	rc = ops->msg_ops->sync_send_receive(ffa_dev, &msg);
+	pr_info("notification %d raised by echo status %d\n", ECHO_NOTIFY_ID,
+		rc ?: (int)(u32)msg.data4);
+	if (!rc && !msg.data4 &&
+	    wait_for_completion_timeout(&ffa_echo_notified, 10 * HZ))
+		pr_info("notification %d received on cpu %d\n", ECHO_NOTIFY_ID,
+			atomic_read(&ffa_echo_notified_cpu));
+	else
+		pr_err("notification %d not received\n", ECHO_NOTIFY_ID);
+	ops->notifier_ops->notify_relinquish(ffa_dev, ECHO_NOTIFY_ID);
+	return 0;
+}
 
 static bool ffa_echo_check(const char *what, const unsigned long *got,
 			   const unsigned long *want, size_t n)
@@ -119,7 +175,10 @@ static int ffa_echo_test_probe(struct ffa_device *ffa_dev)
 	got[4] = msg.data4;
 	if (!ffa_echo_check("reply", got, want, ARRAY_SIZE(got)))
 		return -EIO;
-	return ffa_echo_req2(ffa_dev);
+	rc = ffa_echo_req2(ffa_dev);
+	if (rc)
+		return rc;
+	return ffa_echo_notify(ffa_dev);
 }
 
 static void ffa_echo_test_remove(struct ffa_device *ffa_dev)
@@ -135,5 +194,5 @@ static struct ffa_driver ffa_echo_test_driver = {
 };
 module_ffa_driver(ffa_echo_test_driver);
 
-MODULE_DESCRIPTION("hvcproxyd integration test: a direct message round trip with the FF-A echo partition");
+MODULE_DESCRIPTION("hvcproxyd integration test: a direct message round trip and a notification with the FF-A echo partition");
 MODULE_LICENSE("GPL");
