@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from qemu_harness import Qemu, parse_calls
+from qemu_harness import Daemon, Qemu, parse_calls
 from scripted_handler import ScriptedHandler, Session
 
 from hvcproxyd import wire
@@ -302,6 +302,23 @@ def test_interrupt_is_offered_with_a_gicv3_and_checked(start_qemu: StartQemu, gu
         assert isinstance(ev, wire.Error), ev
     q.kill()
     assert "INTERRUPT 8 for vCPU 2 (INTIDs 0..31 on a vCPU from HELLO)" in q.messages(), q.messages()
+
+
+def test_a_daemon_that_refuses_silently_stops_qemu_cleanly(start_qemu: StartQemu, guests: Path,
+                                                            start_daemon: Callable[..., Daemon]) -> None:
+    """hvcproxyd's peer check refuses this QEMU's user (``vmm.uid``) by closing the
+    connection without a word; with a chardev without reconnect-ms, QEMU exits 1
+    and says why, every time.  It used to crash (SIGSEGV) in most runs: the main
+    thread set the chardev's handlers on the IOThread's context while the
+    IOThread already read the hang-up and dropped the channel."""
+    daemon = start_daemon(extra_yaml="vmm: {uid: [nobody]}", qmp=False)
+    for _ in range(12):
+        q = start_qemu("-kernel", str(guests / "calls-hvc.elf"), "-chardev", f"socket,id=fw,path={daemon.socket}",
+                       "-object", "hvc-forwarder,id=hf0,chardev=fw")
+        rc = q.wait(30)
+        assert rc == 1, (rc, q.messages())
+        assert "the handler closed the connection before the handshake ended" in q.messages(), q.messages()
+    assert daemon.log.count("refused VMM pid") == 12, daemon.log[-3000:]
 
 
 CPU_OFF, CPU_ON64 = 0x84000002, 0xC4000003
