@@ -122,18 +122,34 @@ def cpu_split(pin: bool) -> tuple[frozenset[int] | None, frozenset[int] | None]:
     return frozenset(cpus[:1]), frozenset(cpus[1:])
 
 
-def _pinned(cpus: frozenset[int] | None) -> Any:
-    return None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
+#: SCHED_FIFO priority of the servers with --rt-servers (the driver's threads: 10 and 11, on other CPUs).
+SERVER_RT_PRIO = 5
+
+
+def _pinned(cpus: frozenset[int] | None, rt: bool = False) -> Any:
+    """A preexec_fn: the child on those CPUs and, with rt, SCHED_FIFO (refused: said on its stderr)."""
+    if cpus is None and not rt:
+        return None
+
+    def setup() -> None:
+        if cpus is not None:
+            os.sched_setaffinity(0, cpus)
+        if rt:
+            try:
+                os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(SERVER_RT_PRIO))
+            except OSError as e:
+                os.write(2, f"callpath_bench: SCHED_FIFO refused ({e}): the server runs SCHED_OTHER\n".encode())
+    return setup
 
 
 @contextlib.contextmanager
 def server(argv: list[str], sock: Path, what: str, log: Path,
-           cpus: frozenset[int] | None = None) -> Iterator[subprocess.Popen[bytes]]:
+           cpus: frozenset[int] | None = None, rt: bool = False) -> Iterator[subprocess.Popen[bytes]]:
     with log.open("ab") as out:
         # Not in the repository: ``python -m`` puts the working directory first on
         # the path, which would shadow a PYTHONPATH tree being timed.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=log.parent,
-                                preexec_fn=_pinned(cpus))
+                                preexec_fn=_pinned(cpus, rt))
     try:
         wait_socket(sock, proc, what)
         yield proc
@@ -349,6 +365,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--only", choices=["fairness"], help="only the fairness cases (no simulator, rules or profile)")
     ap.add_argument("--no-pin", action="store_true", help="leave the servers and the driver unpinned")
+    ap.add_argument("--rt-servers", action="store_true",
+                    help="the floor and the daemon SCHED_FIFO too: other work on the machine cannot preempt them")
     args = ap.parse_args(argv)
     if args.quick:
         args.rounds, args.seconds = 1, min(args.seconds, 0.3)
@@ -365,11 +383,15 @@ def main(argv: list[str] | None = None) -> int:
         daemon_argv = [sys.executable, "-m", "hvcproxyd", "run", str(cfg), "--socket", str(daemon_sock)]
         pins = (f"servers on CPU {sorted(server_cpus)}, driver on CPUs {sorted(driver_cpus)}"
                 if server_cpus and driver_cpus else "unpinned")
+        if args.rt_servers:
+            pins += "; servers SCHED_FIFO"
+        load = " ".join(f"{x:.2f}" for x in os.getloadavg())
         print(f"# tree: {Path(wire.__file__).parent.parent}; {args.rounds} round(s) of {args.seconds} s per run; "
-              f"{pins}; load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}", file=sys.stderr)
+              f"{pins}; load average {load}", file=sys.stderr)
         cases = [c for c in CASES if not args.only or c[1].get("quiet")]
-        with server([str(floor), str(floor_sock)], floor_sock, "the echo floor", tmp / "floor.log", server_cpus), \
-                server(daemon_argv, daemon_sock, "hvcproxyd", tmp / "daemon.log", server_cpus):
+        rts = args.rt_servers
+        with server([str(floor), str(floor_sock)], floor_sock, "the echo floor", tmp / "floor.log", server_cpus, rts), \
+                server(daemon_argv, daemon_sock, "hvcproxyd", tmp / "daemon.log", server_cpus, rts):
             for i in range(args.rounds):
                 rnd: dict[str, dict[str, dict[str, float]]] = {}
                 for case, kw, _figs in cases:
