@@ -5,12 +5,25 @@
  * cost is the same in both.
  *
  * usage: vmm_driver -s SOCKET [-n VCPUS] [-F FLOODERS] [-k version|affinity|memshare|ffa]
- *                   [-t SECONDS] [-w WARMUP_SECONDS] [-q QUIET_PERIOD_US] [-x EXPECTED_X0]
+ *                   [-t SECONDS] [-w WARMUP_SECONDS] [-q QUIET_PERIOD_US] [-x EXPECTED_X0] [-R]
  *
  * Without -q every vCPU (or the first FLOODERS) calls back to back.  With -q,
  * vCPU 0 is the quiet one: one call every QUIET_PERIOD_US, while vCPUs
  * 1..FLOODERS flood.  Prints one JSON line: calls and seconds in the measured
  * window, and vCPU 0's latency percentiles in microseconds.
+ *
+ * So that the driver never decides what a fairness run measures (issue 15):
+ * no vCPU thread waits for another to write.  Each CALL is one send() of the
+ * whole 168-byte frame, which the kernel queues on a UNIX stream socket as one
+ * piece (a short send is an error, not a retry that could interleave); only the
+ * rare MEM_READ_RESP, which may be larger than one piece, takes the write side
+ * of a lock the senders share.  With -R the I/O thread and the quiet vCPU run
+ * SCHED_FIFO (the flooders stay SCHED_OTHER), so a flooder that has the CPU
+ * never delays a reply's delivery or the quiet vCPU's next call; if the kernel
+ * refuses, the run goes on without and the JSON says "rt": 0.  The JSON also
+ * has the driver's own share of vCPU 0's calls: "drv_p99" (µs from taking the
+ * time to the CALL being sent, plus from the reply being read to vCPU 0 running
+ * again) and "late_p99" (how late vCPU 0 woke for its next call).
  *
  * -k ffa negotiates FF-A 1.2 once, then sends FFA_MSG_SEND_DIRECT_REQ2 from VM 1
  * to partition 0x8001 with x4..x17 all carrying data, and expects x0..x17 back
@@ -29,6 +42,8 @@
 
 #define MAX_VCPUS 64
 #define MAX_SAMPLES (1 << 21)
+#define RT_PRIO_READER 10  /* SCHED_FIFO with -R: the I/O thread, and above it the quiet vCPU */
+#define RT_PRIO_QUIET 11
 #define RAM_BASE 0x40000000ull
 #define RAM_SIZE (256ull << 20)
 
@@ -39,13 +54,18 @@ struct vcpu {
     uint64_t x0;
     uint64_t calls, bad;
     uint32_t *samples;  /* ns */
+    uint32_t *drv, *late;  /* vCPU 0 only: the driver's own part of each call, wake-up lateness (ns) */
+    double t_sent, t_seen;
     size_t n;
     int index;
     pthread_t thread;
 };
 
 static int sock;
-static pthread_mutex_t write_lock = PTHREAD_MUTEX_INITIALIZER;
+/* CALL senders share it (never wait for each other); MEM_READ_RESP takes it alone. */
+static pthread_rwlock_t write_lock;
+static int want_rt;
+static atomic_int rt_ok = -1;  /* -1: not asked for; 1: every -R thread got it; 0: refused */
 static struct vcpu vcpus[MAX_VCPUS];
 static int n_vcpus = 1, flooders = -1, quiet_us = 0;
 static const char *kind = "version";
@@ -63,6 +83,30 @@ static double now(void)
 }
 
 static uint64_t mpidr(int i) { return ((uint64_t)(i / 8) << 8) | (uint64_t)(i % 8); }
+
+/* SCHED_FIFO for the calling thread; 0 if the kernel refused (reported, not fatal). */
+static int set_rt(int prio)
+{
+    struct sched_param sp = {.sched_priority = prio};
+    int err = pthread_setschedparam(pthread_self(), SCHED_FIFO, &sp);
+    if (err) {
+        fprintf(stderr, "vmm_driver: SCHED_FIFO refused (%s): running without real-time priority\n", strerror(err));
+        return 0;
+    }
+    return 1;
+}
+
+/* One frame, one send: the kernel keeps it whole between other threads' sends. */
+static int send_frame(const uint8_t *p, size_t n)
+{
+    for (;;) {
+        ssize_t k = send(sock, p, n, MSG_NOSIGNAL);
+        if (k < 0 && errno == EINTR) continue;
+        if (k < 0) return -1;
+        if ((size_t)k != n) { fprintf(stderr, "vmm_driver: short send (%zd of %zu)\n", k, n); exit(3); }
+        return 0;
+    }
+}
 
 static int send_all(const uint8_t *p, size_t n)
 {
@@ -92,6 +136,7 @@ static int recv_frame(uint8_t *buf, size_t cap)
 static void *reader(void *arg)
 {
     (void)arg;
+    if (want_rt && !set_rt(RT_PRIO_READER)) rt_ok = 0;
     static uint8_t in[1 << 17];
     static uint8_t resp[HDR + 8 + 65536];
     size_t have = 0;
@@ -99,6 +144,7 @@ static void *reader(void *arg)
         ssize_t k = recv(sock, in + have, sizeof in - have, 0);
         if (k <= 0) { if (k < 0 && errno == EINTR) continue; break; }
         have += (size_t)k;
+        double t_read = now();
         size_t off = 0;
         while (have - off >= HDR) {
             uint32_t len = get32(in + off);
@@ -111,6 +157,7 @@ static void *reader(void *arg)
                     struct vcpu *c = &vcpus[v];
                     pthread_mutex_lock(&c->lock);
                     c->x0 = get64(p + 8);
+                    c->t_seen = t_read;
                     c->done = 1;
                     pthread_cond_signal(&c->cond);  /* only the vCPU whose reply this is */
                     pthread_mutex_unlock(&c->lock);
@@ -120,9 +167,9 @@ static void *reader(void *arg)
                 if (n > 65536) n = 65536;
                 memset(resp, 0, HDR + 8 + n);
                 put_header(resp, HDR + 8 + n, T_MEM_READ_RESP, get64(in + off + 8));
-                pthread_mutex_lock(&write_lock);
+                pthread_rwlock_wrlock(&write_lock);
                 send_all(resp, HDR + 8 + n);
-                pthread_mutex_unlock(&write_lock);
+                pthread_rwlock_unlock(&write_lock);
             } else if (type == T_ERROR) {
                 fprintf(stderr, "vmm_driver: ERROR %u from the handler: %.*s\n", get32(p), (int)get16(p + 4),
                         (const char *)p + 8);
@@ -147,9 +194,10 @@ static uint64_t call_args(struct vcpu *c, uint32_t fid, const uint64_t *args, in
     for (int i = 0; i < n && i < 17; i++)
         put64(f + HDR + 16 + 8 * i, args[i]);
     c->done = 0;
-    pthread_mutex_lock(&write_lock);
-    int err = send_all(f, sizeof f);
-    pthread_mutex_unlock(&write_lock);
+    pthread_rwlock_rdlock(&write_lock);
+    int err = send_frame(f, sizeof f);
+    pthread_rwlock_unlock(&write_lock);
+    c->t_sent = now();
     if (err) { if (atomic_load(&stop)) return 0; perror("vmm_driver: send"); exit(3); }
     pthread_mutex_lock(&c->lock);
     while (!c->done) pthread_cond_wait(&c->cond, &c->lock);
@@ -172,6 +220,7 @@ static void *vcpu_main(void *arg)
 {
     struct vcpu *c = arg;
     int quiet = quiet_us && c->index == 0;
+    if (quiet && want_rt && !set_rt(RT_PRIO_QUIET)) rt_ok = 0;
     double measure = t_measure.tv_sec + t_measure.tv_nsec * 1e-9, end = t_end.tv_sec + t_end.tv_nsec * 1e-9;
     uint64_t ipa = RAM_BASE + (uint64_t)(c->index + 1) * 4096;
     struct timespec next;
@@ -198,12 +247,19 @@ static void *vcpu_main(void *arg)
         if (t0 >= measure) {
             c->calls++;
             if (expect_x0 >= 0 && x0 != (expect_x0 ? want : 0)) c->bad++;
-            if (c->n < MAX_SAMPLES) c->samples[c->n++] = (uint32_t)((t1 - t0) * 1e9);
+            if (c->n < MAX_SAMPLES) {
+                if (c->drv) c->drv[c->n] = (uint32_t)(((c->t_sent - t0) + (t1 - c->t_seen)) * 1e9);
+                c->samples[c->n++] = (uint32_t)((t1 - t0) * 1e9);
+            }
         }
         if (quiet) {
             next.tv_nsec += quiet_us * 1000L;
             while (next.tv_nsec >= 1000000000L) { next.tv_nsec -= 1000000000L; next.tv_sec++; }
+            double due = next.tv_sec + next.tv_nsec * 1e-9;
+            int slept = now() < due;
             clock_nanosleep(CLOCK_MONOTONIC, TIMER_ABSTIME, &next, NULL);
+            double woke = now();  /* lateness of a real sleep only: a call longer than the period has none */
+            if (slept && t0 >= measure && woke > due) c->late[c->n - 1] = (uint32_t)((woke - due) * 1e9);
         }
     }
     return NULL;
@@ -251,7 +307,7 @@ int main(int argc, char **argv)
 {
     const char *path = NULL;
     int opt;
-    while ((opt = getopt(argc, argv, "s:n:F:k:t:w:q:x:")) != -1) {
+    while ((opt = getopt(argc, argv, "s:n:F:k:t:w:q:x:R")) != -1) {
         switch (opt) {
         case 's': path = optarg; break;
         case 'n': n_vcpus = atoi(optarg); break;
@@ -261,11 +317,17 @@ int main(int argc, char **argv)
         case 'w': warmup = atof(optarg); break;
         case 'q': quiet_us = atoi(optarg); break;
         case 'x': expect_x0 = atoll(optarg); break;
+        case 'R': want_rt = 1; break;
         default: fprintf(stderr, "bad option\n"); return 2;
         }
     }
     if (!path || n_vcpus < 1 || n_vcpus > MAX_VCPUS) { fprintf(stderr, "usage: see the source\n"); return 2; }
     if (flooders < 0) flooders = quiet_us ? n_vcpus - 1 : n_vcpus;
+    pthread_rwlockattr_t rwa;
+    pthread_rwlockattr_init(&rwa);
+    pthread_rwlockattr_setkind_np(&rwa, PTHREAD_RWLOCK_PREFER_WRITER_NONRECURSIVE_NP);
+    pthread_rwlock_init(&write_lock, &rwa);
+    if (want_rt) rt_ok = 1;
     sock = socket(AF_UNIX, SOCK_STREAM, 0);
     struct sockaddr_un sa = {.sun_family = AF_UNIX};
     snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
@@ -292,6 +354,17 @@ int main(int argc, char **argv)
         pthread_cond_init(&c->cond, NULL);
         c->index = i;
         c->samples = malloc(sizeof(uint32_t) * MAX_SAMPLES);
+        if (!c->samples) { perror("vmm_driver: malloc"); return 3; }
+        if (quiet_us && i == 0) {  /* touched now: no page fault inside vCPU 0's timed calls */
+            size_t cap = (size_t)(seconds * 1e6 / quiet_us) + 1024;
+            if (cap > MAX_SAMPLES) cap = MAX_SAMPLES;
+            c->drv = calloc(MAX_SAMPLES, sizeof(uint32_t));
+            c->late = calloc(MAX_SAMPLES, sizeof(uint32_t));
+            if (!c->drv || !c->late) { perror("vmm_driver: calloc"); return 3; }
+            memset(c->samples, 0, cap * sizeof(uint32_t));
+            memset(c->drv, 0, cap * sizeof(uint32_t));
+            memset(c->late, 0, cap * sizeof(uint32_t));
+        }
         pthread_create(&c->thread, NULL, vcpu_main, c);
     }
     uint64_t calls = 0, bad = 0;
@@ -303,10 +376,19 @@ int main(int argc, char **argv)
     atomic_store(&stop, 1);
     struct vcpu *c = &vcpus[0];
     qsort(c->samples, c->n, sizeof *c->samples, cmp32);
+    double drv99 = 0, late99 = 0;
+    if (c->drv) {
+        qsort(c->drv, c->n, sizeof *c->drv, cmp32);
+        qsort(c->late, c->n, sizeof *c->late, cmp32);
+        drv99 = pct(c->drv, c->n, 0.99);
+        late99 = pct(c->late, c->n, 0.99);
+    }
     printf("{\"calls\": %llu, \"seconds\": %.6f, \"bad\": %llu, \"samples\": %zu, "
-           "\"p50\": %.2f, \"p99\": %.2f, \"p999\": %.2f}\n",
+           "\"p50\": %.2f, \"p99\": %.2f, \"p999\": %.2f, \"drv_p99\": %.2f, \"late_p99\": %.2f, "
+           "\"rt\": %d, \"vcpu0_calls\": %llu}\n",
            (unsigned long long)calls, seconds, (unsigned long long)bad, c->n,
-           pct(c->samples, c->n, 0.5), pct(c->samples, c->n, 0.99), pct(c->samples, c->n, 0.999));
+           pct(c->samples, c->n, 0.5), pct(c->samples, c->n, 0.99), pct(c->samples, c->n, 0.999),
+           drv99, late99, rt_ok, (unsigned long long)c->calls);
     fflush(stdout);
     shutdown(sock, SHUT_RDWR);
     close(sock);
