@@ -9,9 +9,11 @@ daemon so both see the same machine:
 - 1 vCPU round trip p50/p99/p99.9 for PSCI_VERSION, AFFINITY_INFO and MEM_SHARE+UNSHARE,
   and an FF-A direct message (DIRECT_REQ2 to the echo partition: x0..x17 both ways);
 - throughput with 1, 2, 4 and 8 vCPUs, each with one call in flight;
-- fairness: a quiet vCPU's p99 with seven vCPUs flooding, against its p99 alone
-  (every 250 µs, the target; and every 1 ms, a vCPU that asks the daemon for
-  less than its eighth, for reading the first);
+- fairness: a vCPU calling every 250 µs and every 1 ms, alone and with seven
+  vCPUs flooding.  One that asks for at most its eighth of what the daemon
+  serves under the flood (measured in the run) is quiet: its p99 flooded must
+  stay within 2x of its p99 alone.  One that asks for more cannot keep its
+  latency under any fair policy: it must get its eighth (share ≥ 0.9);
 - the Python simulator's own cost (it against the C driver, both on the floor);
 - the rule table (``rules_bench``): compile and lookup at 10, 1k and 10k rules.
 
@@ -62,10 +64,11 @@ PSCI_VERSION = 0x8400_0000
 #: Frame sizes the C programs hard-code (bench/c/proto.h); checked against the codec.
 CALL_FRAME, REPLY_FRAME = 168, 56
 QUIET_PERIOD_US = 250
-#: A second quiet vCPU, every 1 ms: no target, it shows what the scheduler does for a
-#: vCPU that asks for less than its fair share of the daemon (see bench/README.md).
+#: A second quiet vCPU, every 1 ms.  Which of the two is quiet (asks for at most its
+#: eighth of what the daemon serves under the flood) is measured in the run, and
+#: decides its target (see table() and bench/README.md).
 QUIET_SLOW_US = 1000
-TARGETS = {"p50": 1.5, "p99": 2.0, "tput8": 0.8, "fair": 2.0}
+TARGETS = {"p50": 1.5, "p99": 2.0, "tput8": 0.8, "fair": 2.0, "fair_share": 0.9}
 
 CONFIG = """\
 vm: bench
@@ -318,13 +321,26 @@ def table(res: Results, sim: dict[str, float], rules: list[dict[str, Any]],
         if f"{name} alone" not in res.rounds[0]:
             continue
         fair = fairness(res, name)
+        # Which target applies is measured, not chosen: a vCPU that asks for at most
+        # its eighth of what the daemon served under the flood is quiet, and must
+        # keep its latency (≤ 2x alone); one that asks for more cannot, under any
+        # fair policy, and must get its eighth (share ≥ 0.9 of a flooder's).
+        served = res.median(f"{name}, 7 flooding", "daemon", "rate")
+        share = res.median(f"{name}, 7 flooding", "daemon", "share")
+        quiet = 1e6 / period <= served / 8
+        if quiet:
+            target = f"≤ {TARGETS['fair']}x (hvcproxyd; asks {1e6 / period:,.0f}/s ≤ its eighth, {served / 8:,.0f}/s)"
+        else:
+            target = (f"none: asks {1e6 / period:,.0f}/s > its eighth ({served / 8:,.0f}/s); "
+                      f"its share must be ≥ {TARGETS['fair_share']} of a flooder's: {share:.2f}")
         # The ratio column: how much less fair than the floor on the same machine (the
         # floor's own figure is the driver and the CPUs, which no server can beat).
-        target = f"≤ {TARGETS['fair']}x (hvcproxyd)" if period == QUIET_PERIOD_US else "none (see README)"
         lines.append(f"| fairness, every {period} µs | quiet p99 flooded / alone | {fair['floor']:.2f}x | "
                      f"{fair['daemon']:.2f}x | {fair['daemon'] / fair['floor']:.2f}x | {target} |")
-        if period == QUIET_PERIOD_US and fair["daemon"] > TARGETS["fair"]:
-            missed.append("fairness")
+        if quiet and fair["daemon"] > TARGETS["fair"]:
+            missed.append(f"fairness every {period} µs")
+        if not quiet and share < TARGETS["fair_share"]:
+            missed.append(f"fair share every {period} µs")
         if fair["floor"] > TARGETS["fair"]:
             missed.append(f"fairness every {period} µs: the floor's own ratio is {fair['floor']:.2f}x, so the driver "
                           "or the machine, not the server, decided this run")

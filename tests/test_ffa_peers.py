@@ -157,19 +157,37 @@ rules:
 """
 
 
-async def two_vms(write_config: Callable[..., Path], tmp_path: Path, serve: Serve, vm2_peers: str,
-                  vm2_answers: bool = True) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
-    """VM1 (ID 1) sends VM2 (ID 2) a direct request; VM2's guest waits for it with
-    MSG_WAIT and answers.  Returns what VM1 got and what VM2's guest was given."""
+async def serve_pair(write_config: Callable[..., Path], tmp_path: Path, serve: Serve, vm2_peers: str,
+                     vm2_property: str) -> tuple[VmConfig, VmConfig]:
+    """Serve VM2 (ID 2, accepting ``vm2_peers`` on its listen socket) and VM1 (ID 1),
+    which has VM2 as a socket partition with ``vm2_property``; (VM1's, VM2's) config."""
     from hvcproxyd.core.vmconfig import load_config
     peer_sock = tmp_path / "vm2.ffa.sock"
     cfg2 = load_config(write_config(vm_config("vm2", 2, tmp_path, f"listen: {peer_sock}\n      peers: {vm2_peers}"),
                                     "vm2.yaml"), socket=str(tmp_path / "vm2.sock"))
     cfg1 = load_config(write_config(vm_config("vm1", 1, tmp_path, partitions=f"""
-        vm2: {{type: socket, id: 2, uuids: ["{ECHO_UUID}"], properties: [direct_req_recv],
+        vm2: {{type: socket, id: 2, uuids: ["{ECHO_UUID}"], properties: [{vm2_property}],
               options: {{path: {peer_sock}}}}}"""), "vm1.yaml"), socket=str(tmp_path / "vm1.sock"))
     await serve(cfg2)
     await serve(cfg1)
+    return cfg1, cfg2
+
+
+async def run_both(*sims: Simulator) -> None:
+    try:
+        async with trio.open_nursery() as nursery:
+            for sim in sims:
+                nursery.start_soon(sim.run, 30)
+    finally:
+        for sim in sims:
+            sim.close()
+
+
+async def two_vms(write_config: Callable[..., Path], tmp_path: Path, serve: Serve, vm2_peers: str,
+                  vm2_answers: bool = True) -> tuple[tuple[int, ...], list[tuple[int, ...]]]:
+    """VM1 (ID 1) sends VM2 (ID 2) a direct request; VM2's guest waits for it with
+    MSG_WAIT and answers.  Returns what VM1 got and what VM2's guest was given."""
+    cfg1, cfg2 = await serve_pair(write_config, tmp_path, serve, vm2_peers, "direct_req_recv")
     ready, finished = trio.Event(), trio.Event()
     got: list[tuple[int, ...]] = []
     given: list[tuple[int, ...]] = []
@@ -193,15 +211,8 @@ async def two_vms(write_config: Callable[..., Path], tmp_path: Path, serve: Serv
         got.append(await cpu.call(DIRECT_REQ32, 1 << 16 | 2, 0, 1, 2, 3, 4, 5))
         finished.set()
 
-    sims = [Simulator(cfg2.socket, n_vcpus=1, name="vm2", boot=vm2_guest),
-            Simulator(cfg1.socket, n_vcpus=1, name="vm1", boot=vm1_guest)]
-    try:
-        async with trio.open_nursery() as nursery:
-            for sim in sims:
-                nursery.start_soon(sim.run, 30)
-    finally:
-        for sim in sims:
-            sim.close()
+    await run_both(Simulator(cfg2.socket, n_vcpus=1, name="vm2", boot=vm2_guest),
+                   Simulator(cfg1.socket, n_vcpus=1, name="vm1", boot=vm1_guest))
     return got[0], given
 
 
@@ -210,15 +221,7 @@ async def test_a_peer_vm_notification_raises_the_npi(write_config: Callable[...,
     """VM1's guest sets a notification for VM2, which VM2's guest bound to VM1:
     VM2's daemon gets it from its peers socket, outside any of VM2's calls, and
     interrupts VM2's vCPU 0 with the NPI; GET (VM senders) returns the bit."""
-    from hvcproxyd.core.vmconfig import load_config
-    peer_sock = tmp_path / "vm2.ffa.sock"
-    cfg2 = load_config(write_config(vm_config("vm2", 2, tmp_path, f"listen: {peer_sock}\n      peers: [1]"),
-                                    "vm2.yaml"), socket=str(tmp_path / "vm2.sock"))
-    cfg1 = load_config(write_config(vm_config("vm1", 1, tmp_path, partitions=f"""
-        vm2: {{type: socket, id: 2, uuids: ["{ECHO_UUID}"], properties: [notifications],
-              options: {{path: {peer_sock}}}}}"""), "vm1.yaml"), socket=str(tmp_path / "vm1.sock"))
-    await serve(cfg2)
-    await serve(cfg1)
+    cfg1, cfg2 = await serve_pair(write_config, tmp_path, serve, "[1]", "notifications")
     bound, finished = trio.Event(), trio.Event()
     seen: dict[str, object] = {}
     vm2 = Simulator(cfg2.socket, n_vcpus=2, name="vm2")
@@ -242,14 +245,7 @@ async def test_a_peer_vm_notification_raises_the_npi(write_config: Callable[...,
         finished.set()
 
     vm2.boot = vm2_guest
-    sims = [vm2, Simulator(cfg1.socket, n_vcpus=1, name="vm1", boot=vm1_guest)]
-    try:
-        async with trio.open_nursery() as nursery:
-            for sim in sims:
-                nursery.start_soon(sim.run, 30)
-    finally:
-        for sim in sims:
-            sim.close()
+    await run_both(vm2, Simulator(cfg1.socket, n_vcpus=1, name="vm1", boot=vm1_guest))
     assert seen == {"set": SUCCESS32, "irqs": 1 << 8, "bits": 1 << 9}, seen
     assert [(e.vcpu, e.data["intid"]) for e in vm2.entries("interrupt")] == [(0, 8)]
 
