@@ -14,7 +14,6 @@ takes over when the socket buffer is full.
 from __future__ import annotations
 
 import errno
-import heapq
 import logging
 import os
 import time
@@ -30,6 +29,7 @@ from ..core.handler import Handler
 from ..core.service import VmService
 from ..errors import TransportError
 from ..vmm.qmp import QmpWatcher
+from .fairqueue import FairQueue
 from .transfer import StateTransfer
 from .transport import Transport
 
@@ -98,14 +98,9 @@ class Session:
         #: vCPU -> calls queued for or running in its worker; while any is, that
         #: vCPU's next call queues behind it (replies stay in order per vCPU).
         self._busy: list[int] = []
-        #: Calls read and not yet answered or given to a worker, as a heap in their
-        #: fair order (see _enqueue); per vCPU, how many of them and how many of
-        #: its calls were served this session; the largest key waiting.
-        self._waiting: list[tuple[int, int, wire.Call]] = []
-        self._ahead: list[int] = []
-        self._served: list[int] = []
-        self._arrivals = 0
-        self._top = 0
+        #: Calls read and not yet answered or given to a worker, in their fair
+        #: order (sized at the handshake, when the vCPUs are known).
+        self._waiting = FairQueue(0)
         self._reader_task: trio.lowlevel.Task | None = None
         self._nursery: trio.Nursery | None = None
         self.transfer = StateTransfer(vm, self._queue, self.flush, self._wait_idle)
@@ -365,12 +360,11 @@ class Session:
             self._nursery = nursery
             if self.conn.version >= wire.STATE_VERSION:
                 self.transfer.announce_blocker()
+            self._waiting = FairQueue(len(self.hello.vcpus))
             for index in range(len(self.hello.vcpus)):
                 send, receive = trio.open_memory_channel[wire.Call](VCPU_QUEUE)
                 self._queues.append(send)
                 self._busy.append(0)
-                self._served.append(0)
-                self._ahead.append(0)
                 nursery.start_soon(self._vcpu_worker, index, receive)
             if self.qmp is not None:
                 nursery.start_soon(self._cross_check, self.qmp, nursery.cancel_scope)
@@ -397,7 +391,7 @@ class Session:
     async def _read_loop(self) -> None:
         """Read what there is, answer it, write the replies in one send, repeat.
 
-        Calls wait in ``_waiting`` in their fair order (see _enqueue), and are
+        Calls wait in ``_waiting`` in their fair order (:mod:`.fairqueue`), and are
         answered one at a time; after each, if more has arrived it is read
         first, so a quiet vCPU's call that comes in meanwhile goes ahead of the
         flooders' calls already waiting.  Replies go out when nothing is
@@ -413,7 +407,7 @@ class Session:
                     if event.vcpu >= len(self._queues):
                         raise wire.RemoteProtocolError(f"CALL from vCPU {event.vcpu}, the VM has {len(self._queues)}")
                     if not self.draining():  # else left unanswered: the VMM re-sends it (protocol §7)
-                        self._enqueue(event)
+                        waiting.push(event)
                     continue
                 while waiting:  # calls before an event are answered before it, all of them
                     await self._serve_next()
@@ -439,19 +433,6 @@ class Session:
                 await trio.lowlevel.checkpoint()
                 last_yield = now
 
-    def _enqueue(self, call: wire.Call) -> None:
-        """Fairness: a call waits under the key (calls its vCPU has had served this
-        session + its calls already waiting), so a vCPU's own calls keep their
-        order, a quiet vCPU goes ahead of flooding ones, and two flooding vCPUs
-        take turns; ties go by arrival."""
-        v = call.vcpu
-        ahead = self._ahead[v]
-        self._ahead[v] = ahead + 1
-        key = self._served[v] + ahead
-        self._arrivals += 1
-        heapq.heappush(self._waiting, (key, self._arrivals, call))
-        self._top = max(self._top, key)
-
     async def _serve_next(self) -> bool:
         """Answer the first waiting call; True if it went to its vCPU's worker.
 
@@ -460,14 +441,8 @@ class Session:
         to that vCPU's worker, under the handler's timeout.  The reply to a vCPU
         served less than half as often as the busiest one waiting is written at
         once, not after the flooders' replies."""
-        waiting, served = self._waiting, self._served
-        _key, _arrival, call = heapq.heappop(waiting)
+        call, quiet = self._waiting.pop()
         v = call.vcpu
-        self._ahead[v] -= 1
-        quiet = waiting and served[v] * 2 < self._top
-        served[v] += 1
-        if not waiting:
-            self._top = 0
         vm = self.vm
         target = vm.route(call)
         if not self._busy[v] and (not isinstance(target, Handler) or target.inline):
