@@ -14,6 +14,12 @@ against a floor measured in the same run.
   have held the loop for (what the stream did before it sent chunks).
 - **reload**: handing the ledger to a reloaded handler (``adopt``: the blocks,
   not the ranges) against the plain snapshot()/restore() walk.
+- **compaction**: a VM with ``state:`` whose memshare handler holds the ledger
+  compacts its journal (``Journal.compact``: the state captured on the loop,
+  the snapshot built, encoded and written in a thread) while the ticker runs;
+  its worst lateness against the idle one, and what building the state
+  document on the loop would have held it for (what a compaction and a
+  migration's state save did before ``Handler.frozen_snapshot``).
 
 Usage: .venv/bin/python bench/ledger_bench.py [--sizes 10,10000,1000000,4000000] [--quick] [--json]
 """
@@ -33,6 +39,10 @@ from typing import Any
 
 import trio
 
+from hvcproxyd.core.service import VmService
+from hvcproxyd.core.vmconfig import load_config
+from hvcproxyd.durable.store import Fsync, Journal
+from hvcproxyd.handlers.pkvm_memshare.handler import MemshareHandler
 from hvcproxyd.handlers.pkvm_memshare.ledger import Ledger, RangeSet
 from hvcproxyd.sidecars.eventstream import EventStream
 
@@ -102,6 +112,48 @@ async def snapshot_stall(ledger: Ledger, sock: Path) -> dict[str, float]:
     return out
 
 
+COMPACT_CONFIG = """\
+vm: bench
+socket: {tmp}/bench.sock
+state: {{dir: {tmp}/state, fsync: never}}
+handlers:
+  ms: {{type: pkvm-memshare, options: {{stream: false, max_ranges: 8000000}}}}
+rules:
+  - {{match: kvm-vendor, action: ms}}
+"""
+
+
+async def compaction_stall(ledger: Ledger, tmp: Path) -> dict[str, float]:
+    cfg = tmp / "compact.yaml"
+    cfg.write_text(COMPACT_CONFIG.format(tmp=tmp))
+    vm = VmService(load_config(cfg))
+    handler = vm.instances["ms"]
+    assert isinstance(handler, MemshareHandler)
+    journal = Journal(tmp / "state" / "bench", vm, Fsync.NEVER)
+    journal.open()
+    handler.ledger = ledger.copy(max_ranges=None)
+    done = False
+
+    async def compact() -> None:
+        nonlocal done
+        await journal.compact()
+        done = True
+
+    deadline = time.perf_counter() + 0.3
+    idle = await ticker_lateness(lambda: time.perf_counter() > deadline)
+    t = time.perf_counter()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(compact)
+        busy = await ticker_lateness(lambda: done)
+    took = time.perf_counter() - t
+    t = time.perf_counter()
+    vm.durable_document()  # the whole document on the loop, as before
+    on_loop = time.perf_counter() - t
+    journal.close()
+    return {"compact_idle_ms": max(idle) * 1e3, "compact_busy_ms": max(busy) * 1e3, "compact_s": took,
+            "document_on_loop_ms": on_loop * 1e3}
+
+
 def reload_cost(ledger: Ledger) -> tuple[float, float]:
     """(copy, walk) in milliseconds: what adopt() does against snapshot()+restore()."""
     t = time.perf_counter()
@@ -135,18 +187,25 @@ def main() -> None:
             row.update(trio.run(snapshot_stall, ledger, Path(tmp) / f"l{n}.sock"))
             row["stall_vs_idle"] = row["busy_max_ms"] / max(row["idle_max_ms"], 1e-3)
             row["copy_ms"], row["walk_ms"] = reload_cost(ledger)
+            print(f"[bench] {n} ranges: journal compaction", file=sys.stderr, flush=True)
+            sub = Path(tmp) / f"c{n}"
+            sub.mkdir()
+            row.update(trio.run(compaction_stall, ledger, sub))
             rows.append(row)
     if args.json:
         print(json.dumps({"floor_update_us": floor_us, "rows": rows}, indent=2))
         return
     print(f"floor: a share+unshare pair on a 10-range ledger, {floor_us:.1f} µs\n")
     print("| ranges | pair µs | x floor | snapshot MB | sent in s | loop worst late ms (idle) | x idle "
-          "| whole-record encode ms | reload copy ms | reload walk ms |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| whole-record encode ms | reload copy ms | reload walk ms "
+          "| compaction s | its loop worst late ms (idle) | document on the loop ms |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['ranges']:,} | {r['update_us']:.1f} | {r['update_vs_floor']:.2f} | {r['bytes'] / 1e6:.1f} "
               f"| {r['seconds']:.2f} | {r['busy_max_ms']:.1f} ({r['idle_max_ms']:.1f}) | {r['stall_vs_idle']:.1f} "
-              f"| {r['whole_encode_ms']:.0f} | {r['copy_ms']:.2f} | {r['walk_ms']:.0f} |")
+              f"| {r['whole_encode_ms']:.0f} | {r['copy_ms']:.2f} | {r['walk_ms']:.0f} "
+              f"| {r['compact_s']:.2f} | {r['compact_busy_ms']:.1f} ({r['compact_idle_ms']:.1f}) "
+              f"| {r['document_on_loop_ms']:.0f} |")
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ def vm_config(make_config: Callable[[str], VmConfig], tmp_path: Path) -> Callabl
 
 
 def ledger_of(svc: VmService) -> list[list[int]]:
-    return svc.snapshot()["ms"]["ledger"]["ranges"]  # type: ignore[no-any-return]
+    """The ledger's [ipa, size] ranges, as JSON has them (the snapshot holds tuples)."""
+    return [list(r) for r in svc.snapshot()["ms"]["ledger"]["ranges"]]
 
 
 # ----------------------------------------------------------------- the record format

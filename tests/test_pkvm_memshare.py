@@ -465,3 +465,26 @@ def test_version_pin(make_config: Callable[[str], VmConfig], tmp_path: Path) -> 
     make_service(make_config, tmp_path, opts(revision="[1, 2]"), top='versions: {kvm-vendor: "1.2"}')
     with pytest.raises(ConfigError, match="cannot provide"):
         make_service(make_config, tmp_path, top='versions: {kvm-vendor: "2.0"}')
+
+
+async def test_a_frozen_snapshot_is_the_state_when_it_was_taken(svc: VmService) -> None:
+    """What a compaction or a state save builds in a thread is the ledger at the
+    moment it was frozen, whatever calls changed after."""
+    call, h = caller(svc), handler(svc)
+    await call(SHARE_ID, RAM)
+    want = h.snapshot()
+    build = h.frozen_snapshot()
+    await call(SHARE_ID, RAM + 0x2000)
+    await call(UNSHARE_ID, RAM)
+    assert build() == want
+    assert h.ledger.ranges() == [(RAM + 0x2000, 4096)]
+
+
+async def test_a_reload_journals_no_whole_ledger(svc: VmService) -> None:
+    """adopt() hands over the same content: the journal needs only the changes the
+    old instance had not given it yet, never a whole-ledger record (a walk of
+    millions of ranges on the loop)."""
+    await caller(svc)(SHARE_ID, RAM)  # its change was taken after the call
+    svc.reload(svc.config)
+    assert handler(svc).take_delta() is None  # before: [["S", <the whole ledger>]]
+    assert handler(svc).ledger.ranges() == [(RAM, 4096)]

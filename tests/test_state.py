@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from hvcproxyd.core import state
 from hvcproxyd.core.vmconfig import VmConfig, load_config
@@ -194,3 +196,17 @@ def test_abi_differences_name_each_key() -> None:
     moved = {**want, "filter": [[0x8600_0000, 0x8600_FFFF, 2]]}
     assert state.abi_differences(have, moved)[0].startswith(
         "forwarded ranges differ: the state has 0x84000000-0x8400001f forward, this VM forwards 0x86000000")
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+                     lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=4), c, max_size=4)
+                     | st.dictionaries(st.integers(), c, max_size=4),  # json.dumps cannot sort mixed keys
+                     max_leaves=30)
+
+
+@given(_JSON)
+def test_encode_gives_json_dumps_bytes_a_piece_at_a_time(value: object) -> None:
+    """The chunked encoder (so a thread encoding millions of ranges lets the loop
+    run) writes exactly what json.dumps(sort_keys, compact) writes."""
+    doc = {"v": value, "long": list(range(2 * state._CHUNK + 3)), "nested": {"rows": [[1, 2]] * (state._CHUNK + 1)}}
+    assert state.encode(doc) == json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()

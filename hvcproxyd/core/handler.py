@@ -14,6 +14,7 @@ spells out the contract.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -271,6 +272,17 @@ class Handler:
     def snapshot(self) -> dict[str, Any]:
         """Guest-visible state as plain data, for restart and migration."""
         return {}
+
+    def frozen_snapshot(self) -> Callable[[], dict[str, Any]]:
+        """:meth:`snapshot` in two steps: the state is captured when this returns, and
+        the function returned builds the snapshot of it later, in a thread (a
+        compaction, a migration), while calls go on changing the live state.  What
+        it returns must be its own (the caller takes it apart when done).  The
+        default takes the snapshot now and copies it then; a handler whose state is
+        large captures it in O(small), such as a copy-on-write copy, and leaves the
+        walk to the function."""
+        snap = self.snapshot()
+        return lambda: copy.deepcopy(snap)
 
     def restore(self, data: dict[str, Any]) -> Notes:
         """Inverse of :meth:`snapshot`.  ``data`` may come from a damaged file: raise

@@ -294,7 +294,11 @@ class VmService:
 
     # -- the whole state, for migration, savevm/loadvm and offline export
     def state_document(self) -> dict[str, Any]:
-        return state.document(self.config, self.instances)
+        return self.frozen_state_document()()
+
+    def frozen_state_document(self) -> Callable[[], dict[str, Any]]:
+        """The state as it is now, built when the function is called (in a thread)."""
+        return state.frozen_document(self.config, self.instances)
 
     def load_state(self, doc: dict[str, Any]) -> None:
         """Adopt a state document (from :func:`state.decode`) as this VM's, all or
@@ -318,9 +322,13 @@ class VmService:
     def durable_document(self) -> dict[str, Any]:
         """:meth:`state_document` plus the replay window (each vCPU's last journaled
         reply), which a restart must keep and a migration must not carry."""
-        doc = self.state_document()
-        doc["replay"] = {str(v): _reply_data(r) for v, r in sorted(self._last_reply.items())}
-        return doc
+        return self.frozen_durable_document()()
+
+    def frozen_durable_document(self) -> Callable[[], dict[str, Any]]:
+        """:meth:`durable_document` as it is now, built when the function is called."""
+        build = self.frozen_state_document()
+        replay = {str(v): _reply_data(r) for v, r in sorted(self._last_reply.items())}
+        return lambda: {**build(), "replay": replay}
 
     def resume(self, doc: dict[str, Any] | None, records: Iterable[dict[str, Any]]) -> None:
         """Daemon start-up: adopt the compacted ``doc`` (from :func:`state.decode`, or

@@ -41,18 +41,76 @@ def guest_abi(config: VmConfig, instances: Mapping[str, Handler]) -> dict[str, A
 
 def document(config: VmConfig, instances: Mapping[str, Handler]) -> dict[str, Any]:
     """The whole state of a VM now; every handler's :meth:`Handler.snapshot`."""
-    return {
+    return frozen_document(config, instances)()
+
+
+def frozen_document(config: VmConfig, instances: Mapping[str, Handler]) -> Callable[[], dict[str, Any]]:
+    """The state of a VM as it is now, built later (in a thread, off the event loop)
+    from each handler's :meth:`Handler.frozen_snapshot`."""
+    head = {
         "format": FORMAT,
         "version": VERSION,
         "vm": config.name,
         "created": round(time.time(), 6),
         "abi": guest_abi(config, instances),
-        "handlers": {name: inst.snapshot() for name, inst in instances.items()},
     }
+    parts = {name: inst.frozen_snapshot() for name, inst in instances.items()}
+    return lambda: {**head, "handlers": {name: build() for name, build in parts.items()}}
+
+
+#: Items of a list json.dumps encodes at once: a few ms of holding the GIL.
+_CHUNK = 4096
 
 
 def encode(doc: Mapping[str, Any]) -> bytes:
-    return json.dumps(doc, separators=(",", ":"), sort_keys=True).encode()
+    """The document as compact JSON with sorted keys, the same bytes json.dumps
+    gives.  Built a piece at a time so that, run in a thread, it lets the event
+    loop run between pieces: json.dumps holds the GIL for the whole of what it
+    encodes (seconds for a ledger of millions of ranges, bench/ledger_bench.py)."""
+    out: list[str] = []
+    _encode(doc, out)
+    return "".join(out).encode()
+
+
+def encode_frozen(build: Callable[[], dict[str, Any]]) -> bytes:
+    """Build a document from :func:`frozen_document` and encode it, in the calling
+    thread, then take it apart a piece at a time: freed at once, millions of
+    ranges are one deallocation of 0.3 s that holds the GIL."""
+    doc = build()
+    try:
+        return encode(doc)
+    finally:
+        _take_apart(doc)
+
+
+def _take_apart(value: object) -> None:
+    if isinstance(value, dict):
+        for item in value.values():
+            _take_apart(item)
+    elif isinstance(value, list):
+        if len(value) <= _CHUNK:
+            for item in value:
+                _take_apart(item)
+        while value:
+            del value[-_CHUNK:]
+
+
+def _encode(value: object, out: list[str]) -> None:
+    if isinstance(value, dict):
+        out.append("{")
+        for i, key in enumerate(sorted(value)):
+            name = key if isinstance(key, str) else json.dumps(key)  # as json.dumps names a non-str key
+            out.append(("," if i else "") + json.dumps(name) + ":")
+            _encode(value[key], out)
+        out.append("}")
+    elif isinstance(value, list) and len(value) > _CHUNK:
+        out.append("[")
+        for i in range(0, len(value), _CHUNK):
+            piece = json.dumps(value[i:i + _CHUNK], separators=(",", ":"), sort_keys=True)
+            out.append(("," if i else "") + piece[1:-1])
+        out.append("]")
+    else:
+        out.append(json.dumps(value, separators=(",", ":"), sort_keys=True))
 
 
 def decode(data: bytes) -> dict[str, Any]:

@@ -218,10 +218,10 @@ class Journal:
             old.unlink(missing_ok=True)
         self.vm.sink = self
 
-    def _document(self, gen: int) -> dict[str, Any]:
-        doc = self.vm.durable_document()
-        doc["journal_gen"] = gen
-        return doc
+    def _document(self, gen: int) -> Callable[[], dict[str, Any]]:
+        """The durable document as it is now, built when called (in a thread)."""
+        build = self.vm.frozen_durable_document()
+        return lambda: {**build(), "journal_gen": gen}
 
     def _start_journal(self, gen: int) -> None:
         path = _journal_path(self.path, gen)
@@ -237,9 +237,10 @@ class Journal:
         if old >= 0:
             os.close(old)
 
-    def _write_snapshot(self, doc: dict[str, Any]) -> None:
+    def _write_snapshot(self, build: Callable[[], dict[str, Any]]) -> None:
+        """Build, encode and write the snapshot: in a thread but at start-up and stop."""
         try:
-            write_atomic(self.path / SNAPSHOT, state.encode(doc), sync=self.policy is not Fsync.NEVER)
+            write_atomic(self.path / SNAPSHOT, state.encode_frozen(build), sync=self.policy is not Fsync.NEVER)
         except OSError as err:
             raise DurableError(f"cannot write {self.path / SNAPSHOT}: {err.strerror}") from err
 
@@ -327,7 +328,7 @@ class Journal:
             else:
                 await self.settle()
         gen, old = self.gen, _journal_path(self.path, self.gen)
-        doc = self._document(gen + 1)
+        build = self._document(gen + 1)  # O(small) on the loop: the walk is in the thread
         try:
             self._start_journal(gen + 1)
         except DurableError as err:
@@ -335,7 +336,7 @@ class Journal:
             raise
         self.gen = gen + 1
         try:
-            await trio.to_thread.run_sync(self._write_snapshot, doc)
+            await trio.to_thread.run_sync(self._write_snapshot, build)
         except DurableError as err:
             self._fail(err)
             raise

@@ -65,8 +65,9 @@ class StateTransfer:
             log.warning("%s: state save refused: %s", name, "; ".join(blockers))
             self._queue(wire.StateStatus(seq, -errno.EBUSY, _fit("; ".join(blockers))))
             return
-        doc = self.vm.state_document()  # on the loop: consistent with every call answered
-        data = await trio.to_thread.run_sync(state.encode, doc)
+        # Captured on the loop, consistent with every call answered; built and
+        # encoded in a thread (a ledger of millions of ranges takes seconds).
+        data = await trio.to_thread.run_sync(state.encode_frozen, self.vm.frozen_state_document())
         if len(data) > wire.MAX_STATE:
             reason = f"the state document is {len(data)} bytes, over the protocol's {wire.MAX_STATE}"
             log.error("%s: state save refused: %s", name, reason)
@@ -79,7 +80,7 @@ class StateTransfer:
             if i % CHUNKS_PER_FLUSH == CHUNKS_PER_FLUSH - 1:
                 await self._flush()
         log.info("%s: state saved for the VMM (%d bytes, handlers %s)", name, len(data),
-                 ", ".join(doc["handlers"]) or "none")
+                 ", ".join(self.vm.instances) or "none")
 
     # -- load: the VMM sends chunks, then the daemon says whether it took them
     def load_chunk(self, event: wire.StateData) -> bytes | None:

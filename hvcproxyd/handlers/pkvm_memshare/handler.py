@@ -389,7 +389,13 @@ class MemshareHandler(Handler):
         return (self.ledger.reset(),)
 
     def snapshot(self) -> dict[str, Any]:
-        return {"ledger": self.ledger.to_dict(), "mmio_guard": [[lo, hi - lo] for lo, hi in self.guarded.ranges()]}
+        return self.frozen_snapshot()()
+
+    def frozen_snapshot(self) -> Callable[[], dict[str, Any]]:
+        # Copy-on-write copies (O(blocks)); the walk of millions of ranges into
+        # JSON-able lists (seconds, bench/ledger_bench.py) runs when called.
+        ledger, guarded = self.ledger.copy(max_ranges=None), self.guarded.copy()
+        return lambda: {"ledger": ledger.to_dict(), "mmio_guard": [[lo, hi - lo] for lo, hi in guarded.ranges()]}
 
     def restore(self, data: dict[str, Any]) -> Notes:
         """Raises ValueError, leaving the state as it was, if ``data`` is not a snapshot."""
@@ -405,17 +411,21 @@ class MemshareHandler(Handler):
 
     def adopt(self, previous: Handler) -> Notes:
         # A reload: copy the blocks, not the ranges, so a ledger of millions of
-        # ranges changes hands without a walk on the event loop.
+        # ranges changes hands without a walk on the event loop.  The content is
+        # the same, so the journal goes on from it with no whole-ledger record.
         assert isinstance(previous, MemshareHandler)
-        return self._take(previous.ledger.copy(max_ranges=self.opts.max_ranges), previous.guarded.copy())
+        return self._take(previous.ledger.copy(max_ranges=self.opts.max_ranges), previous.guarded.copy(),
+                          delta=list(previous._delta))
 
-    def _take(self, ledger: Ledger, guarded: RangeSet) -> Notes:
+    def _take(self, ledger: Ledger, guarded: RangeSet, delta: list[list[Any]] | None = None) -> Notes:
+        """Make ``ledger`` this handler's; ``delta``: what the journal still needs to
+        hear (by default the whole new ledger, which replaces the old)."""
         if ledger.granule != self.opts.granule:
             self.log.warning("restored ledger uses granule %d, config says %d; keeping %d until the VM resets",
                              ledger.granule, self.opts.granule, ledger.granule)
         self.ledger = ledger
         self.guarded = guarded
-        self._delta = [["S", self.snapshot()]]
+        self._delta = [["S", self.snapshot()]] if delta is None else delta
         return (ledger,)  # subscribers start again from the restored ledger
 
     # -- the journal: one small record per change, never the ledger itself
