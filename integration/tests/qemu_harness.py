@@ -31,6 +31,8 @@ from tests.waiting import poll
 
 #: The daemon child; the name the integration tests know it by.
 Daemon = DaemonProcess
+#: The start_daemon fixture's type (it starts `hvcproxyd run`).
+StartDaemon = Callable[..., DaemonProcess]
 
 INTEGRATION = Path(__file__).resolve().parent.parent
 REPO = INTEGRATION.parent
@@ -219,6 +221,10 @@ class Qemu:
         _stop(self.proc)
         if self.adapter is not None:
             _stop(self.adapter)
+
+
+#: The start_qemu fixture's type.
+StartQemu = Callable[..., Qemu]
 
 
 def _start_line_adapter(pty: Path, handler_socket: Path, log_path: Path) -> subprocess.Popen[bytes]:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from qemu_harness import Daemon, Qemu, parse_calls
+from qemu_harness import Daemon, Qemu, StartQemu, parse_calls
 from scripted_handler import ScriptedHandler, Session
 
 from hvcproxyd import wire
@@ -40,7 +40,6 @@ RAM_BASE, RAM_SIZE = 0x40000000, 256 << 20
 GUEST_LOAD = 0x40200000
 FLASH_BANKS = (wire.RamRegion(0, 64 << 20, rom=True), wire.RamRegion(64 << 20, 64 << 20, rom=True))
 
-StartQemu = Callable[..., Qemu]
 
 ANSWERS: dict[int, tuple[int, ...]] = {
     PSCI_VERSION: (0x10001, 0, 0, 0),

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
-from qemu_harness import CONFIGS, Daemon, Qemu, parse_calls
+from qemu_harness import CONFIGS, Qemu, StartDaemon, StartQemu, parse_calls
 from transcripts import (
     NOT_SUPPORTED,
     assert_daemon_log_clean,
@@ -32,8 +32,6 @@ from transcripts import (
 GUEST_TIMEOUT = 60
 INVALID_ADDRESS = (-9) & 0xFFFF_FFFF_FFFF_FFFF
 
-StartQemu = Callable[..., Qemu]
-StartDaemon = Callable[..., Daemon]
 
 
 def _run_to_exit(q: Qemu) -> str:

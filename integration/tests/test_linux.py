@@ -4,16 +4,13 @@ vCPUs under TCG, PSCI served entirely by hvcproxyd's psci handler."""
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from qemu_harness import Daemon, Qemu
+from qemu_harness import Daemon, Qemu, StartDaemon, StartQemu
 
 LINUX_BOOT_TIMEOUT = 240
 
-StartQemu = Callable[..., Qemu]
-StartDaemon = Callable[..., Daemon]
 
 
 def _boot(start_qemu: StartQemu, linux_guest: Path, daemon: Daemon, cmdline: str = "",

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,14 +43,12 @@ from linux_clients import (  # noqa: F401  (client_kernel is a fixture)
     write_config,
 )
 from linux_dt import RestrictedPool, build_dtb, decompile, dump_dtb, first_device_transport, optee_node
-from qemu_harness import Daemon, Qemu
+from qemu_harness import Daemon, Qemu, StartDaemon, StartQemu
 
 from tests.waiting import poll
 
 pytestmark = pytest.mark.integration
 
-StartQemu = Callable[..., Qemu]
-StartDaemon = Callable[..., Daemon]
 
 BOOT_TIMEOUT = 240
 SMP = 2

@@ -30,8 +30,8 @@ from pathlib import Path
 import pytest
 from linux_clients import Console, client_kernel  # noqa: F401  (client_kernel is a fixture)
 from linux_dt import build_dtb, optee_node
-from qemu_harness import REPO
-from test_linux_clients import BOOT_TIMEOUT, MACHINE, MEMORY, SMP, StartDaemon, StartQemu
+from qemu_harness import REPO, StartDaemon, StartQemu
+from test_linux_clients import BOOT_TIMEOUT, MACHINE, MEMORY, SMP
 
 from tests.waiting import poll
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,9 @@ from linux_clients import (
     client_kernel,  # noqa: F401  (a fixture)
 )
 from qemu.qmp import QMPError
-from qemu_harness import Qemu
+from qemu_harness import Qemu, StartDaemon, StartQemu
 
-from tests.process import DaemonProcess
 from tests.waiting import poll
-
-StartDaemon = Callable[..., DaemonProcess]
-StartQemu = Callable[..., Qemu]
 
 pytestmark = pytest.mark.integration
 

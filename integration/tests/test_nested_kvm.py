@@ -22,13 +22,13 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import nested
 import pytest
 from nested import Job, L1Host, build_l1
-from qemu_harness import CONFIGS, GUESTS_CONFIG, REPO, Daemon, _run_build, scratch_dir
+from qemu_harness import CONFIGS, GUESTS_CONFIG, REPO, Daemon, StartDaemon, _run_build, scratch_dir
 from transcripts import (
     NOT_SUPPORTED,
     assert_daemon_log_clean,
@@ -48,7 +48,6 @@ LINUX_TIMEOUT = 600.0
 L2_QEMU = ("qemu-system-aarch64 -accel kvm -cpu host -nodefaults -no-user-config -display none"
            " -monitor none -nic none -serial mon:stdio -chardev serial,id=fw,path=/dev/ttyAMA1"
            " -object hvc-forwarder,id=hf0,chardev=fw,vm-name=guests")
-StartDaemon = Callable[..., Daemon]
 
 
 @pytest.fixture(scope="module")

@@ -5,14 +5,13 @@ that keeps serving when QMP goes away."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 import trio_asyncio
-from qemu_harness import Qemu
+from qemu_harness import Qemu, StartQemu
 
 from hvcproxyd import wire
 from hvcproxyd.core.vmconfig import VmConfig, load_config
@@ -20,8 +19,6 @@ from hvcproxyd.vmm.qmp import QmpState, QmpWatcher
 from hvcproxyd.vmm.simulator import Simulator, SimVcpu, default_mpidr
 from tests.conftest import Serve
 from tests.waiting import wait_until
-
-StartQemu = Callable[..., Qemu]
 
 
 def start_stopped_qemu(start_qemu: StartQemu, smp: int) -> Qemu:

@@ -15,7 +15,6 @@ import random
 import re
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -24,13 +23,10 @@ from linux_clients import (
     LinuxVm,
     client_kernel,  # noqa: F401  (a fixture)
 )
-from qemu_harness import Qemu
+from qemu_harness import StartDaemon, StartQemu
 
 from tests.process import DaemonProcess
 from tests.waiting import poll
-
-StartDaemon = Callable[..., DaemonProcess]
-StartQemu = Callable[..., Qemu]
 
 pytestmark = pytest.mark.integration
 
